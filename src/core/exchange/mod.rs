@@ -1,0 +1,4 @@
+//! Exchanges and routing.
+
+pub mod headers;
+pub mod topic;

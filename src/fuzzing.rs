@@ -1,0 +1,1 @@
+//! Entry points for fuzz targets and their corpus replay.
