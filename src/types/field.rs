@@ -23,7 +23,11 @@ impl FieldTable {
     }
 
     /// Sets `key` to `value`, returning the previous value.
-    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<FieldValue>) -> Option<FieldValue> {
+    pub fn insert(
+        &mut self,
+        key: impl Into<String>,
+        value: impl Into<FieldValue>,
+    ) -> Option<FieldValue> {
         self.0.insert(key.into(), value.into())
     }
 
@@ -66,7 +70,11 @@ impl FieldTable {
 
 impl<K: Into<String>, V: Into<FieldValue>> FromIterator<(K, V)> for FieldTable {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        Self(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+        Self(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 }
 
@@ -197,7 +205,9 @@ impl FieldValue {
     /// Renders the value as RabbitMQ does in `inequivalent arg` texts.
     pub fn render(&self) -> String {
         match self {
-            FieldValue::LongString(b) | FieldValue::ByteArray(b) => String::from_utf8_lossy(b).into_owned(),
+            FieldValue::LongString(b) | FieldValue::ByteArray(b) => {
+                String::from_utf8_lossy(b).into_owned()
+            }
             FieldValue::Bool(b) => b.to_string(),
             FieldValue::F32(v) => v.to_string(),
             FieldValue::F64(v) => v.to_string(),

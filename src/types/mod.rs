@@ -1,5 +1,11 @@
-//! Value types of the public API: field tables, message properties, option structs, deliveries.
+//! Value types of the public API: field tables, message properties, option structs, messages.
 
 pub mod field;
+pub mod message;
+pub mod options;
+pub mod properties;
 
 pub use field::{FieldTable, FieldValue};
+pub use message::Message;
+pub use options::*;
+pub use properties::BasicProperties;

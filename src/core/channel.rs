@@ -1,0 +1,220 @@
+//! One channel's bookkeeping as a pure state machine: delivery tags, the ledger of unacked
+//! deliveries, consumer tags and the prefetch setting for new consumers.
+//!
+//! # Invariants
+//! - delivery tags are issued from 1, strictly increasing, never reused (§3.5);
+//! - every ledger entry has a tag below `next_tag`;
+//! - a closed channel holds no ledger entries and no consumers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::core::queue::ConsumerId;
+use crate::error::{AmqpError, CloseCause, ReplyCode};
+
+/// Identifies a queue across the broker (assigned when declared, never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub u64);
+
+/// An unacked delivery as the channel knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outstanding {
+    /// The queue holding the message.
+    pub queue: QueueId,
+    /// The message's sequence number in that queue.
+    pub seq: u64,
+}
+
+/// A consumer registered on the channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    /// Its broker-wide id.
+    pub id: ConsumerId,
+    /// The queue it consumes from.
+    pub queue: QueueId,
+}
+
+/// A channel's state.
+#[derive(Debug)]
+pub struct ChannelState {
+    next_tag: u64,
+    ledger: BTreeMap<u64, Outstanding>,
+    consumers: BTreeMap<Arc<str>, ConsumerRecord>,
+    prefetch: u16,
+    closed: Option<Arc<CloseCause>>,
+}
+
+impl Default for ChannelState {
+    fn default() -> Self {
+        Self {
+            next_tag: 1,
+            ledger: BTreeMap::new(),
+            consumers: BTreeMap::new(),
+            prefetch: 0,
+            closed: None,
+        }
+    }
+}
+
+impl ChannelState {
+    /// A fresh open channel.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Issues the next delivery tag; a manual-ack delivery enters the ledger.
+    pub fn handle_delivery(&mut self, queue: QueueId, seq: u64, no_ack: bool) -> u64 {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        if !no_ack {
+            self.ledger.insert(tag, Outstanding { queue, seq });
+        }
+        tag
+    }
+
+    /// Takes the deliveries an ack/nack/reject settles: `tag` alone, or with `multiple` every
+    /// outstanding tag up to it (`tag = 0` with `multiple` = all). An unknown tag is a 406 and
+    /// nothing is taken (§4.2).
+    pub fn handle_settle(
+        &mut self,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<(u64, Outstanding)>, AmqpError> {
+        if multiple && tag == 0 {
+            return Ok(std::mem::take(&mut self.ledger).into_iter().collect());
+        }
+        if !self.ledger.contains_key(&tag) {
+            return Err(AmqpError::new(
+                ReplyCode::PreconditionFailed,
+                format!("unknown delivery tag {tag}"),
+            ));
+        }
+        if multiple {
+            let rest = self.ledger.split_off(&(tag + 1));
+            Ok(std::mem::replace(&mut self.ledger, rest)
+                .into_iter()
+                .collect())
+        } else {
+            let o = self.ledger.remove(&tag).expect("checked above");
+            Ok(vec![(tag, o)])
+        }
+    }
+
+    /// Takes every unacked delivery (`basic.recover`), ascending by tag.
+    pub fn handle_recover(&mut self) -> Vec<(u64, Outstanding)> {
+        std::mem::take(&mut self.ledger).into_iter().collect()
+    }
+
+    /// Registers a consumer tag; `Err` if the tag is in use on this channel (530, §3.1).
+    pub fn handle_consume(
+        &mut self,
+        tag: Arc<str>,
+        record: ConsumerRecord,
+    ) -> Result<(), AmqpError> {
+        if self.consumers.contains_key(&tag) {
+            return Err(AmqpError::new(
+                ReplyCode::NotAllowed,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        self.consumers.insert(tag, record);
+        Ok(())
+    }
+
+    /// Forgets a consumer tag (client cancel or server cancel); unknown tags are fine (§11.1).
+    pub fn handle_cancel(&mut self, tag: &str) -> Option<ConsumerRecord> {
+        self.consumers.remove(tag)
+    }
+
+    /// Sets the prefetch applied to consumers created from now on (§3.3, `global = false`).
+    pub fn handle_qos(&mut self, prefetch: u16) {
+        self.prefetch = prefetch;
+    }
+
+    /// Closes the channel, handing back its unacked deliveries (ascending by tag) and its
+    /// consumers for the runtime to requeue and cancel. A second close changes nothing.
+    pub fn handle_close(
+        &mut self,
+        cause: Arc<CloseCause>,
+    ) -> (Vec<(u64, Outstanding)>, Vec<(Arc<str>, ConsumerRecord)>) {
+        if self.closed.is_some() {
+            return (Vec::new(), Vec::new());
+        }
+        self.closed = Some(cause);
+        let ledger = std::mem::take(&mut self.ledger).into_iter().collect();
+        let consumers = std::mem::take(&mut self.consumers).into_iter().collect();
+        (ledger, consumers)
+    }
+
+    /// Why the channel is closed, if it is.
+    pub fn closed(&self) -> Option<&Arc<CloseCause>> {
+        self.closed.as_ref()
+    }
+
+    /// The prefetch for new consumers.
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch
+    }
+
+    /// The consumer registered under `tag`.
+    pub fn consumer(&self, tag: &str) -> Option<ConsumerRecord> {
+        self.consumers.get(tag).copied()
+    }
+
+    /// The unacked deliveries, ascending by tag.
+    pub fn ledger(&self) -> impl Iterator<Item = (u64, Outstanding)> + '_ {
+        self.ledger.iter().map(|(&t, &o)| (t, o))
+    }
+
+    /// Checks the module's invariants.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if let Some((&last, _)) = self.ledger.last_key_value()
+            && last >= self.next_tag
+        {
+            return Err(format!("ledger tag {last} was never issued"));
+        }
+        if self.closed.is_some() && (!self.ledger.is_empty() || !self.consumers.is_empty()) {
+            return Err("a closed channel still holds deliveries or consumers".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const Q: QueueId = QueueId(7);
+
+    #[test]
+    fn tags_start_at_one_and_count_no_ack_deliveries() {
+        let mut ch = ChannelState::new();
+        assert_eq!(ch.handle_delivery(Q, 0, true), 1);
+        assert_eq!(ch.handle_delivery(Q, 1, false), 2);
+        assert!(
+            ch.handle_settle(1, false).is_err(),
+            "no-ack tags cannot be acked"
+        );
+        assert_eq!(ch.handle_settle(2, false).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn multiple_takes_everything_up_to_the_tag_and_requires_it_outstanding() {
+        let mut ch = ChannelState::new();
+        for seq in 0..5 {
+            ch.handle_delivery(Q, seq, false);
+        }
+        ch.handle_settle(2, false).unwrap();
+        let err = ch.handle_settle(2, true).unwrap_err();
+        assert_eq!(err.text, "PRECONDITION_FAILED - unknown delivery tag 2");
+        let taken: Vec<u64> = ch
+            .handle_settle(4, true)
+            .unwrap()
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        assert_eq!(taken, [1, 3, 4]);
+        assert_eq!(ch.handle_settle(0, true).unwrap().len(), 1);
+        ch.check_invariants().unwrap();
+    }
+}

@@ -1,0 +1,378 @@
+//! One queue as a pure state machine: the ready FIFO, the unacked ledger, and consumers with
+//! prefetch credit.
+//!
+//! Commands come in through `handle_*`; deliveries come out through [`Queue::poll_dispatch`],
+//! which the runtime calls until it returns `None` after every command that can make a delivery
+//! possible (enqueue, consume, settle, credit). Time is an argument (`now_ms`), never read here.
+//!
+//! # Invariants (checked by [`Queue::check_invariants`])
+//! - every message is in exactly one place: `ready` or `unacked` (no sequence number twice);
+//! - `ready` is ordered by sequence number (classic-queue requeue restores original positions);
+//! - `ready_bytes` / `unacked_bytes` equal the body sizes of what each holds;
+//! - each consumer's `in_flight` equals the unacked entries it holds (manual-ack consumers) and
+//!   never exceeds its prefetch limit once settled;
+//! - consumer ids are unique; an exclusive consumer is the only consumer.
+
+mod consumers;
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use consumers::Consumers;
+pub use consumers::{ConsumerId, ConsumerSpec};
+
+use crate::types::Message;
+
+/// A message in a queue.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Position in the queue: increases with every enqueue, never reused.
+    pub seq: u64,
+    /// The shared message.
+    pub message: Arc<Message>,
+    /// Whether the message was delivered before (the `redelivered` flag of its next delivery).
+    pub delivered: bool,
+    /// How many times it came back to the queue after a delivery (requeue, recover, channel loss).
+    pub delivery_count: u32,
+    /// When it entered this queue.
+    pub enqueued_at_ms: u64,
+}
+
+/// A message handed out by [`Queue::poll_dispatch`] or [`Queue::handle_get`].
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    /// The consumer it goes to (`None` for `basic.get`).
+    pub consumer: Option<ConsumerId>,
+    /// Whether the receiver settles it on receipt (no-ack): the queue no longer holds it.
+    pub no_ack: bool,
+    /// The entry as it was *before* this delivery (so `entry.delivered` is the redelivered flag).
+    pub entry: Entry,
+}
+
+/// A message the queue holds until its holder settles it.
+#[derive(Clone, Debug)]
+struct Unacked {
+    entry: Entry,
+    consumer: Option<ConsumerId>,
+}
+
+/// Why a message left the queue without being acked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Rejected or nacked without requeue.
+    Rejected,
+}
+
+/// An effect the runtime must carry out: dead letters, drops.
+#[derive(Clone, Debug)]
+pub enum Effect {
+    /// A message left the queue for the given reason (dead-lettered when the queue has a DLX).
+    Removed {
+        /// The message.
+        entry: Entry,
+        /// Why.
+        reason: Removal,
+    },
+}
+
+/// A queue's state.
+#[derive(Debug, Default)]
+pub struct Queue {
+    ready: VecDeque<Entry>,
+    unacked: HashMap<u64, Unacked, BuildHasherDefault<SeqHasher>>,
+    consumers: Consumers,
+    next_seq: u64,
+    ready_bytes: u64,
+    unacked_bytes: u64,
+    has_had_consumers: bool,
+    effects: VecDeque<Effect>,
+}
+
+impl Queue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    // ---- commands -------------------------------------------------------------------------
+
+    /// Appends a published message.
+    pub fn handle_enqueue(&mut self, message: Arc<Message>, now_ms: u64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.ready_bytes += message.body_size();
+        self.ready.push_back(Entry {
+            seq,
+            message,
+            delivered: false,
+            delivery_count: 0,
+            enqueued_at_ms: now_ms,
+        });
+    }
+
+    /// Registers a consumer. The caller has checked exclusivity with [`Queue::can_consume`].
+    pub fn handle_consume(&mut self, spec: ConsumerSpec) {
+        self.has_had_consumers = true;
+        self.consumers.add(spec);
+    }
+
+    /// Removes a consumer (`basic.cancel`, channel close). Its unacked messages stay unacked
+    /// (SEMANTICS.md §4.4); returns whether it existed.
+    pub fn handle_cancel(&mut self, consumer: ConsumerId) -> bool {
+        self.consumers.remove(consumer)
+    }
+
+    /// Fetches the head message for `basic.get`. With `no_ack` it leaves the queue at once;
+    /// otherwise it becomes unacked with no consumer.
+    pub fn handle_get(&mut self, no_ack: bool) -> Option<Dispatch> {
+        let entry = self.pop_ready()?;
+        Some(self.hand_out(entry, None, no_ack))
+    }
+
+    /// Settles an unacked message positively. Returns false if the queue does not hold it (the
+    /// caller ignores that: acks after a queue delete are no-ops).
+    pub fn handle_ack(&mut self, seq: u64) -> bool {
+        self.take_unacked(seq).is_some()
+    }
+
+    /// Settles an unacked message negatively without requeue: it leaves the queue with
+    /// [`Removal::Rejected`] (an [`Effect`] for the runtime).
+    pub fn handle_reject(&mut self, seq: u64) -> bool {
+        match self.take_unacked(seq) {
+            Some(entry) => {
+                self.effects.push_back(Effect::Removed {
+                    entry,
+                    reason: Removal::Rejected,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Returns an unacked message to the queue (nack/reject with requeue, recover, channel loss):
+    /// back at its original position, flagged redelivered, its delivery count incremented.
+    pub fn handle_requeue(&mut self, seq: u64) -> bool {
+        match self.take_unacked(seq) {
+            Some(mut entry) => {
+                entry.delivered = true;
+                entry.delivery_count = entry.delivery_count.saturating_add(1);
+                self.insert_ready(entry);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes back a dispatch the runtime could not hand over (the consumer's channel closed
+    /// before it got there): the message returns unchanged, as if never dispatched, and the
+    /// consumer is removed.
+    pub fn handle_undelivered(&mut self, dispatch: Dispatch) {
+        if let Some(consumer) = dispatch.consumer {
+            self.consumers.remove(consumer);
+        }
+        if !dispatch.no_ack {
+            let taken = self.take_unacked(dispatch.entry.seq);
+            debug_assert!(
+                taken.is_some(),
+                "an undelivered manual-ack dispatch is unacked"
+            );
+        }
+        self.insert_ready(dispatch.entry);
+    }
+
+    /// A no-ack consumer's receiver took `count` messages: that much window opens again.
+    pub fn handle_credit(&mut self, consumer: ConsumerId, count: u32) {
+        self.consumers.release(consumer, count);
+    }
+
+    /// Removes every ready message (`queue.purge`); unacked messages are untouched (§1.8).
+    /// Returns the number removed.
+    pub fn handle_purge(&mut self) -> u64 {
+        let n = self.ready.len() as u64;
+        self.ready.clear();
+        self.ready_bytes = 0;
+        n
+    }
+
+    // ---- output ---------------------------------------------------------------------------
+
+    /// The next delivery to a consumer with credit, round-robin within the highest priority
+    /// that can take one (§3.2), or `None` when nothing more can be delivered now.
+    pub fn poll_dispatch(&mut self) -> Option<Dispatch> {
+        if self.ready.is_empty() {
+            return None;
+        }
+        let (consumer, no_ack) = self.consumers.next_with_credit()?;
+        let entry = self.pop_ready().expect("ready is not empty");
+        Some(self.hand_out(entry, Some(consumer), no_ack))
+    }
+
+    /// The next effect for the runtime (dead letters, drops).
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    // ---- queries --------------------------------------------------------------------------
+
+    /// Ready messages (the `message_count` of declare-ok and get-ok).
+    pub fn ready_len(&self) -> u64 {
+        self.ready.len() as u64
+    }
+
+    /// Delivered, not yet settled messages.
+    pub fn unacked_len(&self) -> u64 {
+        self.unacked.len() as u64
+    }
+
+    /// Body bytes of ready messages.
+    pub fn ready_bytes(&self) -> u64 {
+        self.ready_bytes
+    }
+
+    /// Body bytes of unacked messages.
+    pub fn unacked_bytes(&self) -> u64 {
+        self.unacked_bytes
+    }
+
+    /// Number of consumers.
+    pub fn consumer_count(&self) -> u32 {
+        self.consumers.len()
+    }
+
+    /// Whether the queue ever had a consumer (auto-delete needs one, §1.6).
+    pub fn has_had_consumers(&self) -> bool {
+        self.has_had_consumers
+    }
+
+    /// Whether a new consumer may join: `Err` with RabbitMQ's reason if an exclusive consumer
+    /// holds the queue or an exclusive one is asked for while others exist (§3.1).
+    pub fn can_consume(&self, exclusive: bool) -> Result<(), ExclusiveUse> {
+        if self.consumers.has_exclusive() || (exclusive && self.consumers.len() > 0) {
+            Err(ExclusiveUse)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether `seq` is delivered and not yet settled.
+    pub fn holds_unacked(&self, seq: u64) -> bool {
+        self.unacked.contains_key(&seq)
+    }
+
+    /// The ready messages, head first.
+    pub fn ready(&self) -> impl Iterator<Item = &Entry> {
+        self.ready.iter()
+    }
+
+    /// Checks every invariant of the module doc; `Err` names the first one broken.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut prev = None;
+        for e in &self.ready {
+            if prev.is_some_and(|p| p >= e.seq) {
+                return Err(format!("ready not ordered by seq at {}", e.seq));
+            }
+            prev = Some(e.seq);
+            if !seen.insert(e.seq) || e.seq >= self.next_seq {
+                return Err(format!("seq {} duplicated or from the future", e.seq));
+            }
+        }
+        for (&seq, u) in &self.unacked {
+            if seq != u.entry.seq || !seen.insert(seq) {
+                return Err(format!("unacked seq {seq} duplicated or mis-keyed"));
+            }
+        }
+        let ready_bytes: u64 = self.ready.iter().map(|e| e.message.body_size()).sum();
+        let unacked_bytes: u64 = self
+            .unacked
+            .values()
+            .map(|u| u.entry.message.body_size())
+            .sum();
+        if ready_bytes != self.ready_bytes || unacked_bytes != self.unacked_bytes {
+            return Err(format!(
+                "byte totals drifted: ready {ready_bytes} vs {}, unacked {unacked_bytes} vs {}",
+                self.ready_bytes, self.unacked_bytes
+            ));
+        }
+        self.consumers
+            .check_invariants(self.unacked.values().filter_map(|u| u.consumer))
+    }
+
+    // ---- helpers --------------------------------------------------------------------------
+
+    fn pop_ready(&mut self) -> Option<Entry> {
+        let entry = self.ready.pop_front()?;
+        self.ready_bytes -= entry.message.body_size();
+        Some(entry)
+    }
+
+    fn hand_out(&mut self, entry: Entry, consumer: Option<ConsumerId>, no_ack: bool) -> Dispatch {
+        if !no_ack {
+            let mut held = entry.clone();
+            held.delivered = true;
+            self.unacked_bytes += held.message.body_size();
+            self.unacked.insert(
+                held.seq,
+                Unacked {
+                    entry: held,
+                    consumer,
+                },
+            );
+        }
+        Dispatch {
+            consumer,
+            no_ack,
+            entry,
+        }
+    }
+
+    fn take_unacked(&mut self, seq: u64) -> Option<Entry> {
+        let u = self.unacked.remove(&seq)?;
+        self.unacked_bytes -= u.entry.message.body_size();
+        if let Some(c) = u.consumer {
+            self.consumers.settled(c);
+        }
+        Some(u.entry)
+    }
+
+    /// Inserts at the position of the entry's sequence number (classic-queue requeue, §4.3).
+    fn insert_ready(&mut self, entry: Entry) {
+        self.ready_bytes += entry.message.body_size();
+        let at = match self.ready.back() {
+            Some(last) if last.seq > entry.seq => self.ready.partition_point(|e| e.seq < entry.seq),
+            _ => self.ready.len(),
+        };
+        self.ready.insert(at, entry);
+    }
+}
+
+/// An exclusive consumer holds the queue, or an exclusive consumer was asked for on a queue
+/// that has consumers (403 `in exclusive use`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExclusiveUse;
+
+/// Hasher for sequence-number keys: they are already unique integers, so a multiply spreads
+/// them well enough and costs one instruction.
+#[derive(Default)]
+struct SeqHasher(u64);
+
+impl Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+#[cfg(test)]
+mod tests;

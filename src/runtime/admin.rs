@@ -1,0 +1,166 @@
+//! Topology changes: declare, bind, delete. Serialised by the admin lock; each change that
+//! alters the topology publishes a new snapshot for the lock-free publish path.
+
+use std::sync::Arc;
+
+use super::queue::{QueueCell, Sink};
+use super::{Admin, BrokerInner, Snapshot};
+use crate::core::channel::QueueId;
+use crate::core::topology::{ConnectionId, QueueDeclared};
+use crate::error::{AmqpError, ReplyCode};
+use crate::types::{FieldTable, QueueDeclareOptions};
+
+impl BrokerInner {
+    /// Runs `f` on a copy of the current snapshot under the admin lock; if it reports a change,
+    /// the copy becomes the new snapshot.
+    pub(crate) fn update<R>(
+        &self,
+        f: impl FnOnce(&mut Snapshot, &mut Admin) -> Result<(R, bool), AmqpError>,
+    ) -> Result<R, AmqpError> {
+        let mut admin = self.admin.lock();
+        let mut next = Snapshot::clone(&self.snapshot.load());
+        let (r, changed) = f(&mut next, &mut admin)?;
+        if changed {
+            self.snapshot.store(Arc::new(next));
+        }
+        Ok(r)
+    }
+
+    /// `queue.declare`: returns the queue and its ready and consumer counts.
+    pub(crate) fn declare_queue(
+        &self,
+        name: &str,
+        options: QueueDeclareOptions,
+        arguments: FieldTable,
+        conn: ConnectionId,
+    ) -> Result<(QueueDeclared, u64, u32), AmqpError> {
+        let max_queues = self.limits.max_queues;
+        self.update(|snap, admin| {
+            let creating =
+                !options.passive && (name.is_empty() || snap.topology.queue(name).is_none());
+            if creating && snap.queues.len() >= max_queues as usize {
+                return Err(AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!("cannot declare queue '{name}': queue limit ({max_queues}) reached"),
+                ));
+            }
+            let declared = snap
+                .topology
+                .declare_queue(name, options, arguments, conn, || {
+                    admin.rng.name("amq.gen-")
+                })?;
+            if declared.created {
+                snap.queues.insert(
+                    declared.meta.id,
+                    Arc::new(QueueCell::new(declared.meta.clone())),
+                );
+                return Ok(((declared, 0, 0), true));
+            }
+            let s = snap.queues[&declared.meta.id].lock();
+            let counts = (s.core.ready_len(), s.core.consumer_count());
+            drop(s);
+            Ok(((declared, counts.0, counts.1), false))
+        })
+    }
+
+    /// `queue.delete`: 404-free (missing is fine), 405 for another connection's exclusive queue,
+    /// 406 for if-empty / if-unused. Returns the ready messages deleted.
+    pub(crate) fn delete_queue(
+        &self,
+        name: &str,
+        conn: ConnectionId,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u64, AmqpError> {
+        let (count, sinks) = self.update(|snap, _| {
+            let meta = match snap.topology.queue_for(name, conn) {
+                Ok(meta) => meta.clone(),
+                Err(e) if e.code == ReplyCode::NotFound => return Ok(((0, Vec::new()), false)),
+                Err(e) => return Err(e),
+            };
+            let cell = snap.queues[&meta.id].clone();
+            let mut s = cell.lock();
+            if if_empty && s.core.ready_len() > 0 {
+                return Err(AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!("queue '{name}' in vhost '/' not empty"),
+                ));
+            }
+            if if_unused && s.core.consumer_count() > 0 {
+                return Err(AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!("queue '{name}' in vhost '/' in use"),
+                ));
+            }
+            let taken = take_for_deletion(&mut s);
+            drop(s);
+            remove_queue(snap, &meta.name, meta.id);
+            Ok((taken, true))
+        })?;
+        server_cancel(sinks);
+        Ok(count)
+    }
+
+    /// Deletes an auto-delete queue whose last consumer went, if it still has none (§1.6).
+    pub(crate) fn auto_delete_queue(&self, id: QueueId) {
+        let sinks = self.update(|snap, _| {
+            let Some(cell) = snap.queues.get(&id).cloned() else {
+                return Ok((Vec::new(), false));
+            };
+            let mut s = cell.lock();
+            if !(cell.meta.auto_delete
+                && s.core.has_had_consumers()
+                && s.core.consumer_count() == 0)
+            {
+                return Ok((Vec::new(), false));
+            }
+            let (_, sinks) = take_for_deletion(&mut s);
+            drop(s);
+            remove_queue(snap, &cell.meta.name, id);
+            Ok((sinks, true))
+        });
+        server_cancel(sinks.unwrap_or_default());
+    }
+
+    /// Deletes the exclusive queues of a closing connection; their messages are discarded.
+    pub(crate) fn delete_exclusive_queues(&self, conn: ConnectionId) {
+        let sinks = self.update(|snap, _| {
+            let mut owned: Vec<_> = snap
+                .topology
+                .queues()
+                .filter(|q| q.exclusive_owner == Some(conn))
+                .cloned()
+                .collect();
+            owned.sort_by_key(|q| q.id);
+            let mut sinks = Vec::new();
+            for meta in &owned {
+                let cell = snap.queues[&meta.id].clone();
+                sinks.extend(take_for_deletion(&mut cell.lock()).1);
+                remove_queue(snap, &meta.name, meta.id);
+            }
+            Ok((sinks, !owned.is_empty()))
+        });
+        server_cancel(sinks.unwrap_or_default());
+    }
+}
+
+/// Marks a locked queue deleted; returns its ready count and its consumers' sinks.
+fn take_for_deletion(s: &mut super::queue::QueueShared) -> (u64, Vec<Sink>) {
+    s.deleted = true;
+    let n = s.core.ready_len();
+    let mut sinks: Vec<(crate::core::queue::ConsumerId, Sink)> = s.sinks.drain().collect();
+    sinks.sort_by_key(|(id, _)| *id);
+    (n, sinks.into_iter().map(|(_, s)| s).collect())
+}
+
+fn remove_queue(snap: &mut Snapshot, name: &str, id: QueueId) {
+    snap.topology.remove_queue(name);
+    snap.queues.remove(&id);
+}
+
+/// The queue is gone: its consumers' channels forget them and their iterators end (§11.1).
+fn server_cancel(sinks: Vec<Sink>) {
+    for sink in sinks {
+        sink.channel.state.lock().handle_cancel(&sink.tag);
+    }
+}

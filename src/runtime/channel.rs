@@ -1,0 +1,785 @@
+//! A channel: the application's handle for declaring, publishing, consuming and settling.
+//!
+//! Soft errors close the channel (later calls return [`Error::ChannelClosed`] with the cause),
+//! hard errors close the connection, as in RabbitMQ (§12). Dropping the last handle of a
+//! channel (its clones and its consumers) closes it, requeueing its unacked messages.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::connection::ConnectionInner;
+use super::consumer::{Consumer, Delivery};
+use super::queue::{GetOutcome, Settle, Sink};
+use super::{BrokerInner, Snapshot};
+use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
+use crate::core::exchange::ExchangeKind;
+use crate::core::queue::{ConsumerId, ConsumerSpec};
+use crate::core::topology::{DestinationName, no_queue};
+use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
+use crate::types::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicProperties, BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
+    BindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, FieldTable, FieldValue, Message,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+
+/// Largest name (queue, exchange, routing key, consumer tag): an AMQP short string.
+const NAME_MAX_BYTES: usize = 255;
+
+/// A channel handle. Clones share the channel.
+#[derive(Clone)]
+pub struct Channel {
+    pub(crate) inner: Arc<ChannelInner>,
+    _guard: Arc<CloseOnDrop>,
+}
+
+/// Closes the channel when the last application handle goes.
+struct CloseOnDrop(Arc<ChannelInner>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close_with(Arc::new(CloseCause::Client));
+    }
+}
+
+pub(crate) struct ChannelInner {
+    pub(crate) id: u64,
+    pub(crate) conn: Arc<ConnectionInner>,
+    pub(crate) broker: Arc<BrokerInner>,
+    pub(crate) state: Mutex<ChannelState>,
+    closed: AtomicBool,
+    last_queue: Mutex<Option<Arc<str>>>,
+    returns: Mutex<Option<ReturnHandler>>,
+}
+
+type ReturnHandler = Box<dyn FnMut(Returned) + Send>;
+
+/// An unroutable message published with `mandatory`, handed back (`basic.return`, §2.7).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Returned {
+    /// 312 NO_ROUTE.
+    pub reply_code: ReplyCode,
+    /// `"NO_ROUTE"`.
+    pub reply_text: String,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its properties (without `BCC`).
+    pub properties: BasicProperties,
+    /// Its body.
+    pub body: Bytes,
+}
+
+/// Reply of `queue_declare`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueDeclareOk {
+    /// The queue's name (server-generated if none was given).
+    pub name: String,
+    /// Ready messages.
+    pub message_count: u32,
+    /// Consumers.
+    pub consumer_count: u32,
+}
+
+/// Reply of a successful `basic_get`.
+#[derive(Debug)]
+pub struct GetMessage {
+    /// The message.
+    pub delivery: Delivery,
+    /// Ready messages left in the queue after this one.
+    pub message_count: u32,
+}
+
+impl Channel {
+    pub(crate) fn open(conn: Arc<ConnectionInner>) -> Self {
+        let broker = conn.broker.clone();
+        let inner = Arc::new(ChannelInner {
+            id: broker.next_id(),
+            conn,
+            broker,
+            state: Mutex::new(ChannelState::new()),
+            closed: AtomicBool::new(false),
+            last_queue: Mutex::new(None),
+            returns: Mutex::new(None),
+        });
+        inner
+            .broker
+            .channels
+            .lock()
+            .insert(inner.id, Arc::downgrade(&inner));
+        Self {
+            _guard: Arc::new(CloseOnDrop(inner.clone())),
+            inner,
+        }
+    }
+
+    /// Closes the channel: consumers are cancelled, unacked messages requeued.
+    pub fn close(&self) {
+        self.inner.close_with(Arc::new(CloseCause::Client));
+    }
+
+    /// Whether the channel is closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Why the channel closed, if it did.
+    pub fn close_cause(&self) -> Option<Arc<CloseCause>> {
+        self.inner.state.lock().closed().cloned()
+    }
+
+    /// Sets the handler that receives unroutable `mandatory` messages. It runs on the
+    /// publishing thread before `basic_publish` returns.
+    pub fn set_return_handler(&self, handler: impl FnMut(Returned) + Send + 'static) {
+        *self.inner.returns.lock() = Some(Box::new(handler));
+    }
+
+    // ---- exchanges ------------------------------------------------------------------------
+
+    /// `exchange.declare` (§2.2).
+    pub fn exchange_declare(
+        &self,
+        exchange: &str,
+        kind: ExchangeKind,
+        options: ExchangeDeclareOptions,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let name = name_arg("exchange", exchange)?;
+        let r = inner.broker.update(|snap, _| {
+            let created = snap
+                .topology
+                .declare_exchange(&name, kind.name(), options, arguments)?;
+            Ok(((), created))
+        });
+        inner.result(r)
+    }
+
+    /// `exchange.delete` (§2.2): missing exchanges are fine.
+    pub fn exchange_delete(&self, exchange: &str, options: ExchangeDeleteOptions) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let name = name_arg("exchange", exchange)?;
+        let r = inner.broker.update(|snap, _| {
+            let deleted = snap.topology.delete_exchange(&name, options.if_unused)?;
+            Ok(((), deleted))
+        });
+        inner.result(r)
+    }
+
+    /// `exchange.bind`: messages routed by `source` also go through `destination` (§2.6).
+    pub fn exchange_bind(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        _options: BindOptions,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let (d, s, k) = (
+            name_arg("exchange", destination)?,
+            name_arg("exchange", source)?,
+            name_arg("routing key", routing_key)?,
+        );
+        self.inner
+            .bind(true, &s, DestinationName::Exchange(&d), &k, arguments)
+    }
+
+    /// `exchange.unbind`: idempotent.
+    pub fn exchange_unbind(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        _options: BindOptions,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let (d, s, k) = (
+            name_arg("exchange", destination)?,
+            name_arg("exchange", source)?,
+            name_arg("routing key", routing_key)?,
+        );
+        self.inner
+            .bind(false, &s, DestinationName::Exchange(&d), &k, arguments)
+    }
+
+    // ---- queues ---------------------------------------------------------------------------
+
+    /// `queue.declare` (§1.1-§1.4). An empty name asks for a server-named queue.
+    pub fn queue_declare(
+        &self,
+        queue: &str,
+        options: QueueDeclareOptions,
+        arguments: FieldTable,
+    ) -> Result<QueueDeclareOk> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let name = name_arg("queue", queue)?;
+        let r = inner
+            .broker
+            .declare_queue(&name, options, arguments, inner.conn.id);
+        let (declared, messages, consumers) = inner.result(r)?;
+        *inner.last_queue.lock() = Some(declared.meta.name.clone());
+        Ok(QueueDeclareOk {
+            name: declared.meta.name.to_string(),
+            message_count: saturate(messages),
+            consumer_count: consumers,
+        })
+    }
+
+    /// `queue.bind` (§2.3).
+    pub fn queue_bind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        _options: BindOptions,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let q = self.inner.queue_name(queue)?;
+        let key = if queue.is_empty() && routing_key.is_empty() {
+            q.to_string()
+        } else {
+            name_arg("routing key", routing_key)?.into_owned()
+        };
+        self.inner.bind(
+            true,
+            &name_arg("exchange", exchange)?,
+            DestinationName::Queue(&q),
+            &key,
+            arguments,
+        )
+    }
+
+    /// `queue.unbind`: idempotent.
+    pub fn queue_unbind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let q = self.inner.queue_name(queue)?;
+        self.inner.bind(
+            false,
+            &name_arg("exchange", exchange)?,
+            DestinationName::Queue(&q),
+            &name_arg("routing key", routing_key)?,
+            arguments,
+        )
+    }
+
+    /// `queue.purge`: removes ready messages, returns how many (§1.8).
+    pub fn queue_purge(&self, queue: &str, _options: BindOptions) -> Result<u32> {
+        let inner = &self.inner;
+        let name = inner.queue_name(queue)?;
+        let snap = inner.broker.snapshot.load();
+        let cell = inner.result(
+            snap.topology
+                .queue_for(&name, inner.conn.id)
+                .map(|m| snap.queues[&m.id].clone()),
+        )?;
+        let mut s = cell.lock();
+        if s.deleted {
+            drop(s);
+            return Err(inner.fail(no_queue(&name)));
+        }
+        Ok(saturate(s.core.handle_purge()))
+    }
+
+    /// `queue.delete` (§1.7): returns the ready messages deleted; missing queues are fine.
+    pub fn queue_delete(&self, queue: &str, options: QueueDeleteOptions) -> Result<u32> {
+        let inner = &self.inner;
+        let name = inner.queue_name(queue)?;
+        let r =
+            inner
+                .broker
+                .delete_queue(&name, inner.conn.id, options.if_unused, options.if_empty);
+        inner.result(r).map(saturate)
+    }
+
+    // ---- publishing -----------------------------------------------------------------------
+
+    /// `basic.publish`: fire and forget (§2.7). Never waits for consumers.
+    pub fn basic_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        body: impl Into<Bytes>,
+        properties: BasicProperties,
+    ) -> Result<()> {
+        self.inner
+            .publish(exchange, routing_key, options, body.into(), properties)
+    }
+
+    // ---- consuming ------------------------------------------------------------------------
+
+    /// `basic.qos`: the prefetch for consumers created afterwards on this channel (§3.3).
+    /// `global` is accepted and treated as per-consumer (RabbitMQ 4.3 behaviour).
+    pub fn basic_qos(&self, prefetch_count: u16, _options: BasicQosOptions) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.state.lock().handle_qos(prefetch_count);
+        Ok(())
+    }
+
+    /// `basic.consume` (§3.1). An empty tag gets a server-generated `amq.ctag-...` tag.
+    pub fn basic_consume(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        options: BasicConsumeOptions,
+        arguments: FieldTable,
+    ) -> Result<Consumer> {
+        let inner = &self.inner;
+        let name = inner.queue_name(queue)?;
+        let tag: Arc<str> = if consumer_tag.is_empty() {
+            Arc::from(inner.broker.admin.lock().rng.name("amq.ctag-"))
+        } else {
+            Arc::from(name_arg("consumer tag", consumer_tag)?)
+        };
+        let priority = match arguments.get("x-priority") {
+            None => 0,
+            Some(v) => match v.as_i64().and_then(|p| i32::try_from(p).ok()) {
+                Some(p) => p,
+                None => {
+                    return Err(inner.fail(AmqpError::new(
+                        ReplyCode::PreconditionFailed,
+                        format!("invalid arg 'x-priority' for consumer '{tag}': {{unacceptable_type,{}}}", v.type_name()),
+                    )));
+                }
+            },
+        };
+        let snap = inner.broker.snapshot.load_full();
+        let cell = inner.result(
+            snap.topology
+                .queue_for(&name, inner.conn.id)
+                .map(|m| snap.queues[&m.id].clone()),
+        )?;
+        let id = ConsumerId(inner.broker.next_id());
+        let prefetch = {
+            let mut st = inner.state.lock();
+            if let Some(cause) = st.closed() {
+                return Err(Error::ChannelClosed(cause.clone()));
+            }
+            let r = st.handle_consume(
+                tag.clone(),
+                ConsumerRecord {
+                    id,
+                    queue: cell.meta.id,
+                },
+            );
+            if let Err(e) = r {
+                drop(st);
+                return Err(inner.fail(e));
+            }
+            st.prefetch()
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut s = cell.lock();
+        let refused = if s.deleted {
+            Some(no_queue(&name))
+        } else if s.core.can_consume(options.exclusive).is_err() {
+            Some(AmqpError::new(
+                ReplyCode::AccessRefused,
+                format!("queue '{name}' in vhost '/' in exclusive use"),
+            ))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            drop(s);
+            inner.state.lock().handle_cancel(&tag);
+            return Err(inner.fail(e));
+        }
+        let prefetch = if options.no_ack {
+            inner.broker.limits.no_ack_window
+        } else {
+            u32::from(prefetch)
+        };
+        s.core.handle_consume(ConsumerSpec {
+            id,
+            prefetch,
+            no_ack: options.no_ack,
+            exclusive: options.exclusive,
+            priority,
+        });
+        s.sinks.insert(
+            id,
+            Sink {
+                tx,
+                channel: inner.clone(),
+                tag: tag.clone(),
+            },
+        );
+        cell.dispatch(&mut s);
+        drop(s);
+        Ok(Consumer::new(
+            rx,
+            tag,
+            self.clone(),
+            cell,
+            id,
+            options.no_ack,
+        ))
+    }
+
+    /// `basic.get`: the head message, or `Ok(None)` if the queue is empty (§3.4).
+    pub fn basic_get(&self, queue: &str, options: BasicGetOptions) -> Result<Option<GetMessage>> {
+        let inner = &self.inner;
+        let name = inner.queue_name(queue)?;
+        let snap = inner.broker.snapshot.load();
+        let cell = inner.result(
+            snap.topology
+                .queue_for(&name, inner.conn.id)
+                .map(|m| snap.queues[&m.id].clone()),
+        )?;
+        match cell.get(inner, options.no_ack) {
+            GetOutcome::Got(delivery, remaining) => Ok(Some(GetMessage {
+                delivery,
+                message_count: saturate(remaining),
+            })),
+            GetOutcome::Empty => Ok(None),
+            GetOutcome::Deleted => Err(inner.fail(no_queue(&name))),
+            GetOutcome::ChannelClosed => Err(inner.closed_error()),
+        }
+    }
+
+    /// `basic.cancel`: the consumer stops; its unacked messages stay outstanding and ackable
+    /// (§4.4). Unknown tags are fine.
+    pub fn basic_cancel(&self, consumer_tag: &str, _options: BasicCancelOptions) -> Result<()> {
+        self.inner.cancel(consumer_tag)
+    }
+
+    /// `basic.recover(requeue = true)`: every unacked message of the channel goes back to its
+    /// queue. `requeue = false` is a 540 connection error, as in RabbitMQ.
+    pub fn basic_recover(&self, options: BasicRecoverOptions) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        if !options.requeue {
+            return Err(inner.fail(AmqpError::new(ReplyCode::NotImplemented, "requeue=false")));
+        }
+        let taken = inner.state.lock().handle_recover();
+        inner.apply(taken, Settle::Requeue);
+        Ok(())
+    }
+
+    // ---- acknowledgements -----------------------------------------------------------------
+
+    /// `basic.ack` (§4.1).
+    pub fn basic_ack(&self, delivery_tag: u64, options: BasicAckOptions) -> Result<()> {
+        self.inner.basic_ack(delivery_tag, options)
+    }
+
+    /// `basic.nack` (§4.1).
+    pub fn basic_nack(&self, delivery_tag: u64, options: BasicNackOptions) -> Result<()> {
+        self.inner.basic_nack(delivery_tag, options)
+    }
+
+    /// `basic.reject` (§4.1).
+    pub fn basic_reject(&self, delivery_tag: u64, options: BasicRejectOptions) -> Result<()> {
+        self.inner.basic_reject(delivery_tag, options)
+    }
+}
+
+impl ChannelInner {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn basic_ack(&self, tag: u64, o: BasicAckOptions) -> Result<()> {
+        self.settle(tag, o.multiple, Settle::Ack)
+    }
+
+    pub(crate) fn basic_nack(&self, tag: u64, o: BasicNackOptions) -> Result<()> {
+        self.settle(
+            tag,
+            o.multiple,
+            if o.requeue {
+                Settle::Requeue
+            } else {
+                Settle::Reject
+            },
+        )
+    }
+
+    pub(crate) fn basic_reject(&self, tag: u64, o: BasicRejectOptions) -> Result<()> {
+        self.settle(
+            tag,
+            false,
+            if o.requeue {
+                Settle::Requeue
+            } else {
+                Settle::Reject
+            },
+        )
+    }
+
+    fn settle(&self, tag: u64, multiple: bool, how: Settle) -> Result<()> {
+        self.check_open()?;
+        let taken = self.state.lock().handle_settle(tag, multiple);
+        match taken {
+            Ok(list) => {
+                self.apply(list, how);
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Settles taken deliveries queue by queue, keeping tag order within each queue.
+    fn apply(&self, list: Vec<(u64, Outstanding)>, how: Settle) {
+        if list.is_empty() {
+            return;
+        }
+        let snap = self.broker.snapshot.load();
+        let mut queues: Vec<QueueId> = list.iter().map(|(_, o)| o.queue).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        for q in queues {
+            // A queue deleted since the delivery: the settle is silently accepted (§4.2).
+            if let Some(cell) = snap.queues.get(&q) {
+                cell.settle(
+                    list.iter()
+                        .filter(|(_, o)| o.queue == q)
+                        .map(|(_, o)| o.seq),
+                    how,
+                );
+            }
+        }
+    }
+
+    pub(crate) fn cancel(&self, tag: &str) -> Result<()> {
+        self.check_open()?;
+        let record = self.state.lock().handle_cancel(tag);
+        if let Some(record) = record {
+            self.cancel_in_queue(record, &self.broker.snapshot.load());
+        }
+        Ok(())
+    }
+
+    /// Removes a consumer from its queue (dropping its sender ends its iterator) and
+    /// auto-deletes the queue if that was its last consumer.
+    fn cancel_in_queue(&self, record: ConsumerRecord, snap: &Snapshot) {
+        let Some(cell) = snap.queues.get(&record.queue) else {
+            return;
+        };
+        let mut s = cell.lock();
+        s.core.handle_cancel(record.id);
+        s.sinks.remove(&record.id);
+        let auto_delete = cell.meta.auto_delete && s.core.consumer_count() == 0;
+        drop(s);
+        if auto_delete {
+            self.broker.auto_delete_queue(record.queue);
+        }
+    }
+
+    /// Closes the channel: cancels its consumers, then requeues its unacked messages in tag
+    /// order (§4.4). Closing twice does nothing.
+    pub(crate) fn close_with(&self, cause: Arc<CloseCause>) {
+        let (ledger, consumers) = self.state.lock().handle_close(cause);
+        self.closed.store(true, Ordering::Release);
+        let snap = self.broker.snapshot.load_full();
+        for (_, record) in consumers {
+            self.cancel_in_queue(record, &snap);
+        }
+        self.apply(ledger, Settle::Requeue);
+        self.broker.channels.lock().remove(&self.id);
+    }
+
+    /// Closes the channel (soft error) or the connection (hard error) and returns the error.
+    pub(crate) fn fail(&self, e: AmqpError) -> Error {
+        let cause = Arc::new(CloseCause::Error(e.clone()));
+        if e.code.is_hard() {
+            self.conn.close(cause);
+            Error::Connection(e)
+        } else {
+            self.close_with(cause);
+            Error::Channel(e)
+        }
+    }
+
+    fn result<T>(&self, r: std::result::Result<T, AmqpError>) -> Result<T> {
+        r.map_err(|e| self.fail(e))
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        Ok(())
+    }
+
+    fn closed_error(&self) -> Error {
+        let cause = self
+            .state
+            .lock()
+            .closed()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(CloseCause::Client));
+        Error::ChannelClosed(cause)
+    }
+
+    /// Resolves `""` to the last queue declared on this channel (§1.1).
+    fn queue_name(&self, queue: &str) -> Result<Arc<str>> {
+        self.check_open()?;
+        if queue.is_empty() {
+            let last = self.last_queue.lock().clone();
+            return last.ok_or_else(|| {
+                self.fail(AmqpError::new(
+                    ReplyCode::NotFound,
+                    "no previously declared queue",
+                ))
+            });
+        }
+        Ok(Arc::from(name_arg("queue", queue)?))
+    }
+
+    fn bind(
+        &self,
+        add: bool,
+        source: &str,
+        dest: DestinationName<'_>,
+        key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        self.check_open()?;
+        let conn = self.conn.id;
+        let r = self.broker.update(|snap, _| {
+            let changed = if add {
+                snap.topology.bind(source, dest, key, arguments, conn)?
+            } else {
+                snap.topology.unbind(source, dest, key, arguments, conn)?
+            };
+            Ok(((), changed))
+        });
+        self.result(r)
+    }
+
+    fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        body: Bytes,
+        mut properties: BasicProperties,
+    ) -> Result<()> {
+        self.check_open()?;
+        let exchange = name_arg("exchange", exchange)?;
+        let routing_key = name_arg("routing key", routing_key)?;
+        if options.immediate {
+            return Err(self.fail(AmqpError::new(ReplyCode::NotImplemented, "immediate=true")));
+        }
+        let max = self.broker.limits.max_message_size;
+        if body.len() as u64 > max {
+            return Err(self.fail(AmqpError::new(
+                ReplyCode::PreconditionFailed,
+                format!("message size {} is larger than max size {max}", body.len()),
+            )));
+        }
+        let snap = self.broker.snapshot.load();
+        let ex = self.result(snap.topology.exchange_for_publish(&exchange))?;
+        let extra_keys = self.result(sender_selected_keys(&mut properties))?;
+        let mut keys: Vec<&str> = Vec::with_capacity(1 + extra_keys.len());
+        keys.push(&routing_key);
+        keys.extend(extra_keys.iter().map(String::as_str));
+        let mut targets = Vec::new();
+        snap.topology
+            .route(ex, &keys, properties.headers.as_ref(), &mut targets);
+        if targets.is_empty() {
+            if options.mandatory {
+                self.return_unroutable(&exchange, &routing_key, properties, body);
+            }
+            return Ok(());
+        }
+        let message = Arc::new(Message {
+            exchange: ex.name.clone(),
+            routing_key: Arc::from(&*routing_key),
+            properties,
+            body,
+        });
+        let now = self.broker.clock.now_ms();
+        for q in targets {
+            if let Some(cell) = snap.queues.get(&q) {
+                cell.publish(message.clone(), now);
+            }
+        }
+        Ok(())
+    }
+
+    fn return_unroutable(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: Bytes,
+    ) {
+        if let Some(handler) = self.returns.lock().as_mut() {
+            handler(Returned {
+                reply_code: ReplyCode::NoRoute,
+                reply_text: "NO_ROUTE".into(),
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                properties,
+                body,
+            });
+        }
+    }
+}
+
+/// Routing keys from the `CC` and `BCC` headers (§2.4); removes `BCC`. A non-array value is a
+/// 406; non-string elements are skipped.
+fn sender_selected_keys(
+    properties: &mut BasicProperties,
+) -> std::result::Result<Vec<String>, AmqpError> {
+    let Some(headers) = properties.headers.as_mut() else {
+        return Ok(Vec::new());
+    };
+    if !headers.contains_key("CC") && !headers.contains_key("BCC") {
+        return Ok(Vec::new());
+    }
+    let mut keys = Vec::new();
+    for name in ["CC", "BCC"] {
+        match headers.get(name) {
+            None => {}
+            Some(FieldValue::Array(items)) => {
+                keys.extend(items.iter().filter_map(|v| v.as_str().map(str::to_owned)))
+            }
+            Some(other) => {
+                return Err(AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!(
+                        "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
+                        other.type_name()
+                    ),
+                ));
+            }
+        }
+    }
+    headers.remove("BCC");
+    Ok(keys)
+}
+
+/// Checks a name's length (an AMQP short string) and strips CR/LF as RabbitMQ does.
+fn name_arg<'a>(what: &str, name: &'a str) -> Result<Cow<'a, str>> {
+    if name.len() > NAME_MAX_BYTES {
+        return Err(Error::InvalidInput(format!(
+            "{what} name is {} bytes; at most {NAME_MAX_BYTES} allowed",
+            name.len()
+        )));
+    }
+    if name.contains(['\r', '\n']) {
+        return Ok(Cow::Owned(name.replace(['\r', '\n'], "")));
+    }
+    Ok(Cow::Borrowed(name))
+}
+
+fn saturate(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

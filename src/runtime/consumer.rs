@@ -1,0 +1,219 @@
+//! What consumers receive: [`Delivery`] (with ack / nack / reject), and [`Consumer`], a blocking
+//! iterator of deliveries fed by a crossbeam channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+
+use super::channel::{Channel, ChannelInner};
+use super::queue::QueueCell;
+use crate::core::queue::{ConsumerId, Dispatch};
+use crate::error::Result;
+use crate::types::{
+    BasicAckOptions, BasicNackOptions, BasicProperties, BasicRejectOptions, Message,
+};
+
+/// A message delivered to a consumer or fetched by `basic_get`.
+pub struct Delivery {
+    delivery_tag: u64,
+    redelivered: bool,
+    delivery_count: u32,
+    message: Arc<Message>,
+    consumer_tag: Option<Arc<str>>,
+    channel: Arc<ChannelInner>,
+}
+
+impl Delivery {
+    pub(crate) fn new(
+        tag: u64,
+        d: &Dispatch,
+        consumer_tag: Option<Arc<str>>,
+        channel: Arc<ChannelInner>,
+    ) -> Self {
+        Self {
+            delivery_tag: tag,
+            redelivered: d.entry.delivered,
+            delivery_count: d.entry.delivery_count,
+            message: d.entry.message.clone(),
+            consumer_tag,
+            channel,
+        }
+    }
+
+    /// The channel-scoped delivery tag (from 1).
+    pub fn delivery_tag(&self) -> u64 {
+        self.delivery_tag
+    }
+
+    /// Whether the message was delivered before and came back (§3.6).
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// How many times the message came back to its queue before this delivery.
+    pub fn delivery_count(&self) -> u32 {
+        self.delivery_count
+    }
+
+    /// The exchange the message was published to.
+    pub fn exchange(&self) -> &str {
+        &self.message.exchange
+    }
+
+    /// The routing key it was published with.
+    pub fn routing_key(&self) -> &str {
+        &self.message.routing_key
+    }
+
+    /// Its properties.
+    pub fn properties(&self) -> &BasicProperties {
+        &self.message.properties
+    }
+
+    /// Its body.
+    pub fn body(&self) -> &Bytes {
+        &self.message.body
+    }
+
+    /// The consumer it was delivered to (`None` for `basic_get`).
+    pub fn consumer_tag(&self) -> Option<&str> {
+        self.consumer_tag.as_deref()
+    }
+
+    /// Acknowledges this delivery on its channel.
+    pub fn ack(&self) -> Result<()> {
+        self.channel
+            .basic_ack(self.delivery_tag, BasicAckOptions::default())
+    }
+
+    /// Negatively acknowledges this delivery; `requeue` puts it back in its queue.
+    pub fn nack(&self, requeue: bool) -> Result<()> {
+        self.channel.basic_nack(
+            self.delivery_tag,
+            BasicNackOptions {
+                multiple: false,
+                requeue,
+            },
+        )
+    }
+
+    /// Rejects this delivery; `requeue` puts it back in its queue.
+    pub fn reject(&self, requeue: bool) -> Result<()> {
+        self.channel
+            .basic_reject(self.delivery_tag, BasicRejectOptions { requeue })
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("delivery_tag", &self.delivery_tag)
+            .field("redelivered", &self.redelivered)
+            .field("exchange", &self.exchange())
+            .field("routing_key", &self.routing_key())
+            .field("body_len", &self.message.body.len())
+            .finish()
+    }
+}
+
+/// A push consumer: a blocking iterator of deliveries. Ends when the consumer is cancelled
+/// (by `basic_cancel` or the queue's deletion) or its channel closes. Dropping it cancels it
+/// and requeues the deliveries it had not handed out yet.
+pub struct Consumer {
+    rx: Receiver<Delivery>,
+    tag: Arc<str>,
+    channel: Channel,
+    queue: Arc<QueueCell>,
+    id: ConsumerId,
+    no_ack: bool,
+    /// No-ack deliveries taken but not yet reported to the queue as window credit.
+    unreported: u32,
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        rx: Receiver<Delivery>,
+        tag: Arc<str>,
+        channel: Channel,
+        queue: Arc<QueueCell>,
+        id: ConsumerId,
+        no_ack: bool,
+    ) -> Self {
+        Self {
+            rx,
+            tag,
+            channel,
+            queue,
+            id,
+            no_ack,
+            unreported: 0,
+        }
+    }
+
+    /// The consumer tag.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Waits for the next delivery; `None` once the consumer has ended.
+    pub fn recv(&mut self) -> Option<Delivery> {
+        let d = self.rx.recv().ok()?;
+        self.accept(d)
+    }
+
+    /// Waits up to `timeout` for the next delivery.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Delivery, RecvTimeoutError> {
+        let d = self.rx.recv_timeout(timeout)?;
+        self.accept(d).ok_or(RecvTimeoutError::Disconnected)
+    }
+
+    /// The next delivery if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Delivery, TryRecvError> {
+        let d = self.rx.try_recv()?;
+        self.accept(d).ok_or(TryRecvError::Disconnected)
+    }
+
+    fn accept(&mut self, d: Delivery) -> Option<Delivery> {
+        if self.channel.inner.is_closed() {
+            return None; // its deliveries were requeued when the channel closed
+        }
+        if self.no_ack {
+            self.unreported += 1;
+            if self.unreported >= self.channel.inner.broker.limits.no_ack_window / 2 {
+                let n = std::mem::take(&mut self.unreported);
+                let mut s = self.queue.lock();
+                s.core.handle_credit(self.id, n);
+                self.queue.dispatch(&mut s);
+            }
+        }
+        Some(d)
+    }
+}
+
+impl Iterator for Consumer {
+    type Item = Delivery;
+
+    fn next(&mut self) -> Option<Delivery> {
+        self.recv()
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if self.channel.inner.is_closed() {
+            return;
+        }
+        let _ = self.channel.inner.cancel(&self.tag);
+        // Deliveries still buffered never reached the application: put them back.
+        while let Ok(d) = self.rx.try_recv() {
+            if !self.no_ack {
+                let _ = self
+                    .channel
+                    .inner
+                    .basic_reject(d.delivery_tag, BasicRejectOptions { requeue: true });
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The 14 `basic` message properties of AMQP 0-9-1 (SEMANTICS.md §9.1), lapin-style builders.
+
+use serde::{Deserialize, Serialize};
+
+use super::FieldTable;
+
+/// Message properties. Every field is optional, as on the wire.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BasicProperties {
+    /// MIME content type.
+    pub content_type: Option<String>,
+    /// MIME content encoding.
+    pub content_encoding: Option<String>,
+    /// Application headers (also used by the headers exchange, `CC`/`BCC`, `x-death`, ...).
+    pub headers: Option<FieldTable>,
+    /// `2` = persistent; anything else = transient.
+    pub delivery_mode: Option<u8>,
+    /// Message priority, 0-255.
+    pub priority: Option<u8>,
+    /// Application correlation id (request-reply).
+    pub correlation_id: Option<String>,
+    /// Address to reply to (request-reply).
+    pub reply_to: Option<String>,
+    /// Per-message TTL: decimal milliseconds as a string.
+    pub expiration: Option<String>,
+    /// Application message id.
+    pub message_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub timestamp: Option<u64>,
+    /// Message type name.
+    pub kind: Option<String>,
+    /// Creating user id.
+    pub user_id: Option<String>,
+    /// Creating application id.
+    pub app_id: Option<String>,
+    /// Deprecated cluster id.
+    pub cluster_id: Option<String>,
+}
+
+macro_rules! string_setters {
+    ($($field:ident => $with:ident),* $(,)?) => {$(
+        #[doc = concat!("Sets `", stringify!($field), "`.")]
+        pub fn $with(mut self, value: impl Into<String>) -> Self {
+            self.$field = Some(value.into());
+            self
+        }
+    )*};
+}
+
+impl BasicProperties {
+    string_setters!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        expiration => with_expiration,
+        message_id => with_message_id,
+        kind => with_kind,
+        user_id => with_user_id,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+
+    /// Sets the application headers.
+    pub fn with_headers(mut self, headers: FieldTable) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Sets the delivery mode (`2` = persistent).
+    pub fn with_delivery_mode(mut self, mode: u8) -> Self {
+        self.delivery_mode = Some(mode);
+        self
+    }
+
+    /// Sets the priority.
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Sets the timestamp (seconds since the Unix epoch).
+    pub fn with_timestamp(mut self, timestamp: u64) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+
+    /// Whether the message is persistent (delivery mode 2).
+    pub fn is_persistent(&self) -> bool {
+        self.delivery_mode == Some(2)
+    }
+}

@@ -1,0 +1,52 @@
+//! Replays the committed fuzz corpus and regression inputs through the fuzz targets, without
+//! libFuzzer, so every `cargo test` re-checks them.
+
+use std::path::{Path, PathBuf};
+
+/// The files of `fuzz/<dir>/<target>/`, sorted, without `.gitkeep`; none if the directory is
+/// missing.
+fn inputs(dir: &str, target: &str) -> Vec<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz")
+        .join(dir)
+        .join(target);
+    let Ok(entries) = std::fs::read_dir(&path) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|entry| entry.expect("fuzz input directory is readable").path())
+        .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n != ".gitkeep"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs `run` on every file, returning the names of those that panicked.
+fn panicking(files: &[PathBuf], run: fn(&[u8])) -> Vec<String> {
+    files
+        .iter()
+        .filter(|file| {
+            let data = std::fs::read(file).expect("fuzz input file is readable");
+            std::panic::catch_unwind(|| run(&data)).is_err()
+        })
+        .map(|file| file.display().to_string())
+        .collect()
+}
+
+#[test]
+fn topic_match_corpus_and_regressions_pass() {
+    let corpus = inputs("corpus", "topic_match");
+    assert!(
+        !corpus.is_empty(),
+        "fuzz/corpus/topic_match is empty or missing: nothing would be checked"
+    );
+    let mut files = corpus;
+    files.extend(inputs("regressions", "topic_match"));
+    let failed = panicking(&files, coney::fuzzing::topic_match);
+    assert!(
+        failed.is_empty(),
+        "topic_match panicked on {} of {} inputs: {failed:#?}",
+        failed.len(),
+        files.len()
+    );
+}
