@@ -34,6 +34,15 @@ pub struct ConsumerRecord {
     pub queue: QueueId,
 }
 
+/// What a closing channel hands back to the runtime.
+#[derive(Debug, Default)]
+pub struct Closing {
+    /// Unacked deliveries to requeue, ascending by tag.
+    pub ledger: Vec<(u64, Outstanding)>,
+    /// Consumers to cancel.
+    pub consumers: Vec<(Arc<str>, ConsumerRecord)>,
+}
+
 /// A channel's state.
 #[derive(Debug)]
 pub struct ChannelState {
@@ -133,17 +142,15 @@ impl ChannelState {
 
     /// Closes the channel, handing back its unacked deliveries (ascending by tag) and its
     /// consumers for the runtime to requeue and cancel. A second close changes nothing.
-    pub fn handle_close(
-        &mut self,
-        cause: Arc<CloseCause>,
-    ) -> (Vec<(u64, Outstanding)>, Vec<(Arc<str>, ConsumerRecord)>) {
+    pub fn handle_close(&mut self, cause: Arc<CloseCause>) -> Closing {
         if self.closed.is_some() {
-            return (Vec::new(), Vec::new());
+            return Closing::default();
         }
         self.closed = Some(cause);
-        let ledger = std::mem::take(&mut self.ledger).into_iter().collect();
-        let consumers = std::mem::take(&mut self.consumers).into_iter().collect();
-        (ledger, consumers)
+        Closing {
+            ledger: std::mem::take(&mut self.ledger).into_iter().collect(),
+            consumers: std::mem::take(&mut self.consumers).into_iter().collect(),
+        }
     }
 
     /// Why the channel is closed, if it is.

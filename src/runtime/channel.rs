@@ -583,13 +583,13 @@ impl ChannelInner {
     /// Closes the channel: cancels its consumers, then requeues its unacked messages in tag
     /// order (§4.4). Closing twice does nothing.
     pub(crate) fn close_with(&self, cause: Arc<CloseCause>) {
-        let (ledger, consumers) = self.state.lock().handle_close(cause);
+        let closing = self.state.lock().handle_close(cause);
         self.closed.store(true, Ordering::Release);
         let snap = self.broker.snapshot.load_full();
-        for (_, record) in consumers {
+        for (_, record) in closing.consumers {
             self.cancel_in_queue(record, &snap);
         }
-        self.apply(ledger, Settle::Requeue);
+        self.apply(closing.ledger, Settle::Requeue);
         self.broker.channels.lock().remove(&self.id);
     }
 
