@@ -109,6 +109,17 @@ impl ChannelState {
         }
     }
 
+    /// Takes those of `tags` that are still outstanding, ascending by tag; others are skipped
+    /// (a consumer giving back deliveries it never handed out, some perhaps acked already).
+    pub fn handle_take_outstanding(&mut self, tags: &[u64]) -> Vec<(u64, Outstanding)> {
+        let mut taken: Vec<_> = tags
+            .iter()
+            .filter_map(|t| self.ledger.remove(t).map(|o| (*t, o)))
+            .collect();
+        taken.sort_unstable_by_key(|(t, _)| *t);
+        taken
+    }
+
     /// Takes every unacked delivery (`basic.recover`), ascending by tag.
     pub fn handle_recover(&mut self) -> Vec<(u64, Outstanding)> {
         std::mem::take(&mut self.ledger).into_iter().collect()

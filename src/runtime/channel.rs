@@ -555,6 +555,12 @@ impl ChannelInner {
         }
     }
 
+    /// Requeues those of `tags` still outstanding; the rest are ignored.
+    pub(crate) fn requeue_outstanding(&self, tags: &[u64]) {
+        let taken = self.state.lock().handle_take_outstanding(tags);
+        self.apply(taken, Settle::Requeue);
+    }
+
     pub(crate) fn cancel(&self, tag: &str) -> Result<()> {
         self.check_open()?;
         let record = self.state.lock().handle_cancel(tag);

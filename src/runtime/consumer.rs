@@ -206,14 +206,11 @@ impl Drop for Consumer {
             return;
         }
         let _ = self.channel.inner.cancel(&self.tag);
-        // Deliveries still buffered never reached the application: put them back.
-        while let Ok(d) = self.rx.try_recv() {
-            if !self.no_ack {
-                let _ = self
-                    .channel
-                    .inner
-                    .basic_reject(d.delivery_tag, BasicRejectOptions { requeue: true });
-            }
+        // Deliveries still buffered never reached the application: requeue those not settled
+        // meanwhile (an `ack` with `multiple` may have covered some).
+        let tags: Vec<u64> = self.rx.try_iter().map(|d| d.delivery_tag).collect();
+        if !self.no_ack && !tags.is_empty() {
+            self.channel.inner.requeue_outstanding(&tags);
         }
     }
 }
