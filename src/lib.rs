@@ -1,4 +1,45 @@
 //! coney: an embedded, in-process message broker engine with RabbitMQ's semantics.
+//!
+//! Services in one process (or one test) get AMQP 0-9-1-style messaging without running a
+//! broker: exchanges (default, direct, fanout, topic, headers), queues with durable / exclusive /
+//! auto-delete flags, bindings, push consumers with prefetch, `basic_get`, ack / nack / reject
+//! with requeue, and the reply codes and channel-closing errors RabbitMQ uses. Method names and
+//! option structs follow the Rust client lapin, so code moves between the two with little change.
+//!
+//! ```
+//! use coney::*;
+//!
+//! let broker = Broker::in_memory();
+//! let conn = broker.connect();
+//! let ch = conn.channel()?;
+//! ch.queue_declare("payment_queue", QueueDeclareOptions::default(), FieldTable::new())?;
+//! ch.basic_publish("", "payment_queue", BasicPublishOptions::default(), b"order 42".to_vec(),
+//!     BasicProperties::default().with_correlation_id("42"))?;
+//!
+//! let mut consumer = ch.basic_consume("payment_queue", "payments",
+//!     BasicConsumeOptions::default(), FieldTable::new())?;
+//! let delivery = consumer.recv().expect("a delivery");
+//! assert_eq!(&delivery.body()[..], b"order 42");
+//! assert_eq!(delivery.properties().correlation_id.as_deref(), Some("42"));
+//! delivery.ack()?;
+//!
+//! // RabbitMQ's errors, with its reply codes: a missing queue is a 404 that closes the channel.
+//! let err = ch.basic_get("no_such_queue", BasicGetOptions::default()).unwrap_err();
+//! assert_eq!(err.reply_code(), Some(ReplyCode::NotFound));
+//! assert!(ch.is_closed());
+//! # Ok::<(), coney::Error>(())
+//! ```
+//!
+//! # Layout
+//! - [`core`]: the broker as pure state machines (topology and routing, queues, channels):
+//!   commands in through `handle_*`, output through `poll_*`, time passed in. No threads,
+//!   locks, clocks or I/O.
+//! - [`runtime`]: the threaded runtime behind the public API ([`Broker`], [`Connection`],
+//!   [`Channel`], [`Consumer`], [`Delivery`]): a lock-free topology snapshot for publish, a
+//!   mutex per queue and per channel, crossbeam channels to consumers.
+//! - [`types`]: field tables, message properties, per-method option structs.
+//! - [`error`]: [`Error`] with AMQP reply codes.
+//! - [`clock`]: the system clock and a manual clock for tests.
 
 pub mod clock;
 pub mod core;
