@@ -6,7 +6,8 @@
 //! - the pre-declared exchanges exist;
 //! - queue ids are unique and below the id counter.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 use crate::core::channel::QueueId;
@@ -43,6 +44,9 @@ pub struct QueueDeclared {
     /// Whether this call created it.
     pub created: bool,
 }
+
+/// The queues a publish routes to (rarely more than a few: kept on the stack).
+pub type Targets = SmallVec<[QueueId; 4]>;
 
 /// Names of the exchanges every broker starts with (§2.1), and their kinds.
 pub const PREDECLARED: [(&str, ExchangeKind); 7] = [
@@ -103,7 +107,7 @@ impl Default for Topology {
 impl Topology {
     /// A topology holding only the pre-declared exchanges.
     pub fn new() -> Self {
-        let mut exchanges = HashMap::new();
+        let mut exchanges = HashMap::default();
         for (name, kind) in PREDECLARED {
             let internal = name == "amq.rabbitmq.trace";
             let ex = Exchange::new(name, kind, true, false, internal, FieldTable::new());
@@ -111,7 +115,7 @@ impl Topology {
         }
         Self {
             exchanges,
-            queues: HashMap::new(),
+            queues: HashMap::default(),
             next_queue_id: 1,
         }
     }
@@ -362,7 +366,7 @@ impl Topology {
         exchange: &Exchange,
         routing_keys: &[&str],
         headers: Option<&FieldTable>,
-        out: &mut Vec<QueueId>,
+        out: &mut Targets,
     ) {
         if exchange.name.is_empty() {
             for key in routing_keys {
@@ -385,7 +389,7 @@ impl Topology {
         exchange: &'a Exchange,
         keys: &[&str],
         headers: Option<&FieldTable>,
-        out: &mut Vec<QueueId>,
+        out: &mut Targets,
         visited: &mut Vec<&'a str>,
     ) {
         if visited.contains(&&*exchange.name) {

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
 use super::connection::ConnectionInner;
 use super::consumer::{Consumer, Delivery};
@@ -18,7 +19,7 @@ use super::{BrokerInner, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
 use crate::core::exchange::ExchangeKind;
 use crate::core::queue::{ConsumerId, ConsumerSpec};
-use crate::core::topology::{DestinationName, no_queue};
+use crate::core::topology::{DestinationName, Targets, no_queue};
 use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 use crate::types::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
@@ -692,10 +693,10 @@ impl ChannelInner {
         let snap = self.broker.snapshot.load();
         let ex = self.result(snap.topology.exchange_for_publish(&exchange))?;
         let extra_keys = self.result(sender_selected_keys(&mut properties))?;
-        let mut keys: Vec<&str> = Vec::with_capacity(1 + extra_keys.len());
+        let mut keys: SmallVec<[&str; 1]> = SmallVec::new();
         keys.push(&routing_key);
         keys.extend(extra_keys.iter().map(String::as_str));
-        let mut targets = Vec::new();
+        let mut targets = Targets::new();
         snap.topology
             .route(ex, &keys, properties.headers.as_ref(), &mut targets);
         if targets.is_empty() {

@@ -13,6 +13,8 @@ mod consumer;
 mod queue;
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -100,7 +102,7 @@ impl BrokerBuilder {
     pub fn in_memory(self) -> Broker {
         let snapshot = Snapshot {
             topology: Topology::new(),
-            queues: HashMap::new(),
+            queues: FxHashMap::default(),
         };
         Broker {
             inner: Arc::new(BrokerInner {
@@ -210,7 +212,7 @@ impl BrokerInner {
 #[derive(Clone)]
 pub(crate) struct Snapshot {
     topology: Topology,
-    queues: HashMap<QueueId, Arc<QueueCell>>,
+    queues: FxHashMap<QueueId, Arc<QueueCell>>,
 }
 
 /// State only touched under the admin lock (topology changes).

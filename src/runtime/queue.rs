@@ -1,7 +1,7 @@
 //! A queue as the runtime holds it: the core state machine behind its own mutex, plus the
 //! senders of its consumers. Carries out what the core decides (deliveries, removals).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
@@ -46,7 +46,7 @@ impl QueueCell {
             meta,
             state: Mutex::new(QueueShared {
                 core: Queue::new(),
-                sinks: HashMap::new(),
+                sinks: HashMap::default(),
                 deleted: false,
             }),
         }

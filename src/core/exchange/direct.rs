@@ -1,6 +1,6 @@
 //! Direct exchange: a binding key byte-equal to the routing key (§2.5).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use super::Destination;
 
