@@ -69,7 +69,7 @@ fn producers_and_consumers_with_requeues_lose_nothing() {
                 if d.redelivered() {
                     redelivered += 1;
                 }
-                if !d.redelivered() && id % 7 == 0 {
+                if !d.redelivered() && id.is_multiple_of(7) {
                     d.nack(true).unwrap();
                     requeued += 1;
                 } else {
