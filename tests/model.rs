@@ -134,12 +134,15 @@ struct MQueue {
     next_seq: u64,
 }
 
+/// An unacked delivery in the model: (queue, message as held, consumer key).
+type Held = (usize, MMsg, Option<usize>);
+
 #[derive(Debug)]
 struct MChannel {
     next_tag: u64,
     prefetch: u16,
     /// tag -> (queue, message as held, consumer key)
-    ledger: BTreeMap<u64, (usize, MMsg, Option<usize>)>,
+    ledger: BTreeMap<u64, Held>,
     opened: u64,
 }
 
@@ -296,7 +299,7 @@ impl World {
     }
 
     /// Settles taken ledger entries queue by queue (ascending queue index = ascending id).
-    fn m_apply(&mut self, taken: Vec<(u64, (usize, MMsg, Option<usize>))>, requeue: bool) {
+    fn m_apply(&mut self, taken: Vec<(u64, Held)>, requeue: bool) {
         for q in 0..QUEUES {
             let mine: Vec<_> = taken.iter().filter(|(_, (mq, _, _))| *mq == q).collect();
             if mine.is_empty() {
@@ -321,12 +324,7 @@ impl World {
         }
     }
 
-    fn m_take(
-        &mut self,
-        slot: usize,
-        tag: u64,
-        multiple: bool,
-    ) -> Option<Vec<(u64, (usize, MMsg, Option<usize>))>> {
+    fn m_take(&mut self, slot: usize, tag: u64, multiple: bool) -> Option<Vec<(u64, Held)>> {
         let ledger = &mut self.m_chans[slot].ledger;
         if multiple && tag == 0 {
             return Some(std::mem::take(ledger).into_iter().collect());
