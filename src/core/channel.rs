@@ -146,6 +146,16 @@ impl ChannelState {
         self.consumers.remove(tag)
     }
 
+    /// Forgets `tag` only if it still names consumer `id` (a stale handle must not cancel a
+    /// newer consumer that reuses the tag).
+    pub fn handle_cancel_consumer(&mut self, tag: &str, id: ConsumerId) -> Option<ConsumerRecord> {
+        if self.consumers.get(tag).is_some_and(|r| r.id == id) {
+            self.consumers.remove(tag)
+        } else {
+            None
+        }
+    }
+
     /// Sets the prefetch applied to consumers created from now on (§3.3, `global = false`).
     pub fn handle_qos(&mut self, prefetch: u16) {
         self.prefetch = prefetch;

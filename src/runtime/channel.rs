@@ -186,7 +186,7 @@ impl Channel {
         let (d, s, k) = (
             name_arg("exchange", destination)?,
             name_arg("exchange", source)?,
-            name_arg("routing key", routing_key)?,
+            key_arg(routing_key)?,
         );
         self.inner
             .bind(true, &s, DestinationName::Exchange(&d), &k, arguments)
@@ -204,7 +204,7 @@ impl Channel {
         let (d, s, k) = (
             name_arg("exchange", destination)?,
             name_arg("exchange", source)?,
-            name_arg("routing key", routing_key)?,
+            key_arg(routing_key)?,
         );
         self.inner
             .bind(false, &s, DestinationName::Exchange(&d), &k, arguments)
@@ -247,7 +247,7 @@ impl Channel {
         let key = if queue.is_empty() && routing_key.is_empty() {
             q.to_string()
         } else {
-            name_arg("routing key", routing_key)?.into_owned()
+            key_arg(routing_key)?.to_owned()
         };
         self.inner.bind(
             true,
@@ -267,11 +267,16 @@ impl Channel {
         arguments: FieldTable,
     ) -> Result<()> {
         let q = self.inner.queue_name(queue)?;
+        let key = if queue.is_empty() && routing_key.is_empty() {
+            q.to_string()
+        } else {
+            key_arg(routing_key)?.to_owned()
+        };
         self.inner.bind(
             false,
             &name_arg("exchange", exchange)?,
             DestinationName::Queue(&q),
-            &name_arg("routing key", routing_key)?,
+            &key,
             arguments,
         )
     }
@@ -571,6 +576,14 @@ impl ChannelInner {
         Ok(())
     }
 
+    /// Cancels consumer `id` if `tag` still names it (a dropped [`Consumer`] handle).
+    pub(crate) fn cancel_consumer(&self, tag: &str, id: ConsumerId) {
+        let record = self.state.lock().handle_cancel_consumer(tag, id);
+        if let Some(record) = record {
+            self.cancel_in_queue(record, &self.broker.snapshot.load());
+        }
+    }
+
     /// Removes a consumer from its queue (dropping its sender ends its iterator) and
     /// auto-deletes the queue if that was its last consumer.
     fn cancel_in_queue(&self, record: ConsumerRecord, snap: &Snapshot) {
@@ -679,7 +692,7 @@ impl ChannelInner {
     ) -> Result<()> {
         self.check_open()?;
         let exchange = name_arg("exchange", exchange)?;
-        let routing_key = name_arg("routing key", routing_key)?;
+        let routing_key = key_arg(routing_key)?;
         if options.immediate {
             return Err(self.fail(AmqpError::new(ReplyCode::NotImplemented, "immediate=true")));
         }
@@ -771,6 +784,17 @@ fn sender_selected_keys(
     }
     headers.remove("BCC");
     Ok(keys)
+}
+
+/// Checks a routing key's length (an AMQP short string); unlike names, keys keep CR/LF.
+fn key_arg(key: &str) -> Result<&str> {
+    if key.len() > NAME_MAX_BYTES {
+        return Err(Error::InvalidInput(format!(
+            "routing key is {} bytes; at most {NAME_MAX_BYTES} allowed",
+            key.len()
+        )));
+    }
+    Ok(key)
 }
 
 /// Checks a name's length (an AMQP short string) and strips CR/LF as RabbitMQ does.

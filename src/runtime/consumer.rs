@@ -205,7 +205,7 @@ impl Drop for Consumer {
         if self.channel.inner.is_closed() {
             return;
         }
-        let _ = self.channel.inner.cancel(&self.tag);
+        self.channel.inner.cancel_consumer(&self.tag, self.id);
         // Deliveries still buffered never reached the application: requeue those not settled
         // meanwhile (an `ack` with `multiple` may have covered some).
         let tags: Vec<u64> = self.rx.try_iter().map(|d| d.delivery_tag).collect();
