@@ -189,7 +189,7 @@ impl Channel {
             key_arg(routing_key)?,
         );
         self.inner
-            .bind(true, &s, DestinationName::Exchange(&d), &k, arguments)
+            .bind(true, &s, DestinationName::Exchange(&d), k, arguments)
     }
 
     /// `exchange.unbind`: idempotent.
@@ -207,7 +207,7 @@ impl Channel {
             key_arg(routing_key)?,
         );
         self.inner
-            .bind(false, &s, DestinationName::Exchange(&d), &k, arguments)
+            .bind(false, &s, DestinationName::Exchange(&d), k, arguments)
     }
 
     // ---- queues ---------------------------------------------------------------------------
@@ -707,7 +707,7 @@ impl ChannelInner {
         let ex = self.result(snap.topology.exchange_for_publish(&exchange))?;
         let extra_keys = self.result(sender_selected_keys(&mut properties))?;
         let mut keys: SmallVec<[&str; 1]> = SmallVec::new();
-        keys.push(&routing_key);
+        keys.push(routing_key);
         keys.extend(extra_keys.iter().map(String::as_str));
         let mut targets = Targets::new();
         snap.topology
