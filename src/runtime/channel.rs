@@ -714,13 +714,13 @@ impl ChannelInner {
             .route(ex, &keys, properties.headers.as_ref(), &mut targets);
         if targets.is_empty() {
             if options.mandatory {
-                self.return_unroutable(&exchange, &routing_key, properties, body);
+                self.return_unroutable(&exchange, routing_key, properties, body);
             }
             return Ok(());
         }
         let message = Arc::new(Message {
             exchange: ex.name.clone(),
-            routing_key: Arc::from(&*routing_key),
+            routing_key: Arc::from(routing_key),
             properties,
             body,
         });
