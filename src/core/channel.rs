@@ -6,7 +6,9 @@
 //! - every ledger entry has a tag below `next_tag`;
 //! - a closed channel holds no ledger entries and no consumers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 use crate::core::queue::ConsumerId;
@@ -43,11 +45,51 @@ pub struct Closing {
     pub consumers: Vec<(Arc<str>, ConsumerRecord)>,
 }
 
+/// Deliveries settled by one ack / nack / reject (usually one: kept inline).
+pub type Settled = SmallVec<[(u64, Outstanding); 1]>;
+
+/// Unacked deliveries ordered by tag. Tags are issued in increasing order, so a delivery is
+/// appended, and the usual in-order ack removes from the front; lookups are binary searches.
+#[derive(Debug, Default)]
+struct Ledger {
+    entries: VecDeque<(u64, Outstanding)>,
+}
+
+impl Ledger {
+    fn push(&mut self, tag: u64, o: Outstanding) {
+        debug_assert!(
+            self.entries.back().is_none_or(|&(t, _)| t < tag),
+            "tags increase"
+        );
+        self.entries.push_back((tag, o));
+    }
+
+    fn position(&self, tag: u64) -> Option<usize> {
+        match self.entries.front() {
+            Some(&(t, _)) if t == tag => Some(0),
+            _ => self.entries.binary_search_by_key(&tag, |&(t, _)| t).ok(),
+        }
+    }
+
+    fn remove_at(&mut self, at: usize) -> Outstanding {
+        self.entries.remove(at).expect("position is in range").1
+    }
+
+    /// Removes and returns entries `..=at`.
+    fn take_through(&mut self, at: usize) -> Settled {
+        self.entries.drain(..=at).collect()
+    }
+
+    fn take_all(&mut self) -> Vec<(u64, Outstanding)> {
+        std::mem::take(&mut self.entries).into()
+    }
+}
+
 /// A channel's state.
 #[derive(Debug)]
 pub struct ChannelState {
     next_tag: u64,
-    ledger: BTreeMap<u64, Outstanding>,
+    ledger: Ledger,
     consumers: BTreeMap<Arc<str>, ConsumerRecord>,
     prefetch: u16,
     closed: Option<Arc<CloseCause>>,
@@ -57,7 +99,7 @@ impl Default for ChannelState {
     fn default() -> Self {
         Self {
             next_tag: 1,
-            ledger: BTreeMap::new(),
+            ledger: Ledger::default(),
             consumers: BTreeMap::new(),
             prefetch: 0,
             closed: None,
@@ -76,7 +118,7 @@ impl ChannelState {
         let tag = self.next_tag;
         self.next_tag += 1;
         if !no_ack {
-            self.ledger.insert(tag, Outstanding { queue, seq });
+            self.ledger.push(tag, Outstanding { queue, seq });
         }
         tag
     }
@@ -84,37 +126,35 @@ impl ChannelState {
     /// Takes the deliveries an ack/nack/reject settles: `tag` alone, or with `multiple` every
     /// outstanding tag up to it (`tag = 0` with `multiple` = all). An unknown tag is a 406 and
     /// nothing is taken (§4.2).
-    pub fn handle_settle(
-        &mut self,
-        tag: u64,
-        multiple: bool,
-    ) -> Result<Vec<(u64, Outstanding)>, AmqpError> {
+    pub fn handle_settle(&mut self, tag: u64, multiple: bool) -> Result<Settled, AmqpError> {
         if multiple && tag == 0 {
-            return Ok(std::mem::take(&mut self.ledger).into_iter().collect());
+            return Ok(self.ledger.take_all().into_iter().collect());
         }
-        if !self.ledger.contains_key(&tag) {
+        let Some(at) = self.ledger.position(tag) else {
             return Err(AmqpError::new(
                 ReplyCode::PreconditionFailed,
                 format!("unknown delivery tag {tag}"),
             ));
-        }
+        };
         if multiple {
-            let rest = self.ledger.split_off(&(tag + 1));
-            Ok(std::mem::replace(&mut self.ledger, rest)
-                .into_iter()
-                .collect())
+            Ok(self.ledger.take_through(at))
         } else {
-            let o = self.ledger.remove(&tag).expect("checked above");
-            Ok(vec![(tag, o)])
+            let mut one = Settled::new();
+            one.push((tag, self.ledger.remove_at(at)));
+            Ok(one)
         }
     }
 
     /// Takes those of `tags` that are still outstanding, ascending by tag; others are skipped
     /// (a consumer giving back deliveries it never handed out, some perhaps acked already).
-    pub fn handle_take_outstanding(&mut self, tags: &[u64]) -> Vec<(u64, Outstanding)> {
-        let mut taken: Vec<_> = tags
+    pub fn handle_take_outstanding(&mut self, tags: &[u64]) -> Settled {
+        let mut taken: Settled = tags
             .iter()
-            .filter_map(|t| self.ledger.remove(t).map(|o| (*t, o)))
+            .filter_map(|&t| {
+                self.ledger
+                    .position(t)
+                    .map(|at| (t, self.ledger.remove_at(at)))
+            })
             .collect();
         taken.sort_unstable_by_key(|(t, _)| *t);
         taken
@@ -122,7 +162,7 @@ impl ChannelState {
 
     /// Takes every unacked delivery (`basic.recover`), ascending by tag.
     pub fn handle_recover(&mut self) -> Vec<(u64, Outstanding)> {
-        std::mem::take(&mut self.ledger).into_iter().collect()
+        self.ledger.take_all()
     }
 
     /// Registers a consumer tag; `Err` if the tag is in use on this channel (530, §3.1).
@@ -169,7 +209,7 @@ impl ChannelState {
         }
         self.closed = Some(cause);
         Closing {
-            ledger: std::mem::take(&mut self.ledger).into_iter().collect(),
+            ledger: self.ledger.take_all(),
             consumers: std::mem::take(&mut self.consumers).into_iter().collect(),
         }
     }
@@ -191,17 +231,27 @@ impl ChannelState {
 
     /// The unacked deliveries, ascending by tag.
     pub fn ledger(&self) -> impl Iterator<Item = (u64, Outstanding)> + '_ {
-        self.ledger.iter().map(|(&t, &o)| (t, o))
+        self.ledger.entries.iter().copied()
     }
 
     /// Checks the module's invariants.
     pub fn check_invariants(&self) -> Result<(), String> {
-        if let Some((&last, _)) = self.ledger.last_key_value()
+        if let Some(&(last, _)) = self.ledger.entries.back()
             && last >= self.next_tag
         {
             return Err(format!("ledger tag {last} was never issued"));
         }
-        if self.closed.is_some() && (!self.ledger.is_empty() || !self.consumers.is_empty()) {
+        if !self
+            .ledger
+            .entries
+            .iter()
+            .zip(self.ledger.entries.iter().skip(1))
+            .all(|(a, b)| a.0 < b.0)
+        {
+            return Err("ledger not ordered by tag".into());
+        }
+        if self.closed.is_some() && (!self.ledger.entries.is_empty() || !self.consumers.is_empty())
+        {
             return Err("a closed channel still holds deliveries or consumers".into());
         }
         Ok(())

@@ -94,6 +94,8 @@ pub const TTL_MAX_MS: i64 = 315_360_000_000;
 #[derive(Clone, Debug)]
 pub struct Topology {
     exchanges: HashMap<Arc<str>, Arc<Exchange>>,
+    /// The default exchange, also in `exchanges`: looked up without hashing an empty name.
+    default_exchange: Arc<Exchange>,
     queues: HashMap<Arc<str>, Arc<QueueMeta>>,
     next_queue_id: u64,
 }
@@ -113,8 +115,10 @@ impl Topology {
             let ex = Exchange::new(name, kind, true, false, internal, FieldTable::new());
             exchanges.insert(Arc::from(name), Arc::new(ex));
         }
+        let default_exchange = exchanges[""].clone();
         Self {
             exchanges,
+            default_exchange,
             queues: HashMap::default(),
             next_queue_id: 1,
         }
@@ -124,6 +128,9 @@ impl Topology {
 
     /// The exchange named `name`.
     pub fn exchange(&self, name: &str) -> Option<&Arc<Exchange>> {
+        if name.is_empty() {
+            return Some(&self.default_exchange);
+        }
         self.exchanges.get(name)
     }
 
@@ -154,7 +161,7 @@ impl Topology {
 
     /// The exchange `name` for publishing: 404 if missing, 403 if internal (§2.7).
     pub fn exchange_for_publish(&self, name: &str) -> Result<&Arc<Exchange>, AmqpError> {
-        let ex = self.exchanges.get(name).ok_or_else(|| no_exchange(name))?;
+        let ex = self.exchange(name).ok_or_else(|| no_exchange(name))?;
         if ex.internal {
             return Err(AmqpError::new(
                 ReplyCode::AccessRefused,

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use super::connection::ConnectionInner;
 use super::consumer::{Consumer, Delivery};
-use super::queue::{GetOutcome, Settle, Sink};
+use super::queue::{GetOutcome, QueueCell, Settle, Sink};
 use super::{BrokerInner, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
 use crate::core::exchange::ExchangeKind;
@@ -51,7 +52,7 @@ pub(crate) struct ChannelInner {
     pub(crate) id: u64,
     pub(crate) conn: Arc<ConnectionInner>,
     pub(crate) broker: Arc<BrokerInner>,
-    pub(crate) state: Mutex<ChannelState>,
+    pub(crate) state: CachePadded<Mutex<ChannelState>>,
     closed: AtomicBool,
     last_queue: Mutex<Option<Arc<str>>>,
     returns: Mutex<Option<ReturnHandler>>,
@@ -103,7 +104,7 @@ impl Channel {
             id: broker.next_id(),
             conn,
             broker,
-            state: Mutex::new(ChannelState::new()),
+            state: CachePadded::new(Mutex::new(ChannelState::new())),
             closed: AtomicBool::new(false),
             last_queue: Mutex::new(None),
             returns: Mutex::new(None),
@@ -472,7 +473,7 @@ impl Channel {
             return Err(inner.fail(AmqpError::new(ReplyCode::NotImplemented, "requeue=false")));
         }
         let taken = inner.state.lock().handle_recover();
-        inner.apply(taken, Settle::Requeue);
+        inner.apply(&taken, Settle::Requeue);
         Ok(())
     }
 
@@ -532,7 +533,7 @@ impl ChannelInner {
         let taken = self.state.lock().handle_settle(tag, multiple);
         match taken {
             Ok(list) => {
-                self.apply(list, how);
+                self.apply(&list, how);
                 Ok(())
             }
             Err(e) => Err(self.fail(e)),
@@ -540,14 +541,18 @@ impl ChannelInner {
     }
 
     /// Settles taken deliveries queue by queue, keeping tag order within each queue.
-    fn apply(&self, list: Vec<(u64, Outstanding)>, how: Settle) {
-        if list.is_empty() {
+    fn apply(&self, list: &[(u64, Outstanding)], how: Settle) {
+        let Some(&(_, first)) = list.first() else {
             return;
-        }
+        };
         let snap = self.broker.snapshot.load();
-        let mut queues: Vec<QueueId> = list.iter().map(|(_, o)| o.queue).collect();
-        queues.sort_unstable();
-        queues.dedup();
+        let mut queues: SmallVec<[QueueId; 1]> = SmallVec::new();
+        queues.push(first.queue);
+        if list.iter().any(|(_, o)| o.queue != first.queue) {
+            queues.extend(list.iter().map(|(_, o)| o.queue));
+            queues.sort_unstable();
+            queues.dedup();
+        }
         for q in queues {
             // A queue deleted since the delivery: the settle is silently accepted (§4.2).
             if let Some(cell) = snap.queues.get(&q) {
@@ -564,7 +569,7 @@ impl ChannelInner {
     /// Requeues those of `tags` still outstanding; the rest are ignored.
     pub(crate) fn requeue_outstanding(&self, tags: &[u64]) {
         let taken = self.state.lock().handle_take_outstanding(tags);
-        self.apply(taken, Settle::Requeue);
+        self.apply(&taken, Settle::Requeue);
     }
 
     pub(crate) fn cancel(&self, tag: &str) -> Result<()> {
@@ -609,7 +614,7 @@ impl ChannelInner {
         for (_, record) in closing.consumers {
             self.cancel_in_queue(record, &snap);
         }
-        self.apply(closing.ledger, Settle::Requeue);
+        self.apply(&closing.ledger, Settle::Requeue);
         self.broker.channels.lock().remove(&self.id);
     }
 
@@ -718,17 +723,23 @@ impl ChannelInner {
             }
             return Ok(());
         }
+        let cells: SmallVec<[&Arc<QueueCell>; 4]> =
+            targets.iter().filter_map(|q| snap.queues.get(q)).collect();
+        // Through the default exchange the routing key is the queue's name: share it.
+        let routing_key = match cells.first() {
+            Some(cell) if &*cell.meta.name == routing_key => cell.meta.name.clone(),
+            _ => Arc::from(routing_key),
+        };
+        let timed = properties.expiration.is_some() || cells.iter().any(|c| c.timed);
+        let now = if timed { self.broker.clock.now_ms() } else { 0 };
         let message = Arc::new(Message {
             exchange: ex.name.clone(),
-            routing_key: Arc::from(routing_key),
+            routing_key,
             properties,
             body,
         });
-        let now = self.broker.clock.now_ms();
-        for q in targets {
-            if let Some(cell) = snap.queues.get(&q) {
-                cell.publish(message.clone(), now);
-            }
+        for cell in cells {
+            cell.publish(message.clone(), now);
         }
         Ok(())
     }

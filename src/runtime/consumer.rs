@@ -15,6 +15,27 @@ use crate::types::{
     BasicAckOptions, BasicNackOptions, BasicProperties, BasicRejectOptions, Message,
 };
 
+/// A delivery on its way to a consumer's receiver: what the queue decided, without the
+/// handles the receiving thread attaches (so the delivering thread touches no reference
+/// counts of the channel).
+pub(crate) struct Pending {
+    tag: u64,
+    redelivered: bool,
+    delivery_count: u32,
+    message: Arc<Message>,
+}
+
+impl Pending {
+    pub(crate) fn new(tag: u64, d: &Dispatch) -> Self {
+        Self {
+            tag,
+            redelivered: d.entry.delivered,
+            delivery_count: d.entry.delivery_count,
+            message: d.entry.message.clone(),
+        }
+    }
+}
+
 /// A message delivered to a consumer or fetched by `basic_get`.
 pub struct Delivery {
     delivery_tag: u64,
@@ -26,17 +47,16 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub(crate) fn new(
-        tag: u64,
-        d: &Dispatch,
+    pub(crate) fn from_pending(
+        p: Pending,
         consumer_tag: Option<Arc<str>>,
         channel: Arc<ChannelInner>,
     ) -> Self {
         Self {
-            delivery_tag: tag,
-            redelivered: d.entry.delivered,
-            delivery_count: d.entry.delivery_count,
-            message: d.entry.message.clone(),
+            delivery_tag: p.tag,
+            redelivered: p.redelivered,
+            delivery_count: p.delivery_count,
+            message: p.message,
             consumer_tag,
             channel,
         }
@@ -122,7 +142,7 @@ impl std::fmt::Debug for Delivery {
 /// (by `basic_cancel` or the queue's deletion) or its channel closes. Dropping it cancels it
 /// and requeues the deliveries it had not handed out yet.
 pub struct Consumer {
-    rx: Receiver<Delivery>,
+    rx: Receiver<Pending>,
     tag: Arc<str>,
     channel: Channel,
     queue: Arc<QueueCell>,
@@ -134,7 +154,7 @@ pub struct Consumer {
 
 impl Consumer {
     pub(crate) fn new(
-        rx: Receiver<Delivery>,
+        rx: Receiver<Pending>,
         tag: Arc<str>,
         channel: Channel,
         queue: Arc<QueueCell>,
@@ -175,7 +195,7 @@ impl Consumer {
         self.accept(d).ok_or(TryRecvError::Disconnected)
     }
 
-    fn accept(&mut self, d: Delivery) -> Option<Delivery> {
+    fn accept(&mut self, p: Pending) -> Option<Delivery> {
         if self.channel.inner.is_closed() {
             return None; // its deliveries were requeued when the channel closed
         }
@@ -188,7 +208,11 @@ impl Consumer {
                 self.queue.dispatch(&mut s);
             }
         }
-        Some(d)
+        Some(Delivery::from_pending(
+            p,
+            Some(self.tag.clone()),
+            self.channel.inner.clone(),
+        ))
     }
 }
 
@@ -208,7 +232,7 @@ impl Drop for Consumer {
         self.channel.inner.cancel_consumer(&self.tag, self.id);
         // Deliveries still buffered never reached the application: requeue those not settled
         // meanwhile (an `ack` with `multiple` may have covered some).
-        let tags: Vec<u64> = self.rx.try_iter().map(|d| d.delivery_tag).collect();
+        let tags: Vec<u64> = self.rx.try_iter().map(|p| p.tag).collect();
         if !self.no_ack && !tags.is_empty() {
             self.channel.inner.requeue_outstanding(&tags);
         }

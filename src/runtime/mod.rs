@@ -149,7 +149,7 @@ impl Broker {
         let mut guards = Vec::new();
         for id in ids {
             let cell = &snap.queues[id];
-            let g = cell.state.lock();
+            let g = cell.lock();
             g.core
                 .check_invariants()
                 .map_err(|e| format!("queue '{}': {e}", cell.meta.name))?;

@@ -1,15 +1,26 @@
-//! A queue as the runtime holds it: the core state machine behind its own mutex, plus the
-//! senders of its consumers. Carries out what the core decides (deliveries, removals).
+//! A queue as the runtime holds it: the core state machine behind its own mutex, a lock-free
+//! inbox for publishes, and the senders of its consumers. Carries out what the core decides.
+//!
+//! Publishing and settling never wait for the queue's lock: if it is taken, the command goes
+//! into the inbox, and the current holder applies it as it releases the lock. Every lock
+//! acquisition drains the inbox first, so whatever a thread published or settled before is
+//! visible to what it does next, in the order it did it.
 
-use rustc_hash::FxHashMap as HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
 
 use crossbeam_channel::Sender;
+use crossbeam_queue::SegQueue;
+use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
+use rustc_hash::FxHashMap as HashMap;
+use smallvec::SmallVec;
 
 use super::channel::ChannelInner;
-use super::consumer::Delivery;
-use crate::core::queue::{ConsumerId, Effect, Queue};
+use super::consumer::{Delivery, Pending};
+use crate::core::channel::ChannelState;
+use crate::core::queue::{ConsumerId, Dispatch, Effect, Entry, Queue};
 use crate::core::topology::QueueMeta;
 use crate::types::Message;
 
@@ -23,7 +34,11 @@ pub(crate) enum Settle {
 
 pub(crate) struct QueueCell {
     pub(crate) meta: Arc<QueueMeta>,
-    pub(crate) state: Mutex<QueueShared>,
+    /// Whether messages need their enqueue time (the queue has a message TTL); otherwise
+    /// publish skips reading the clock.
+    pub(crate) timed: bool,
+    inbox: CachePadded<SegQueue<Inbound>>,
+    state: CachePadded<Mutex<QueueShared>>,
 }
 
 pub(crate) struct QueueShared {
@@ -35,57 +50,153 @@ pub(crate) struct QueueShared {
 
 /// Where a consumer's deliveries go.
 pub(crate) struct Sink {
-    pub(crate) tx: Sender<Delivery>,
+    pub(crate) tx: Sender<Pending>,
     pub(crate) channel: Arc<ChannelInner>,
     pub(crate) tag: Arc<str>,
+}
+
+/// A command that found the queue's lock taken.
+enum Inbound {
+    Publish(Arc<Message>, u64),
+    Settle(u64, Settle),
+}
+
+/// The queue's lock. Drains the inbox when taken and again when released, so no publish is
+/// left behind by a holder.
+pub(crate) struct QueueGuard<'a> {
+    cell: &'a QueueCell,
+    guard: Option<MutexGuard<'a, QueueShared>>,
+}
+
+impl Deref for QueueGuard<'_> {
+    type Target = QueueShared;
+
+    fn deref(&self) -> &QueueShared {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl DerefMut for QueueGuard<'_> {
+    fn deref_mut(&mut self) -> &mut QueueShared {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for QueueGuard<'_> {
+    fn drop(&mut self) {
+        let mut g = self.guard.take().expect("held until drop");
+        self.cell.drain_inbox(&mut g);
+        drop(g);
+        self.cell.drain_unlocked();
+    }
 }
 
 impl QueueCell {
     pub(crate) fn new(meta: Arc<QueueMeta>) -> Self {
         Self {
+            timed: meta.arguments.contains_key("x-message-ttl"),
             meta,
-            state: Mutex::new(QueueShared {
+            inbox: CachePadded::new(SegQueue::new()),
+            state: CachePadded::new(Mutex::new(QueueShared {
                 core: Queue::new(),
                 sinks: HashMap::default(),
                 deleted: false,
-            }),
+            })),
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, QueueShared> {
-        self.state.lock()
+    /// Takes the queue's lock, with every publish so far applied.
+    pub(crate) fn lock(&self) -> QueueGuard<'_> {
+        let mut g = self.state.lock();
+        self.drain_inbox(&mut g);
+        QueueGuard {
+            cell: self,
+            guard: Some(g),
+        }
     }
 
-    /// Enqueues a published message and delivers what can be delivered. False if the queue was
-    /// deleted meanwhile.
-    pub(crate) fn publish(&self, message: Arc<Message>, now_ms: u64) -> bool {
-        let mut s = self.lock();
-        if s.deleted {
-            return false;
+    /// Hands a published message to the queue without waiting for its lock: applied at once
+    /// if the lock is free, else left in the inbox for the holder.
+    pub(crate) fn publish(&self, message: Arc<Message>, now_ms: u64) {
+        if let Some(mut g) = self.state.try_lock() {
+            self.drain_inbox(&mut g); // earlier publishes first
+            if !g.deleted {
+                g.core.handle_enqueue(message, now_ms);
+                self.dispatch(&mut g);
+            }
+        } else {
+            self.inbox.push(Inbound::Publish(message, now_ms));
         }
-        s.core.handle_enqueue(message, now_ms);
-        self.dispatch(&mut s);
-        true
+        self.drain_unlocked();
+    }
+
+    /// After a push or an unlock: if the inbox holds messages and the lock is free, apply them.
+    /// A message pushed while another thread holds the lock is applied by that holder, which
+    /// checks again after unlocking; the fences make sure one of the two sees the other.
+    fn drain_unlocked(&self) {
+        loop {
+            fence(Ordering::SeqCst);
+            if self.inbox.is_empty() {
+                return;
+            }
+            let Some(mut g) = self.state.try_lock() else {
+                return;
+            };
+            self.drain_inbox(&mut g);
+        }
+    }
+
+    fn drain_inbox(&self, s: &mut QueueShared) {
+        let mut any = false;
+        while let Some(command) = self.inbox.pop() {
+            any = true;
+            if s.deleted {
+                continue; // publishes to and settles of a deleted queue are dropped (§4.2)
+            }
+            match command {
+                Inbound::Publish(message, now_ms) => s.core.handle_enqueue(message, now_ms),
+                Inbound::Settle(seq, how) => _ = Self::apply_settle(s, seq, how),
+            }
+        }
+        if any {
+            self.dispatch(s);
+        }
     }
 
     /// Settles messages of this queue (in the given order) and delivers what that frees.
     pub(crate) fn settle(&self, seqs: impl Iterator<Item = u64>, how: Settle) {
-        let mut s = self.lock();
-        if s.deleted {
+        let Some(mut g) = self.state.try_lock() else {
+            for seq in seqs {
+                self.inbox.push(Inbound::Settle(seq, how));
+            }
+            self.drain_unlocked();
+            return;
+        };
+        self.drain_inbox(&mut g); // earlier commands first
+        if g.deleted {
             return; // acks after a queue delete are accepted and ignored (§4.2)
         }
-        for seq in seqs {
-            match how {
-                Settle::Ack => s.core.handle_ack(seq),
-                Settle::Requeue => s.core.handle_requeue(seq),
-                Settle::Reject => s.core.handle_reject(seq),
-            };
+        let acked: SmallVec<[Entry; 1]> = seqs
+            .filter_map(|seq| Self::apply_settle(&mut g, seq, how))
+            .collect();
+        self.dispatch(&mut g);
+        drop(g);
+        drop(acked); // the last reference to a message is often here: free it unlocked
+        self.drain_unlocked();
+    }
+
+    /// Applies one settle; an acked entry is handed back to be freed outside the lock.
+    fn apply_settle(s: &mut QueueShared, seq: u64, how: Settle) -> Option<Entry> {
+        match how {
+            Settle::Ack => return s.core.handle_ack(seq),
+            Settle::Requeue => _ = s.core.handle_requeue(seq),
+            Settle::Reject => _ = s.core.handle_reject(seq),
         }
-        self.dispatch(&mut s);
+        None
     }
 
     /// Hands every possible delivery to its consumer. Called with the queue locked; locks the
-    /// receiving channel (queue -> channel order).
+    /// receiving channels (queue -> channel order), each once per batch of deliveries.
     pub(crate) fn dispatch(&self, s: &mut QueueShared) {
         while let Some(effect) = s.core.poll_effect() {
             match effect {
@@ -93,38 +204,56 @@ impl QueueCell {
                 Effect::Removed { .. } => {}
             }
         }
-        while let Some(d) = s.core.poll_dispatch() {
-            let consumer = d.consumer.expect("poll_dispatch always names a consumer");
-            let Some(sink) = s.sinks.get(&consumer) else {
-                s.core.handle_undelivered(d);
-                continue;
-            };
-            let tag = {
-                let mut ch = sink.channel.state.lock();
-                match ch.closed() {
-                    Some(_) => None,
-                    None => Some(ch.handle_delivery(self.meta.id, d.entry.seq, d.no_ack)),
-                }
-            };
-            let Some(tag) = tag else {
-                s.sinks.remove(&consumer);
-                s.core.handle_undelivered(d);
-                continue;
-            };
-            let delivery = Delivery::new(tag, &d, Some(sink.tag.clone()), sink.channel.clone());
-            if let Err(returned) = sink.tx.send(delivery) {
-                // The consumer's receiver is gone without a cancel: take the delivery back.
-                let sink = s.sinks.remove(&consumer).expect("sink looked up above");
-                if !d.no_ack {
-                    let _ = sink
-                        .channel
-                        .state
-                        .lock()
-                        .handle_settle(returned.0.delivery_tag(), false);
+        loop {
+            let failed = self.send_all(s);
+            if failed.is_empty() {
+                return;
+            }
+            for (d, tag) in failed {
+                // The consumer's channel closed or its receiver went away: take it back.
+                let consumer = d.consumer.expect("poll_dispatch always names a consumer");
+                if let Some(sink) = s.sinks.remove(&consumer)
+                    && let Some(tag) = tag
+                {
+                    let _ = sink.channel.state.lock().handle_settle(tag, false);
                 }
                 s.core.handle_undelivered(d);
             }
         }
+    }
+
+    /// Hands out deliveries until the core has none, holding each receiving channel's lock
+    /// across consecutive deliveries to it. Returns the dispatches that could not be handed
+    /// over (with the tag already issued, if one was).
+    fn send_all(&self, s: &mut QueueShared) -> SmallVec<[(Dispatch, Option<u64>); 1]> {
+        let QueueShared { core, sinks, .. } = s;
+        let mut failed = SmallVec::new();
+        let mut held: Option<(&Arc<ChannelInner>, MutexGuard<'_, ChannelState>)> = None;
+        while let Some(d) = core.poll_dispatch() {
+            let consumer = d.consumer.expect("poll_dispatch always names a consumer");
+            let Some(sink) = sinks.get(&consumer) else {
+                failed.push((d, None));
+                continue;
+            };
+            if !held
+                .as_ref()
+                .is_some_and(|(ch, _)| Arc::ptr_eq(ch, &sink.channel))
+            {
+                drop(held.take()); // release before taking the next channel's lock
+                held = Some((&sink.channel, sink.channel.state.lock()));
+            }
+            let (_, ch) = held.as_mut().expect("just set");
+            if ch.closed().is_some() {
+                failed.push((d, None));
+                continue;
+            }
+            let tag = ch.handle_delivery(self.meta.id, d.entry.seq, d.no_ack);
+            if sink.tx.send(Pending::new(tag, &d)).is_err() {
+                let no_ack = d.no_ack;
+                failed.push((d, (!no_ack).then_some(tag)));
+            }
+        }
+        failed
     }
 
     /// Takes the head message for `basic.get` and records it on `channel`.
@@ -148,7 +277,8 @@ impl QueueCell {
             return GetOutcome::ChannelClosed;
         };
         let remaining = s.core.ready_len();
-        GetOutcome::Got(Delivery::new(tag, &d, None, channel.clone()), remaining)
+        let delivery = Delivery::from_pending(Pending::new(tag, &d), None, channel.clone());
+        GetOutcome::Got(delivery, remaining)
     }
 }
 

@@ -35,7 +35,8 @@ pub struct Entry {
     pub delivered: bool,
     /// How many times it came back to the queue after a delivery (requeue, recover, channel loss).
     pub delivery_count: u32,
-    /// When it entered this queue.
+    /// When it entered this queue (0 when neither the queue nor the message has a TTL: the
+    /// runtime skips the clock read then, and nothing reads the value).
     pub enqueued_at_ms: u64,
 }
 
@@ -130,10 +131,11 @@ impl Queue {
         Some(self.hand_out(entry, None, no_ack))
     }
 
-    /// Settles an unacked message positively. Returns false if the queue does not hold it (the
-    /// caller ignores that: acks after a queue delete are no-ops).
-    pub fn handle_ack(&mut self, seq: u64) -> bool {
-        self.take_unacked(seq).is_some()
+    /// Settles an unacked message positively, handing back the entry so the caller can free it
+    /// outside any lock. `None` if the queue does not hold it (acks after a queue delete are
+    /// no-ops).
+    pub fn handle_ack(&mut self, seq: u64) -> Option<Entry> {
+        self.take_unacked(seq)
     }
 
     /// Settles an unacked message negatively without requeue: it leaves the queue with
