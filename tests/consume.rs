@@ -603,3 +603,57 @@ fn no_ack_consumer_ignores_prefetch() {
     assert_eq!(ready(&ch, "q"), 0);
     broker.check_invariants().unwrap();
 }
+
+/// §3.3 (<=4.2 profile): `global = true` sets one limit shared by every consumer of the
+/// channel, across queues; an ack frees one delivery's worth for whichever consumer takes it.
+#[test]
+fn global_qos_is_shared_by_the_channels_consumers() {
+    let (broker, _conn, ch) = setup();
+    declare(&ch, "a");
+    declare(&ch, "b");
+    publish_all(&ch, "a", &["a1", "a2", "a3"]);
+    publish_all(&ch, "b", &["b1", "b2", "b3"]);
+    ch.basic_qos(2, BasicQosOptions { global: true }).unwrap();
+    let mut ca = consume(&ch, "a", "ca");
+    let mut cb = consume(&ch, "b", "cb");
+    let got_a = drain(&mut ca);
+    let got_b = drain(&mut cb);
+    assert_eq!(
+        bodies(&got_a),
+        ["a1", "a2"],
+        "the first consumer takes the shared credit"
+    );
+    assert!(got_b.is_empty(), "nothing left for the second consumer");
+    got_a[0].ack().unwrap();
+    let more = drain(&mut ca).len() + drain(&mut cb).len();
+    assert_eq!(
+        more, 1,
+        "one ack frees exactly one delivery of the shared credit"
+    );
+    broker.check_invariants().unwrap();
+}
+
+/// §3.3 (<=4.2 profile): the per-consumer and the channel-wide limits both apply; raising the
+/// global limit delivers at once.
+#[test]
+fn global_and_per_consumer_prefetch_both_apply() {
+    let (broker, _conn, ch) = setup();
+    declare(&ch, "a");
+    declare(&ch, "b");
+    publish_all(&ch, "a", &["a1", "a2"]);
+    publish_all(&ch, "b", &["b1", "b2"]);
+    ch.basic_qos(1, BasicQosOptions::default()).unwrap();
+    ch.basic_qos(1, BasicQosOptions { global: true }).unwrap();
+    let mut ca = consume(&ch, "a", "ca");
+    let mut cb = consume(&ch, "b", "cb");
+    assert_eq!(drain_bodies(&mut ca), ["a1"]);
+    assert!(drain(&mut cb).is_empty(), "global limit 1 reached");
+    ch.basic_qos(5, BasicQosOptions { global: true }).unwrap();
+    assert_eq!(
+        drain_bodies(&mut cb),
+        ["b1"],
+        "per-consumer limit 1 still holds"
+    );
+    assert!(drain(&mut ca).is_empty());
+    broker.check_invariants().unwrap();
+}

@@ -65,6 +65,10 @@ enum Op {
     Recover {
         slot: usize,
     },
+    GlobalQos {
+        slot: usize,
+        limit: u16,
+    },
     Purge {
         slot: usize,
         queue: usize,
@@ -94,6 +98,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..6usize).prop_map(|consumer| Op::Cancel { consumer }),
         1 => (0..6usize).prop_map(|consumer| Op::DropConsumer { consumer }),
         1 => slot.clone().prop_map(|slot| Op::Recover { slot }),
+        1 => (slot.clone(), 0u16..4).prop_map(|(slot, limit)| Op::GlobalQos { slot, limit }),
         1 => (slot.clone(), queue).prop_map(|(slot, queue)| Op::Purge { slot, queue }),
         1 => slot.prop_map(|slot| Op::CloseChannel { slot }),
         1 => (0..2usize).prop_map(|conn| Op::CloseConnection { conn }),
@@ -141,6 +146,8 @@ type Held = (usize, MMsg, Option<usize>);
 struct MChannel {
     next_tag: u64,
     prefetch: u16,
+    global_limit: u32,
+    global_in_flight: u32,
     /// tag -> (queue, message as held, consumer key)
     ledger: BTreeMap<u64, Held>,
     opened: u64,
@@ -151,6 +158,8 @@ impl MChannel {
         Self {
             next_tag: 1,
             prefetch: 0,
+            global_limit: 0,
+            global_in_flight: 0,
             ledger: BTreeMap::new(),
             opened,
         }
@@ -241,15 +250,22 @@ impl World {
     /// Delivers what queue `q` can deliver, exactly as the broker's dispatch does.
     fn m_dispatch(&mut self, q: usize) {
         loop {
-            let mq = &mut self.m_queues[q];
-            if mq.ready.is_empty() {
+            if self.m_queues[q].ready.is_empty() {
                 return;
             }
-            let Some(i) = mq
+            // The channel-wide limit (§3.3 global) is asked only of consumers with credit.
+            let admits: Vec<bool> = self.m_queues[q]
                 .consumers
                 .iter()
-                .position(|c| c.no_ack || c.prefetch == 0 || c.in_flight < c.prefetch)
-            else {
+                .map(|c| {
+                    let ch = &self.m_chans[self.slot_of(c.key)];
+                    c.no_ack || ch.global_limit == 0 || ch.global_in_flight < ch.global_limit
+                })
+                .collect();
+            let mq = &mut self.m_queues[q];
+            let Some(i) = mq.consumers.iter().enumerate().position(|(i, c)| {
+                (c.no_ack || c.prefetch == 0 || c.in_flight < c.prefetch) && admits[i]
+            }) else {
                 return;
             };
             let mut c = mq.consumers.remove(i);
@@ -269,6 +285,7 @@ impl World {
             if no_ack {
                 self.settled.push(msg.id);
             } else {
+                ch.global_in_flight += 1;
                 ch.ledger.insert(
                     tag,
                     (
@@ -299,7 +316,42 @@ impl World {
     }
 
     /// Settles taken ledger entries queue by queue (ascending queue index = ascending id).
-    fn m_apply(&mut self, taken: Vec<(u64, Held)>, requeue: bool) {
+    fn slot_of(&self, key: usize) -> usize {
+        self.consumers
+            .iter()
+            .find(|t| t.key == key)
+            .expect("registered consumer is held")
+            .slot
+    }
+
+    /// Delivers again from every queue the channel's consumers consume from.
+    fn m_kick(&mut self, slot: usize) {
+        let mut queues: Vec<usize> = self
+            .consumers
+            .iter()
+            .filter(|t| t.slot == slot && t.registered)
+            .map(|t| t.queue)
+            .collect();
+        queues.sort_unstable();
+        queues.dedup();
+        for q in queues {
+            self.m_dispatch(q);
+        }
+    }
+
+    /// Settles a channel's taken deliveries: the channel-wide credit they held is released
+    /// first, then each queue (ascending) settles and delivers, then, if the channel has a
+    /// global limit and is open, its consumers' queues deliver again.
+    fn m_apply(&mut self, slot: usize, taken: Vec<(u64, Held)>, requeue: bool, closing: bool) {
+        let counted = taken.iter().filter(|(_, (_, _, c))| c.is_some()).count() as u32;
+        self.m_chans[slot].global_in_flight -= counted;
+        self.m_settle(taken, requeue);
+        if counted > 0 && self.m_chans[slot].global_limit > 0 && !closing {
+            self.m_kick(slot);
+        }
+    }
+
+    fn m_settle(&mut self, taken: Vec<(u64, Held)>, requeue: bool) {
         for q in 0..QUEUES {
             let mine: Vec<_> = taken.iter().filter(|(_, (mq, _, _))| *mq == q).collect();
             if mine.is_empty() {
@@ -367,7 +419,7 @@ impl World {
         let taken = std::mem::take(&mut self.m_chans[slot].ledger)
             .into_iter()
             .collect();
-        self.m_apply(taken, true);
+        self.m_apply(slot, taken, true, true);
         // Consumers of a closed channel yield nothing more; drop them.
         self.consumers.retain(|t| t.slot != slot);
     }
@@ -558,8 +610,14 @@ impl World {
                         .iter()
                         .filter_map(|s| ledger.remove(&s.tag).map(|e| (s.tag, e)))
                         .collect();
-                    self.m_apply(taken, true);
+                    self.m_apply(slot, taken, true, false);
                 }
+            }
+            Op::GlobalQos { slot, limit } => {
+                let opts = BasicQosOptions { global: true };
+                self.chans[slot].basic_qos(limit, opts).unwrap();
+                self.m_chans[slot].global_limit = u32::from(limit);
+                self.m_kick(slot);
             }
             Op::Recover { slot } => {
                 self.chans[slot]
@@ -568,7 +626,7 @@ impl World {
                 let taken = std::mem::take(&mut self.m_chans[slot].ledger)
                     .into_iter()
                     .collect();
-                self.m_apply(taken, true);
+                self.m_apply(slot, taken, true, false);
             }
             Op::Purge { slot, queue } => {
                 let n = self.chans[slot]
@@ -609,7 +667,7 @@ impl World {
         match self.m_take(slot, tag, multiple) {
             Some(taken) => {
                 prop_assert!(r.is_ok(), "settle of tag {} failed: {:?}", tag, r);
-                self.m_apply(taken, negative && requeue);
+                self.m_apply(slot, taken, negative && requeue, false);
             }
             None => {
                 let err = r.expect_err("unknown tag must fail");

@@ -25,6 +25,8 @@ pub struct Outstanding {
     pub queue: QueueId,
     /// The message's sequence number in that queue.
     pub seq: u64,
+    /// Whether it counts against the channel-wide prefetch (a consumer delivery, not a get).
+    pub counted: bool,
 }
 
 /// A consumer registered on the channel.
@@ -114,13 +116,34 @@ impl ChannelState {
     }
 
     /// Issues the next delivery tag; a manual-ack delivery enters the ledger.
-    pub fn handle_delivery(&mut self, queue: QueueId, seq: u64, no_ack: bool) -> u64 {
+    pub fn handle_delivery(
+        &mut self,
+        queue: QueueId,
+        seq: u64,
+        no_ack: bool,
+        counted: bool,
+    ) -> u64 {
         let tag = self.next_tag;
         self.next_tag += 1;
         if !no_ack {
-            self.ledger.push(tag, Outstanding { queue, seq });
+            self.ledger.push(
+                tag,
+                Outstanding {
+                    queue,
+                    seq,
+                    counted,
+                },
+            );
         }
         tag
+    }
+
+    /// The queues this channel's consumers consume from, ascending, without repeats.
+    pub fn consumer_queues(&self) -> Vec<QueueId> {
+        let mut q: Vec<QueueId> = self.consumers.values().map(|r| r.queue).collect();
+        q.sort_unstable();
+        q.dedup();
+        q
     }
 
     /// Takes the deliveries an ack/nack/reject settles: `tag` alone, or with `multiple` every
@@ -267,8 +290,8 @@ mod tests {
     #[test]
     fn tags_start_at_one_and_count_no_ack_deliveries() {
         let mut ch = ChannelState::new();
-        assert_eq!(ch.handle_delivery(Q, 0, true), 1);
-        assert_eq!(ch.handle_delivery(Q, 1, false), 2);
+        assert_eq!(ch.handle_delivery(Q, 0, true, false), 1);
+        assert_eq!(ch.handle_delivery(Q, 1, false, false), 2);
         assert!(
             ch.handle_settle(1, false).is_err(),
             "no-ack tags cannot be acked"
@@ -280,7 +303,7 @@ mod tests {
     fn multiple_takes_everything_up_to_the_tag_and_requires_it_outstanding() {
         let mut ch = ChannelState::new();
         for seq in 0..5 {
-            ch.handle_delivery(Q, seq, false);
+            ch.handle_delivery(Q, seq, false, false);
         }
         ch.handle_settle(2, false).unwrap();
         let err = ch.handle_settle(2, true).unwrap_err();

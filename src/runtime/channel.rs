@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
@@ -54,6 +54,10 @@ pub(crate) struct ChannelInner {
     pub(crate) broker: Arc<BrokerInner>,
     pub(crate) state: CachePadded<Mutex<ChannelState>>,
     closed: AtomicBool,
+    /// Channel-wide prefetch (`basic.qos` with `global`, RabbitMQ <= 4.2); 0 = none.
+    global_limit: AtomicU32,
+    /// Unacked consumer deliveries on the channel, counted against `global_limit`.
+    global_in_flight: AtomicU32,
     last_queue: Mutex<Option<Arc<str>>>,
     returns: Mutex<Option<ReturnHandler>>,
 }
@@ -106,6 +110,8 @@ impl Channel {
             broker,
             state: CachePadded::new(Mutex::new(ChannelState::new())),
             closed: AtomicBool::new(false),
+            global_limit: AtomicU32::new(0),
+            global_in_flight: AtomicU32::new(0),
             last_queue: Mutex::new(None),
             returns: Mutex::new(None),
         });
@@ -328,11 +334,20 @@ impl Channel {
 
     // ---- consuming ------------------------------------------------------------------------
 
-    /// `basic.qos`: the prefetch for consumers created afterwards on this channel (§3.3).
-    /// `global` is accepted and treated as per-consumer (RabbitMQ 4.3 behaviour).
-    pub fn basic_qos(&self, prefetch_count: u16, _options: BasicQosOptions) -> Result<()> {
-        self.inner.check_open()?;
-        self.inner.state.lock().handle_qos(prefetch_count);
+    /// `basic.qos` (§3.3). Without `global`: the prefetch for consumers created afterwards on
+    /// this channel, each on its own. With `global` (RabbitMQ <= 4.2): one limit shared by all
+    /// the channel's consumers, in addition to their own; it applies at once.
+    pub fn basic_qos(&self, prefetch_count: u16, options: BasicQosOptions) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        if options.global {
+            inner
+                .global_limit
+                .store(u32::from(prefetch_count), Ordering::SeqCst);
+            inner.kick_consumer_queues();
+        } else {
+            inner.state.lock().handle_qos(prefetch_count);
+        }
         Ok(())
     }
 
@@ -540,11 +555,48 @@ impl ChannelInner {
         }
     }
 
+    /// Reserves one delivery of the channel-wide prefetch; false if the channel is at its limit.
+    pub(crate) fn reserve_global(&self) -> bool {
+        let limit = self.global_limit.load(Ordering::SeqCst);
+        self.global_in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (limit == 0 || n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Deliveries reserved against the channel-wide prefetch.
+    pub(crate) fn global_in_flight(&self) -> u64 {
+        u64::from(self.global_in_flight.load(Ordering::SeqCst))
+    }
+
+    /// Gives back `n` reserved deliveries (settled, or never handed over).
+    pub(crate) fn release_global(&self, n: u32) {
+        if n > 0 {
+            self.global_in_flight.fetch_sub(n, Ordering::SeqCst);
+        }
+    }
+
+    /// Delivers again from every queue this channel consumes from (its channel-wide credit
+    /// grew). Called without the channel's lock held.
+    fn kick_consumer_queues(&self) {
+        let queues = self.state.lock().consumer_queues();
+        let snap = self.broker.snapshot.load();
+        for q in queues {
+            if let Some(cell) = snap.queues.get(&q) {
+                let mut g = cell.lock();
+                cell.dispatch(&mut g);
+            }
+        }
+    }
+
     /// Settles taken deliveries queue by queue, keeping tag order within each queue.
     fn apply(&self, list: &[(u64, Outstanding)], how: Settle) {
         let Some(&(_, first)) = list.first() else {
             return;
         };
+        let counted = list.iter().filter(|(_, o)| o.counted).count();
+        self.release_global(u32::try_from(counted).unwrap_or(u32::MAX));
         let snap = self.broker.snapshot.load();
         let mut queues: SmallVec<[QueueId; 1]> = SmallVec::new();
         queues.push(first.queue);
@@ -563,6 +615,9 @@ impl ChannelInner {
                     how,
                 );
             }
+        }
+        if counted > 0 && self.global_limit.load(Ordering::SeqCst) > 0 && !self.is_closed() {
+            self.kick_consumer_queues();
         }
     }
 

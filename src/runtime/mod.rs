@@ -167,6 +167,14 @@ impl Broker {
             let st = ch.state.lock();
             st.check_invariants()
                 .map_err(|e| format!("channel {}: {e}", ch.id))?;
+            let counted = st.ledger().filter(|(_, o)| o.counted).count() as u64;
+            if counted != ch.global_in_flight() {
+                return Err(format!(
+                    "channel {}: {counted} counted deliveries but {} reserved",
+                    ch.id,
+                    ch.global_in_flight()
+                ));
+            }
             for (tag, o) in st.ledger() {
                 *held.entry(o.queue).or_default() += 1;
                 if let Some((_, g)) = guards.iter().find(|(id, _)| *id == o.queue)

@@ -229,12 +229,14 @@ impl QueueCell {
         let QueueShared { core, sinks, .. } = s;
         let mut failed = SmallVec::new();
         let mut held: Option<(&Arc<ChannelInner>, MutexGuard<'_, ChannelState>)> = None;
-        while let Some(d) = core.poll_dispatch() {
+        let admit = |c: ConsumerId| sinks.get(&c).is_none_or(|s| s.channel.reserve_global());
+        while let Some(d) = core.poll_dispatch_with(admit) {
             let consumer = d.consumer.expect("poll_dispatch always names a consumer");
             let Some(sink) = sinks.get(&consumer) else {
                 failed.push((d, None));
                 continue;
             };
+            let counted = !d.no_ack;
             if !held
                 .as_ref()
                 .is_some_and(|(ch, _)| Arc::ptr_eq(ch, &sink.channel))
@@ -244,13 +246,14 @@ impl QueueCell {
             }
             let (_, ch) = held.as_mut().expect("just set");
             if ch.closed().is_some() {
+                sink.channel.release_global(u32::from(counted));
                 failed.push((d, None));
                 continue;
             }
-            let tag = ch.handle_delivery(self.meta.id, d.entry.seq, d.no_ack);
+            let tag = ch.handle_delivery(self.meta.id, d.entry.seq, d.no_ack, counted);
             if sink.tx.send(Pending::new(tag, &d)).is_err() {
-                let no_ack = d.no_ack;
-                failed.push((d, (!no_ack).then_some(tag)));
+                sink.channel.release_global(u32::from(counted));
+                failed.push((d, counted.then_some(tag)));
             }
         }
         failed
@@ -269,7 +272,7 @@ impl QueueCell {
             let mut ch = channel.state.lock();
             match ch.closed() {
                 Some(_) => None,
-                None => Some(ch.handle_delivery(self.meta.id, d.entry.seq, no_ack)),
+                None => Some(ch.handle_delivery(self.meta.id, d.entry.seq, no_ack, false)),
             }
         };
         let Some(tag) = tag else {

@@ -65,8 +65,14 @@ impl Consumers {
 
     /// Picks the first consumer with credit, charges it one delivery and moves it to the back
     /// of its priority group.
-    pub(super) fn next_with_credit(&mut self) -> Option<(ConsumerId, bool)> {
-        let i = self.order.iter().position(Slot::has_credit)?;
+    pub(super) fn next_with_credit(
+        &mut self,
+        mut admit: impl FnMut(ConsumerId) -> bool,
+    ) -> Option<(ConsumerId, bool)> {
+        let i = self
+            .order
+            .iter()
+            .position(|s| s.has_credit() && (s.spec.no_ack || admit(s.spec.id)))?;
         let mut slot = self.order.remove(i);
         slot.in_flight += 1;
         let picked = (slot.spec.id, slot.spec.no_ack);

@@ -203,10 +203,20 @@ impl Queue {
     /// The next delivery to a consumer with credit, round-robin within the highest priority
     /// that can take one (§3.2), or `None` when nothing more can be delivered now.
     pub fn poll_dispatch(&mut self) -> Option<Dispatch> {
+        self.poll_dispatch_with(|_| true)
+    }
+
+    /// [`Queue::poll_dispatch`] where a manual-ack consumer with credit must also be admitted
+    /// by `admit` (a channel-wide prefetch limit, §3.3 `global`); `admit` is asked only about
+    /// the consumer that would receive, and a `true` answer commits to the delivery.
+    pub fn poll_dispatch_with(
+        &mut self,
+        admit: impl FnMut(ConsumerId) -> bool,
+    ) -> Option<Dispatch> {
         if self.ready.is_empty() {
             return None;
         }
-        let (consumer, no_ack) = self.consumers.next_with_credit()?;
+        let (consumer, no_ack) = self.consumers.next_with_credit(admit)?;
         let entry = self.pop_ready().expect("ready is not empty");
         Some(self.hand_out(entry, Some(consumer), no_ack))
     }
