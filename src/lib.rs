@@ -49,6 +49,7 @@ pub mod fuzzing;
 pub mod runtime;
 pub mod types;
 
+pub use core::confirm::ConfirmEvent;
 pub use core::exchange::ExchangeKind;
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::{

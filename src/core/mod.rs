@@ -2,7 +2,7 @@
 //!
 //! - [`topology`]: exchanges, queue definitions, bindings, routing;
 //! - [`queue`]: one queue's ready FIFO, unacked ledger and consumers;
-//! - [`channel`]: one channel's delivery tags, ledger and consumer tags.
+//! - [`channel`]: one channel's delivery tags, ledger and consumer tags;
 //! - [`confirm`]: one channel's publisher confirms.
 //!
 //! The runtime composes them: it holds the topology as a read-mostly snapshot, each queue and

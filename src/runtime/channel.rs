@@ -7,17 +7,20 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use super::confirm::{ConfirmCell, Waited};
 use super::connection::ConnectionInner;
 use super::consumer::{Consumer, Delivery};
 use super::queue::{GetOutcome, QueueCell, Settle, Sink};
 use super::{BrokerInner, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
+use crate::core::confirm::ConfirmEvent;
 use crate::core::exchange::ExchangeKind;
 use crate::core::queue::{ConsumerId, ConsumerSpec};
 use crate::core::topology::{DestinationName, Targets, no_queue};
@@ -25,8 +28,8 @@ use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 use crate::types::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicProperties, BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
-    BindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, FieldTable, FieldValue, Message,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BindOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, FieldTable,
+    FieldValue, Message, QueueDeclareOptions, QueueDeleteOptions,
 };
 
 /// Largest name (queue, exchange, routing key, consumer tag): an AMQP short string.
@@ -60,6 +63,7 @@ pub(crate) struct ChannelInner {
     global_in_flight: AtomicU32,
     last_queue: Mutex<Option<Arc<str>>>,
     returns: Mutex<Option<ReturnHandler>>,
+    confirms: ConfirmCell,
 }
 
 type ReturnHandler = Box<dyn FnMut(Returned) + Send>;
@@ -114,6 +118,7 @@ impl Channel {
             global_in_flight: AtomicU32::new(0),
             last_queue: Mutex::new(None),
             returns: Mutex::new(None),
+            confirms: ConfirmCell::default(),
         });
         inner
             .broker
@@ -330,6 +335,53 @@ impl Channel {
     ) -> Result<()> {
         self.inner
             .publish(exchange, routing_key, options, body.into(), properties)
+    }
+
+    // ---- publisher confirms ---------------------------------------------------------------
+
+    /// `confirm.select`: from now on every publish is numbered (from 1) and answered with an
+    /// ack, or a nack if the broker could not take it (§8). Selecting again changes nothing.
+    pub fn confirm_select(&self, _options: ConfirmSelectOptions) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.confirms.select();
+        Ok(())
+    }
+
+    /// The sequence number the next publish will get in confirm mode.
+    pub fn next_publish_seq(&self) -> u64 {
+        self.inner.confirms.next_seq()
+    }
+
+    /// Waits until every publish so far is answered. `Ok(true)` if none was nacked since the
+    /// previous wait.
+    pub fn wait_for_confirms(&self) -> Result<bool> {
+        self.wait_confirms(None)
+    }
+
+    /// [`Channel::wait_for_confirms`] giving up after `timeout` with [`Error::Timeout`].
+    pub fn wait_for_confirms_timeout(&self, timeout: Duration) -> Result<bool> {
+        self.wait_confirms(Some(timeout))
+    }
+
+    /// A receiver of the ack / nack frames from now on, as RabbitMQ sends them (coalesced
+    /// with `multiple`). Replaces any earlier listener.
+    pub fn confirm_listener(&self) -> crossbeam_channel::Receiver<ConfirmEvent> {
+        self.inner.confirms.listen()
+    }
+
+    fn wait_confirms(&self, timeout: Option<Duration>) -> Result<bool> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        if !inner.confirms.enabled() {
+            return Err(Error::InvalidInput(
+                "the channel is not in confirm mode".into(),
+            ));
+        }
+        match inner.confirms.wait(timeout) {
+            Waited::Done(all_acked) => Ok(all_acked),
+            Waited::TimedOut => Err(Error::Timeout),
+            Waited::Closed => Err(inner.closed_error()),
+        }
     }
 
     // ---- consuming ------------------------------------------------------------------------
@@ -665,6 +717,7 @@ impl ChannelInner {
     pub(crate) fn close_with(&self, cause: Arc<CloseCause>) {
         let closing = self.state.lock().handle_close(cause);
         self.closed.store(true, Ordering::Release);
+        self.confirms.close();
         let snap = self.broker.snapshot.load_full();
         for (_, record) in closing.consumers {
             self.cancel_in_queue(record, &snap);
@@ -772,9 +825,14 @@ impl ChannelInner {
         let mut targets = Targets::new();
         snap.topology
             .route(ex, &keys, properties.headers.as_ref(), &mut targets);
+        let seq = self.confirms.publish();
         if targets.is_empty() {
             if options.mandatory {
                 self.return_unroutable(&exchange, routing_key, properties, body);
+            }
+            // Unroutable: confirmed at once, after the return (§8).
+            if let Some(seq) = seq {
+                self.confirms.answer(&[seq], &[]);
             }
             return Ok(());
         }
@@ -795,6 +853,10 @@ impl ChannelInner {
         });
         for cell in cells {
             cell.publish(message.clone(), now);
+        }
+        // Held in memory only: confirmed once every queue has it (§8).
+        if let Some(seq) = seq {
+            self.confirms.answer(&[seq], &[]);
         }
         Ok(())
     }

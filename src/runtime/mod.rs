@@ -8,6 +8,7 @@
 
 mod admin;
 mod channel;
+mod confirm;
 mod connection;
 mod consumer;
 mod queue;

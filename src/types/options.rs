@@ -66,6 +66,13 @@ pub struct BasicPublishOptions {
     pub immediate: bool,
 }
 
+/// Options of `confirm_select`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConfirmSelectOptions {
+    /// Accepted for compatibility.
+    pub nowait: bool,
+}
+
 /// Options of `basic_consume`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BasicConsumeOptions {
