@@ -852,7 +852,7 @@ impl ChannelInner {
             body,
         });
         for cell in cells {
-            cell.publish(message.clone(), now);
+            cell.publish(cell.reserve_seq(), message.clone(), now);
         }
         // Held in memory only: confirmed once every queue has it (§8).
         if let Some(seq) = seq {

@@ -8,7 +8,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 use crossbeam_channel::Sender;
 use crossbeam_queue::SegQueue;
@@ -37,6 +37,8 @@ pub(crate) struct QueueCell {
     /// Whether messages need their enqueue time (the queue has a message TTL); otherwise
     /// publish skips reading the clock.
     pub(crate) timed: bool,
+    /// Sequence numbers are reserved at publish, before the queue's lock is taken.
+    next_seq: AtomicU64,
     inbox: CachePadded<SegQueue<Inbound>>,
     state: CachePadded<Mutex<QueueShared>>,
 }
@@ -57,7 +59,7 @@ pub(crate) struct Sink {
 
 /// A command that found the queue's lock taken.
 enum Inbound {
-    Publish(Arc<Message>, u64),
+    Publish(Entry),
     Settle(u64, Settle),
 }
 
@@ -96,6 +98,7 @@ impl QueueCell {
         Self {
             timed: meta.arguments.contains_key("x-message-ttl"),
             meta,
+            next_seq: AtomicU64::new(0),
             inbox: CachePadded::new(SegQueue::new()),
             state: CachePadded::new(Mutex::new(QueueShared {
                 core: Queue::new(),
@@ -117,17 +120,23 @@ impl QueueCell {
 
     /// Hands a published message to the queue without waiting for its lock: applied at once
     /// if the lock is free, else left in the inbox for the holder.
-    pub(crate) fn publish(&self, message: Arc<Message>, now_ms: u64) {
+    pub(crate) fn publish(&self, seq: u64, message: Arc<Message>, now_ms: u64) {
+        let entry = Entry { seq, message, delivered: false, delivery_count: 0, enqueued_at_ms: now_ms };
         if let Some(mut g) = self.state.try_lock() {
             self.drain_inbox(&mut g); // earlier publishes first
             if !g.deleted {
-                g.core.handle_enqueue(message, now_ms);
+                g.core.handle_enqueue_entry(entry);
                 self.dispatch(&mut g);
             }
         } else {
-            self.inbox.push(Inbound::Publish(message, now_ms));
+            self.inbox.push(Inbound::Publish(entry));
         }
         self.drain_unlocked();
+    }
+
+    /// Reserves the sequence number of the next message published to this queue.
+    pub(crate) fn reserve_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// After a push or an unlock: if the inbox holds messages and the lock is free, apply them.
@@ -154,7 +163,7 @@ impl QueueCell {
                 continue; // publishes to and settles of a deleted queue are dropped (§4.2)
             }
             match command {
-                Inbound::Publish(message, now_ms) => s.core.handle_enqueue(message, now_ms),
+                Inbound::Publish(entry) => s.core.handle_enqueue_entry(entry),
                 Inbound::Settle(seq, how) => _ = Self::apply_settle(s, seq, how),
             }
         }

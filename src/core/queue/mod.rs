@@ -112,6 +112,19 @@ impl Queue {
         });
     }
 
+    /// Puts an entry whose sequence number was assigned outside (reserved at publish so a
+    /// fan-out can be written as one batch, or read back by recovery) at its place by sequence
+    /// number. The number must be new to this queue.
+    pub fn handle_enqueue_entry(&mut self, entry: Entry) {
+        debug_assert!(
+            !self.unacked.contains_key(&entry.seq) && !self.ready.iter().any(|e| e.seq == entry.seq),
+            "sequence number {} reused",
+            entry.seq
+        );
+        self.next_seq = self.next_seq.max(entry.seq + 1);
+        self.insert_ready(entry);
+    }
+
     /// Registers a consumer. The caller has checked exclusivity with [`Queue::can_consume`].
     pub fn handle_consume(&mut self, spec: ConsumerSpec) {
         self.has_had_consumers = true;
