@@ -1,0 +1,326 @@
+//! Durable storage behind one narrow trait: the records the broker persists, atomic batches of them, and typed errors.
+//!
+//! The runtime turns the core's effects into [`Op`]s, collects them in a [`Batch`], hands the
+//! batch to [`Store::apply`] (atomic, not yet durable) and later calls [`Store::flush`] once for
+//! every batch applied so far (group commit: one fsync covers every confirm waiting on it). On
+//! open it calls [`Store::recover`] and rebuilds definitions, then each queue's messages.
+//!
+//! # Implementations
+//! - [`SledStore`]: sled 0.34, one tree, one `sled::Batch` per [`Batch`]. The durable store.
+//! - [`MemoryStore`]: a `BTreeMap` with explicit crash semantics (`crash()` drops everything not
+//!   flushed), for tests and the simulator. Uses the same [`codec`] as sled.
+//! - [`FaultyStore`]: wraps any store and fails an apply, a flush or a recover on request.
+//!
+//! # Records and keys
+//! [`codec`] defines the key layout (one prefix byte per record kind, big-endian integers, so a
+//! queue's messages are one contiguous range in FIFO order) and the value format: one
+//! format-version byte, then bincode 2. Every record is checked when encoded (name lengths,
+//! field-table nesting, encoded size) and when decoded (version, the same checks, no trailing
+//! bytes, key and value agree). A record that fails to decode is [`StoreError::Corrupt`] naming
+//! its key; recovery never panics and never skips a record silently.
+//!
+//! # Invariants
+//! - A batch is all or nothing: after a failed [`Store::apply`] nothing of it is visible.
+//! - Ops in a batch take effect in order: a `PutMessage` followed by `DeleteQueue` of the same
+//!   queue in one batch leaves no message.
+//! - The first storage failure poisons the store: every later call returns
+//!   [`StoreError::Poisoned`] with the first failure's text, so nothing pretends to be durable
+//!   after the disk said no. Invalid records (rejected before any write) and corrupt records
+//!   (found on read) do not poison.
+//! - [`Recovered`] is deterministic: definitions in key order, queues' messages by ascending
+//!   queue id, each queue's messages by ascending sequence number.
+
+pub mod codec;
+mod faulty;
+mod memory;
+mod sled;
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{BasicProperties, FieldTable};
+
+pub use self::faulty::{Faults, FaultyStore};
+pub use self::memory::MemoryStore;
+pub use self::sled::{SledOptions, SledStore};
+
+/// Durable storage of definitions and messages.
+///
+/// Implementations are shared between threads (the runtime's flusher and its publishers); each
+/// call is atomic with respect to the others.
+pub trait Store: Send + Sync + 'static {
+    /// Applies a batch atomically (all or nothing). Not yet durable.
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Makes everything applied so far durable (fsync).
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Reads back everything durable, for recovery: definitions, then each queue's messages in
+    /// sequence order.
+    ///
+    /// It reads the store's current contents; called right after opening, those are exactly
+    /// what was durable when the previous process stopped.
+    fn recover(&self) -> Result<Recovered, StoreError>;
+    /// Bytes the store occupies on disk (0 for memory), for the disk-bound checks.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// A durable exchange (only durable exchanges are stored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExchangeRecord {
+    /// Its name, at most [`codec::NAME_BYTES_MAX`] bytes.
+    pub name: String,
+    /// Its kind as RabbitMQ names it (`direct`, `fanout`, `topic`, `headers`).
+    pub kind: String,
+    /// Deleted when its last binding as a source goes.
+    pub auto_delete: bool,
+    /// Only reachable through exchange-to-exchange bindings.
+    pub internal: bool,
+    /// Its declare arguments.
+    pub arguments: FieldTable,
+}
+
+/// A durable, non-exclusive queue (only those are stored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueRecord {
+    /// The broker-assigned id its messages are keyed by; never reused for another queue.
+    pub id: u64,
+    /// Its name, at most [`codec::NAME_BYTES_MAX`] bytes.
+    pub name: String,
+    /// Deleted when its last consumer is cancelled.
+    pub auto_delete: bool,
+    /// Its declare arguments (`x-queue-type`, `x-dead-letter-exchange`, ...).
+    pub arguments: FieldTable,
+}
+
+/// A binding between durable entities. The whole record is its identity (its key).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BindingRecord {
+    /// The source exchange.
+    pub source: String,
+    /// The destination queue or exchange.
+    pub destination: DestinationRecord,
+    /// The binding key.
+    pub routing_key: String,
+    /// The binding arguments (headers exchange match rules, ...).
+    pub arguments: FieldTable,
+}
+
+/// Where a binding leads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DestinationRecord {
+    /// A queue, by name.
+    Queue(String),
+    /// An exchange, by name (exchange-to-exchange binding).
+    Exchange(String),
+}
+
+/// A persistent message in one durable queue. Its queue and sequence number are its key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    /// The exchange it was published to (`""` for the default exchange).
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Its properties.
+    pub properties: BasicProperties,
+    /// Its body.
+    pub body: Bytes,
+    /// How many times it was delivered and returned (quorum queues' `x-delivery-count`).
+    pub delivery_count: u32,
+    /// Whether it was delivered (so it comes back with `redelivered = true`).
+    pub delivered: bool,
+    /// When it was enqueued, milliseconds since the Unix epoch (per-queue TTL counts from here).
+    pub enqueued_at_ms: u64,
+}
+
+/// One change to the stored state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Creates or replaces a durable exchange.
+    PutExchange(ExchangeRecord),
+    /// Deletes a durable exchange by name (absent: no-op).
+    DeleteExchange(String),
+    /// Creates or replaces a durable queue.
+    PutQueue(QueueRecord),
+    /// Deletes a durable queue by id, and every message of that queue.
+    DeleteQueue(u64),
+    /// Creates a binding (present: no-op).
+    PutBinding(BindingRecord),
+    /// Deletes a binding (absent: no-op).
+    DeleteBinding(BindingRecord),
+    /// Creates or replaces message `seq` of queue `queue`.
+    PutMessage {
+        /// The queue's id.
+        queue: u64,
+        /// Its sequence number within the queue (FIFO order).
+        seq: u64,
+        /// The message (shared with the runtime, which keeps it in memory).
+        record: Arc<MessageRecord>,
+    },
+    /// Deletes message `seq` of queue `queue` (absent: no-op).
+    DeleteMessage {
+        /// The queue's id.
+        queue: u64,
+        /// Its sequence number within the queue.
+        seq: u64,
+    },
+}
+
+/// Ops applied together, in order, all or nothing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends an op.
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Whether there are no ops.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Number of ops.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// The ops, in order.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    /// Removes every op, keeping the allocation.
+    pub fn clear(&mut self) {
+        self.ops.clear();
+    }
+
+    /// Appends every op of `other`, after this batch's.
+    pub fn extend(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+}
+
+impl From<Vec<Op>> for Batch {
+    fn from(ops: Vec<Op>) -> Self {
+        Self { ops }
+    }
+}
+
+/// Everything a store holds, as [`Store::recover`] reads it back.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Recovered {
+    /// Durable exchanges, in key order (by name bytes).
+    pub exchanges: Vec<ExchangeRecord>,
+    /// Durable queues, ascending by id.
+    pub queues: Vec<QueueRecord>,
+    /// Bindings, in key order (by encoded record).
+    pub bindings: Vec<BindingRecord>,
+    /// Messages grouped by queue, queues ascending by id; only queues with messages appear.
+    /// Messages of a queue with no [`QueueRecord`] are returned too: the caller decides.
+    pub messages: Vec<QueueMessages>,
+}
+
+/// The stored messages of one queue.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueMessages {
+    /// The queue's id.
+    pub queue: u64,
+    /// `(seq, message)`, ascending by seq.
+    pub messages: Vec<(u64, MessageRecord)>,
+}
+
+/// A failure of a store operation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O or sled failure. The store is now poisoned.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// A call after the first storage failure; carries the first failure's text.
+    #[error("store poisoned by an earlier failure: {0}")]
+    Poisoned(String),
+    /// A stored record failed to decode.
+    #[error("corrupt record at key {}: {reason}", codec::hex(.key))]
+    Corrupt {
+        /// The record's key.
+        key: Vec<u8>,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The directory is in use by another process (or another open store in this one).
+    #[error("store directory is locked: {0}")]
+    Locked(String),
+    /// A record was rejected before anything was written (a name too long, headers nested too
+    /// deep, ...). Nothing of the batch was applied and the store is not poisoned.
+    #[error("invalid record: {0}")]
+    Invalid(String),
+}
+
+/// The poisoned flag shared by the implementations: the first failure's text, set once.
+#[derive(Debug, Default)]
+pub(crate) struct Poison {
+    first: OnceLock<String>,
+}
+
+impl Poison {
+    /// `Err(Poisoned)` once a failure was recorded.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        match self.first.get() {
+            Some(text) => Err(StoreError::Poisoned(text.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a storage failure (the first one wins) and returns it as `Storage`.
+    pub(crate) fn fail(&self, text: String) -> StoreError {
+        let _ = self.first.set(text.clone());
+        StoreError::Storage(text)
+    }
+
+    /// Whether a failure was recorded.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.first.get().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poison_keeps_the_first_failure() {
+        let poison = Poison::default();
+        assert_eq!(poison.check(), Ok(()));
+        assert_eq!(
+            poison.fail("disk full".into()),
+            StoreError::Storage("disk full".into())
+        );
+        assert_eq!(
+            poison.fail("later".into()),
+            StoreError::Storage("later".into())
+        );
+        assert!(poison.is_poisoned());
+        assert_eq!(
+            poison.check(),
+            Err(StoreError::Poisoned("disk full".into()))
+        );
+    }
+
+    #[test]
+    fn corrupt_display_names_the_key_in_hex() {
+        let err = StoreError::Corrupt {
+            key: vec![b'M', 0, 0xff],
+            reason: "bad".into(),
+        };
+        assert_eq!(err.to_string(), "corrupt record at key 4d00ff: bad");
+    }
+}
