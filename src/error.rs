@@ -146,6 +146,10 @@ pub enum Error {
     /// The call waited longer than its timeout.
     #[error("timed out")]
     Timeout,
+    /// The durable store failed (or failed earlier and is poisoned), or holds a record that
+    /// does not decode. Nothing was made durable by the call.
+    #[error("storage: {0}")]
+    Storage(#[from] crate::store::StoreError),
 }
 
 impl Error {

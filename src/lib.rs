@@ -47,6 +47,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod runtime;
+pub mod store;
 pub mod types;
 
 pub use core::confirm::ConfirmEvent;

@@ -300,6 +300,34 @@ impl Topology {
         })
     }
 
+    /// Puts back a durable queue read from the store, with its id (recovery).
+    pub fn restore_queue(
+        &mut self,
+        id: QueueId,
+        name: &str,
+        auto_delete: bool,
+        arguments: FieldTable,
+    ) -> Result<Arc<QueueMeta>, AmqpError> {
+        if self.queues.contains_key(name) || self.queues.values().any(|q| q.id == id) {
+            return Err(AmqpError::new(
+                ReplyCode::PreconditionFailed,
+                format!("queue '{name}' (id {}) recovered twice", id.0),
+            ));
+        }
+        validate_queue_arguments(name, &arguments)?;
+        let meta = Arc::new(QueueMeta {
+            id,
+            name: Arc::from(name),
+            durable: true,
+            exclusive_owner: None,
+            auto_delete,
+            arguments,
+        });
+        self.next_queue_id = self.next_queue_id.max(id.0 + 1);
+        self.queues.insert(meta.name.clone(), meta.clone());
+        Ok(meta)
+    }
+
     /// Removes a queue and every binding to it (auto-deleting exchanges left without bindings,
     /// §2.2). Returns its definition if it existed.
     pub fn remove_queue(&mut self, name: &str) -> Option<Arc<QueueMeta>> {

@@ -4,26 +4,40 @@
 use std::sync::Arc;
 
 use super::queue::{QueueCell, Sink};
-use super::{Admin, BrokerInner, Snapshot};
+use super::{Admin, BrokerInner, Snapshot, persist};
 use crate::core::channel::QueueId;
 use crate::core::topology::{ConnectionId, QueueDeclared};
 use crate::error::{AmqpError, ReplyCode};
+use crate::store::StoreError;
 use crate::types::{FieldTable, QueueDeclareOptions};
 
 impl BrokerInner {
     /// Runs `f` on a copy of the current snapshot under the admin lock; if it reports a change,
-    /// the copy becomes the new snapshot.
+    /// the copy becomes the new snapshot, once the durable part of the change is on disk (a
+    /// store failure leaves the old snapshot in place).
     pub(crate) fn update<R>(
         &self,
         f: impl FnOnce(&mut Snapshot, &mut Admin) -> Result<(R, bool), AmqpError>,
-    ) -> Result<R, AmqpError> {
+    ) -> Result<R, Failure> {
         let mut admin = self.admin.lock();
-        let mut next = Snapshot::clone(&self.snapshot.load());
+        let current = self.snapshot.load_full();
+        let mut next = Snapshot::clone(&current);
         let (r, changed) = f(&mut next, &mut admin)?;
-        if changed {
-            self.snapshot.store(Arc::new(next));
+        if !changed {
+            return Ok(r);
         }
-        Ok(r)
+        // The records are queued before the snapshot is published, so they precede any message
+        // record of a publish that sees the new topology.
+        let written = self.persistence.as_ref().and_then(|p| {
+            let ops = persist::definition_changes(&current.topology, &next.topology);
+            (!ops.is_empty()).then(|| p.write_definitions(ops))
+        });
+        self.snapshot.store(Arc::new(next));
+        // The change stands in memory either way; a store failure is reported, not hidden.
+        match written {
+            Some(w) => w.wait().map(|()| r).map_err(Failure::Storage),
+            None => Ok(r),
+        }
     }
 
     /// `queue.declare`: returns the queue and its ready and consumer counts.
@@ -33,7 +47,7 @@ impl BrokerInner {
         options: QueueDeclareOptions,
         arguments: FieldTable,
         conn: ConnectionId,
-    ) -> Result<(QueueDeclared, u64, u32), AmqpError> {
+    ) -> Result<(QueueDeclared, u64, u32), Failure> {
         let max_queues = self.limits.max_queues;
         self.update(|snap, admin| {
             let creating =
@@ -50,9 +64,10 @@ impl BrokerInner {
                     admin.rng.name("amq.gen-")
                 })?;
             if declared.created {
+                let persist = self.persistence.clone().filter(|_| declared.meta.durable);
                 snap.queues.insert(
                     declared.meta.id,
-                    Arc::new(QueueCell::new(declared.meta.clone())),
+                    Arc::new(QueueCell::new(declared.meta.clone(), persist)),
                 );
                 return Ok(((declared, 0, 0), true));
             }
@@ -71,11 +86,11 @@ impl BrokerInner {
         conn: ConnectionId,
         if_unused: bool,
         if_empty: bool,
-    ) -> Result<u64, AmqpError> {
-        let (count, sinks) = self.update(|snap, _| {
+    ) -> Result<u64, Failure> {
+        self.update(|snap, _| {
             let meta = match snap.topology.queue_for(name, conn) {
                 Ok(meta) => meta.clone(),
-                Err(e) if e.code == ReplyCode::NotFound => return Ok(((0, Vec::new()), false)),
+                Err(e) if e.code == ReplyCode::NotFound => return Ok((0, false)),
                 Err(e) => return Err(e),
             };
             let cell = snap.queues[&meta.id].clone();
@@ -92,39 +107,36 @@ impl BrokerInner {
                     format!("queue '{name}' in vhost '/' in use"),
                 ));
             }
-            let taken = take_for_deletion(&mut s);
+            let count = take_for_deletion(&mut s);
             drop(s);
             remove_queue(snap, &meta.name, meta.id);
-            Ok((taken, true))
-        })?;
-        server_cancel(sinks);
-        Ok(count)
+            Ok((count, true))
+        })
     }
 
     /// Deletes an auto-delete queue whose last consumer went, if it still has none (§1.6).
-    pub(crate) fn auto_delete_queue(&self, id: QueueId) {
-        let sinks = self.update(|snap, _| {
+    pub(crate) fn auto_delete_queue(&self, id: QueueId) -> Result<(), Failure> {
+        self.update(|snap, _| {
             let Some(cell) = snap.queues.get(&id).cloned() else {
-                return Ok((Vec::new(), false));
+                return Ok(((), false));
             };
             let mut s = cell.lock();
             if !(cell.meta.auto_delete
                 && s.core.has_had_consumers()
                 && s.core.consumer_count() == 0)
             {
-                return Ok((Vec::new(), false));
+                return Ok(((), false));
             }
-            let (_, sinks) = take_for_deletion(&mut s);
+            take_for_deletion(&mut s);
             drop(s);
             remove_queue(snap, &cell.meta.name, id);
-            Ok((sinks, true))
-        });
-        server_cancel(sinks.unwrap_or_default());
+            Ok(((), true))
+        })
     }
 
     /// Deletes the exclusive queues of a closing connection; their messages are discarded.
-    pub(crate) fn delete_exclusive_queues(&self, conn: ConnectionId) {
-        let sinks = self.update(|snap, _| {
+    pub(crate) fn delete_exclusive_queues(&self, conn: ConnectionId) -> Result<(), Failure> {
+        self.update(|snap, _| {
             let mut owned: Vec<_> = snap
                 .topology
                 .queues()
@@ -132,25 +144,46 @@ impl BrokerInner {
                 .cloned()
                 .collect();
             owned.sort_by_key(|q| q.id);
-            let mut sinks = Vec::new();
             for meta in &owned {
                 let cell = snap.queues[&meta.id].clone();
-                sinks.extend(take_for_deletion(&mut cell.lock()).1);
+                take_for_deletion(&mut cell.lock());
                 remove_queue(snap, &meta.name, meta.id);
             }
-            Ok((sinks, !owned.is_empty()))
-        });
-        server_cancel(sinks.unwrap_or_default());
+            Ok(((), !owned.is_empty()))
+        })
     }
 }
 
-/// Marks a locked queue deleted; returns its ready count and its consumers' sinks.
-fn take_for_deletion(s: &mut super::queue::QueueShared) -> (u64, Vec<Sink>) {
+/// Why a topology change failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// RabbitMQ refuses it: the error closes the channel (or connection).
+    Amqp(AmqpError),
+    /// The store could not record it: nothing changed.
+    Storage(StoreError),
+}
+
+impl From<AmqpError> for Failure {
+    fn from(e: AmqpError) -> Self {
+        Failure::Amqp(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Storage(e)
+    }
+}
+
+/// Marks a locked queue deleted and cancels its consumers (their channels forget them, their
+/// iterators end, §11.1); returns its ready count.
+fn take_for_deletion(s: &mut super::queue::QueueShared) -> u64 {
     s.deleted = true;
     let n = s.core.ready_len();
     let mut sinks: Vec<(crate::core::queue::ConsumerId, Sink)> = s.sinks.drain().collect();
     sinks.sort_by_key(|(id, _)| *id);
-    (n, sinks.into_iter().map(|(_, s)| s).collect())
+    server_cancel(sinks.into_iter().map(|(_, s)| s).collect());
+    n
 }
 
 fn remove_queue(snap: &mut Snapshot, name: &str, id: QueueId) {

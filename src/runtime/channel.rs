@@ -14,9 +14,11 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use super::admin::Failure;
 use super::confirm::{ConfirmCell, Waited};
 use super::connection::ConnectionInner;
 use super::consumer::{Consumer, Delivery};
+use super::persist::Job;
 use super::queue::{GetOutcome, QueueCell, Settle, Sink};
 use super::{BrokerInner, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
@@ -171,7 +173,7 @@ impl Channel {
                 .declare_exchange(&name, kind.name(), options, arguments)?;
             Ok(((), created))
         });
-        inner.result(r)
+        inner.admin_result(r)
     }
 
     /// `exchange.delete` (§2.2): missing exchanges are fine.
@@ -183,7 +185,7 @@ impl Channel {
             let deleted = snap.topology.delete_exchange(&name, options.if_unused)?;
             Ok(((), deleted))
         });
-        inner.result(r)
+        inner.admin_result(r)
     }
 
     /// `exchange.bind`: messages routed by `source` also go through `destination` (§2.6).
@@ -237,7 +239,7 @@ impl Channel {
         let r = inner
             .broker
             .declare_queue(&name, options, arguments, inner.conn.id);
-        let (declared, messages, consumers) = inner.result(r)?;
+        let (declared, messages, consumers) = inner.admin_result(r)?;
         *inner.last_queue.lock() = Some(declared.meta.name.clone());
         Ok(QueueDeclareOk {
             name: declared.meta.name.to_string(),
@@ -308,7 +310,12 @@ impl Channel {
             drop(s);
             return Err(inner.fail(no_queue(&name)));
         }
-        Ok(saturate(s.core.handle_purge()))
+        let purged = s.core.handle_purge();
+        for entry in &purged {
+            cell.forget(entry);
+        }
+        drop(s);
+        Ok(saturate(purged.len() as u64))
     }
 
     /// `queue.delete` (§1.7): returns the ready messages deleted; missing queues are fine.
@@ -319,7 +326,7 @@ impl Channel {
             inner
                 .broker
                 .delete_queue(&name, inner.conn.id, options.if_unused, options.if_empty);
-        inner.result(r).map(saturate)
+        inner.admin_result(r).map(saturate)
     }
 
     // ---- publishing -----------------------------------------------------------------------
@@ -617,6 +624,11 @@ impl ChannelInner {
             .is_ok()
     }
 
+    /// Answers publishes (from the flusher once their records are durable).
+    pub(crate) fn answer_confirms(&self, acks: &[u64], nacks: &[u64]) {
+        self.confirms.answer(acks, nacks);
+    }
+
     /// Deliveries reserved against the channel-wide prefetch.
     pub(crate) fn global_in_flight(&self) -> u64 {
         u64::from(self.global_in_flight.load(Ordering::SeqCst))
@@ -708,7 +720,8 @@ impl ChannelInner {
         let auto_delete = cell.meta.auto_delete && s.core.consumer_count() == 0;
         drop(s);
         if auto_delete {
-            self.broker.auto_delete_queue(record.queue);
+            // A store failure here has no caller to tell; the store is poisoned and says so next.
+            let _ = self.broker.auto_delete_queue(record.queue);
         }
     }
 
@@ -735,6 +748,15 @@ impl ChannelInner {
         } else {
             self.close_with(cause);
             Error::Channel(e)
+        }
+    }
+
+    /// A topology change's outcome: refusals close the channel, store failures are reported.
+    fn admin_result<T>(&self, r: std::result::Result<T, Failure>) -> Result<T> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(Failure::Amqp(e)) => Err(self.fail(e)),
+            Err(Failure::Storage(e)) => Err(Error::Storage(e)),
         }
     }
 
@@ -792,11 +814,11 @@ impl ChannelInner {
             };
             Ok(((), changed))
         });
-        self.result(r)
+        self.admin_result(r)
     }
 
     fn publish(
-        &self,
+        self: &Arc<Self>,
         exchange: &str,
         routing_key: &str,
         options: BasicPublishOptions,
@@ -825,8 +847,14 @@ impl ChannelInner {
         let mut targets = Targets::new();
         snap.topology
             .route(ex, &keys, properties.headers.as_ref(), &mut targets);
+        let cells: SmallVec<[&Arc<QueueCell>; 4]> =
+            targets.iter().filter_map(|q| snap.queues.get(q)).collect();
+        let recorded = properties.is_persistent() && cells.iter().any(|c| c.has_store());
+        if recorded && let Some(p) = &self.broker.persistence {
+            p.check()?; // nothing is enqueued if its record cannot be written
+        }
         let seq = self.confirms.publish();
-        if targets.is_empty() {
+        if cells.is_empty() {
             if options.mandatory {
                 self.return_unroutable(&exchange, routing_key, properties, body);
             }
@@ -836,8 +864,6 @@ impl ChannelInner {
             }
             return Ok(());
         }
-        let cells: SmallVec<[&Arc<QueueCell>; 4]> =
-            targets.iter().filter_map(|q| snap.queues.get(q)).collect();
         // Through the default exchange the routing key is the queue's name: share it.
         let routing_key = match cells.first() {
             Some(cell) if &*cell.meta.name == routing_key => cell.meta.name.clone(),
@@ -851,11 +877,32 @@ impl ChannelInner {
             properties,
             body,
         });
-        for cell in cells {
-            cell.publish(cell.reserve_seq(), message.clone(), now);
+        let placed: SmallVec<[(&Arc<QueueCell>, u64); 4]> =
+            cells.iter().map(|c| (*c, c.reserve_seq())).collect();
+        let persistence = self.broker.persistence.as_ref().filter(|_| recorded);
+        if let Some(p) = persistence {
+            // One job, one atomic batch for every durable queue; sent before the message is
+            // enqueued, so an ack's removal always follows its record.
+            let targets = placed
+                .iter()
+                .filter(|(c, _)| c.has_store())
+                .map(|(c, seq)| (c.meta.id.0, *seq))
+                .collect();
+            let confirm = seq.map(|s| (self.clone(), s));
+            p.send(Job::Publish {
+                message: message.clone(),
+                targets,
+                confirm,
+            });
         }
-        // Held in memory only: confirmed once every queue has it (§8).
-        if let Some(seq) = seq {
+        for (cell, s) in placed {
+            cell.publish(s, message.clone(), now);
+        }
+        // Held in memory only: confirmed once every queue has it (§8). A recorded message is
+        // confirmed by the flusher after the flush that holds its record.
+        if persistence.is_none()
+            && let Some(seq) = seq
+        {
             self.confirms.answer(&[seq], &[]);
         }
         Ok(())

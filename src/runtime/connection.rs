@@ -98,6 +98,7 @@ impl ConnectionInner {
         for ch in channels.iter().filter_map(Weak::upgrade) {
             ch.close_with(channel_cause.clone());
         }
-        self.broker.delete_exclusive_queues(self.id);
+        // Exclusive queues are never durable: no store is involved.
+        let _ = self.broker.delete_exclusive_queues(self.id);
     }
 }

@@ -11,7 +11,9 @@ mod channel;
 mod confirm;
 mod connection;
 mod consumer;
+mod persist;
 mod queue;
+mod recover;
 
 use std::collections::HashMap;
 
@@ -26,11 +28,19 @@ pub use channel::{Channel, GetMessage, QueueDeclareOk, Returned};
 pub use connection::Connection;
 pub use consumer::{Consumer, Delivery};
 pub use crossbeam_channel::{RecvTimeoutError, TryRecvError};
+pub use persist::Durability;
 
 use crate::clock::{Clock, SystemClock};
 use crate::core::channel::QueueId;
 use crate::core::topology::Topology;
+use crate::error::Result;
+use crate::store::{SledOptions, SledStore, Store};
+use persist::Persistence;
 use queue::QueueCell;
+use std::path::Path;
+
+/// sled's own flush period when the broker flushes explicitly (it also reclaims space).
+const SLED_FLUSH_EVERY_MS: u64 = 500;
 
 /// Limits the broker enforces; each has a documented outcome when reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +77,7 @@ pub struct BrokerBuilder {
     clock: Arc<dyn Clock>,
     limits: Limits,
     seed: u64,
+    durability: Durability,
 }
 
 impl Default for BrokerBuilder {
@@ -76,6 +87,7 @@ impl Default for BrokerBuilder {
             clock: Arc::new(SystemClock),
             limits: Limits::default(),
             seed,
+            durability: Durability::default(),
         }
     }
 }
@@ -99,12 +111,53 @@ impl BrokerBuilder {
         self
     }
 
+    /// How publishes are made durable (default: group commit).
+    pub fn durability(mut self, mode: Durability) -> Self {
+        self.durability = mode;
+        self
+    }
+
     /// An in-memory broker: nothing touches disk.
     pub fn in_memory(self) -> Broker {
         let snapshot = Snapshot {
             topology: Topology::new(),
             queues: FxHashMap::default(),
         };
+        self.build(snapshot, None)
+    }
+
+    /// A durable broker whose durable exchanges, queues, bindings and persistent messages live
+    /// in a sled database at `path`, recovered from it if it exists. A directory another
+    /// process has open is refused
+    /// ([`StoreError::Locked`](crate::store::StoreError::Locked)).
+    pub fn open(self, path: impl AsRef<Path>) -> Result<Broker> {
+        // sled reclaims the space of removed records only on its own flusher thread, so it runs
+        // in every mode; confirms still wait for the broker's explicit flush, except in
+        // periodic mode where this timer is the only flush.
+        let every_ms = match self.durability {
+            Durability::Periodic { every_ms } => every_ms,
+            _ => SLED_FLUSH_EVERY_MS,
+        };
+        let options = SledOptions {
+            flush_every_ms: Some(every_ms),
+            ..SledOptions::default()
+        };
+        let store = SledStore::open(path, options)?;
+        self.open_store(store)
+    }
+
+    /// A durable broker on any [`Store`] (a [`MemoryStore`](crate::store::MemoryStore) for
+    /// restart tests, a [`FaultyStore`](crate::store::FaultyStore) for failure tests),
+    /// recovered from what it holds.
+    pub fn open_store(self, store: impl Store) -> Result<Broker> {
+        let store: Arc<dyn Store> = Arc::new(store);
+        let recovered = store.recover()?;
+        let persistence = Persistence::start(store, self.durability);
+        let snapshot = recover::rebuild(recovered, &persistence)?;
+        Ok(self.build(snapshot, Some(persistence)))
+    }
+
+    fn build(self, snapshot: Snapshot, persistence: Option<Arc<Persistence>>) -> Broker {
         Broker {
             inner: Arc::new(BrokerInner {
                 snapshot: ArcSwap::from_pointee(snapshot),
@@ -115,6 +168,7 @@ impl BrokerBuilder {
                 limits: self.limits,
                 next_id: AtomicU64::new(1),
                 channels: Mutex::new(HashMap::new()),
+                persistence,
             }),
         }
     }
@@ -124,6 +178,29 @@ impl Broker {
     /// An in-memory broker with the system clock and default limits.
     pub fn in_memory() -> Broker {
         Self::builder().in_memory()
+    }
+
+    /// A durable broker in the sled database at `path` (group commit), recovered from it if
+    /// it exists.
+    pub fn open(path: impl AsRef<Path>) -> Result<Broker> {
+        Self::builder().open(path)
+    }
+
+    /// Waits until every record sent to the store so far is durable (acks included). A
+    /// no-op for an in-memory broker.
+    pub fn sync(&self) -> Result<()> {
+        match &self.inner.persistence {
+            Some(p) => Ok(p.sync()?),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes the store occupies on disk (0 in memory).
+    pub fn size_on_disk(&self) -> Result<u64> {
+        match &self.inner.persistence {
+            Some(p) => Ok(p.store().size_on_disk()?),
+            None => Ok(0),
+        }
     }
 
     /// A builder for a broker with a chosen clock, limits or seed.
@@ -209,6 +286,7 @@ pub(crate) struct BrokerInner {
     limits: Limits,
     next_id: AtomicU64,
     channels: Mutex<HashMap<u64, Weak<channel::ChannelInner>>>,
+    persistence: Option<Arc<Persistence>>,
 }
 
 impl BrokerInner {

@@ -19,6 +19,7 @@ use smallvec::SmallVec;
 
 use super::channel::ChannelInner;
 use super::consumer::{Delivery, Pending};
+use super::persist::{Job, Persistence};
 use crate::core::channel::ChannelState;
 use crate::core::queue::{ConsumerId, Dispatch, Effect, Entry, Queue};
 use crate::core::topology::QueueMeta;
@@ -37,6 +38,8 @@ pub(crate) struct QueueCell {
     /// Whether messages need their enqueue time (the queue has a message TTL); otherwise
     /// publish skips reading the clock.
     pub(crate) timed: bool,
+    /// The store, for a durable queue.
+    persist: Option<Arc<Persistence>>,
     /// Sequence numbers are reserved at publish, before the queue's lock is taken.
     next_seq: AtomicU64,
     inbox: CachePadded<SegQueue<Inbound>>,
@@ -94,8 +97,9 @@ impl Drop for QueueGuard<'_> {
 }
 
 impl QueueCell {
-    pub(crate) fn new(meta: Arc<QueueMeta>) -> Self {
+    pub(crate) fn new(meta: Arc<QueueMeta>, persist: Option<Arc<Persistence>>) -> Self {
         Self {
+            persist,
             timed: meta.arguments.contains_key("x-message-ttl"),
             meta,
             next_seq: AtomicU64::new(0),
@@ -121,7 +125,13 @@ impl QueueCell {
     /// Hands a published message to the queue without waiting for its lock: applied at once
     /// if the lock is free, else left in the inbox for the holder.
     pub(crate) fn publish(&self, seq: u64, message: Arc<Message>, now_ms: u64) {
-        let entry = Entry { seq, message, delivered: false, delivery_count: 0, enqueued_at_ms: now_ms };
+        let entry = Entry {
+            seq,
+            message,
+            delivered: false,
+            delivery_count: 0,
+            enqueued_at_ms: now_ms,
+        };
         if let Some(mut g) = self.state.try_lock() {
             self.drain_inbox(&mut g); // earlier publishes first
             if !g.deleted {
@@ -164,7 +174,7 @@ impl QueueCell {
             }
             match command {
                 Inbound::Publish(entry) => s.core.handle_enqueue_entry(entry),
-                Inbound::Settle(seq, how) => _ = Self::apply_settle(s, seq, how),
+                Inbound::Settle(seq, how) => _ = self.apply_settle(s, seq, how),
             }
         }
         if any {
@@ -186,7 +196,7 @@ impl QueueCell {
             return; // acks after a queue delete are accepted and ignored (§4.2)
         }
         let acked: SmallVec<[Entry; 1]> = seqs
-            .filter_map(|seq| Self::apply_settle(&mut g, seq, how))
+            .filter_map(|seq| self.apply_settle(&mut g, seq, how))
             .collect();
         self.dispatch(&mut g);
         drop(g);
@@ -195,13 +205,48 @@ impl QueueCell {
     }
 
     /// Applies one settle; an acked entry is handed back to be freed outside the lock.
-    fn apply_settle(s: &mut QueueShared, seq: u64, how: Settle) -> Option<Entry> {
+    fn apply_settle(&self, s: &mut QueueShared, seq: u64, how: Settle) -> Option<Entry> {
         match how {
-            Settle::Ack => return s.core.handle_ack(seq),
+            Settle::Ack => {
+                let entry = s.core.handle_ack(seq)?;
+                self.forget(&entry);
+                return Some(entry);
+            }
             Settle::Requeue => _ = s.core.handle_requeue(seq),
             Settle::Reject => _ = s.core.handle_reject(seq),
         }
         None
+    }
+
+    /// A message left the queue for good: its record goes too (persistent messages of durable
+    /// queues).
+    pub(crate) fn forget(&self, entry: &Entry) {
+        if let Some(p) = &self.persist
+            && entry.message.properties.is_persistent()
+        {
+            p.send(Job::Remove {
+                queue: self.meta.id.0,
+                seq: entry.seq,
+            });
+        }
+    }
+
+    /// Whether the queue is durable in a broker with a store: its persistent messages get
+    /// records.
+    pub(crate) fn has_store(&self) -> bool {
+        self.persist.is_some()
+    }
+
+    /// Puts recovered messages back, in sequence order, flagged as possibly delivered (the
+    /// broker cannot know whether they reached a consumer before the restart).
+    pub(crate) fn restore(&self, entries: impl IntoIterator<Item = Entry>) {
+        let mut s = self.lock();
+        let mut next = self.next_seq.load(Ordering::Relaxed);
+        for entry in entries {
+            next = next.max(entry.seq + 1);
+            s.core.handle_enqueue_entry(entry);
+        }
+        self.next_seq.store(next, Ordering::Relaxed);
     }
 
     /// Hands every possible delivery to its consumer. Called with the queue locked; locks the
@@ -210,7 +255,7 @@ impl QueueCell {
         while let Some(effect) = s.core.poll_effect() {
             match effect {
                 // No dead-letter exchange yet: a rejected message is discarded.
-                Effect::Removed { .. } => {}
+                Effect::Removed { entry, .. } => self.forget(&entry),
             }
         }
         loop {
@@ -263,6 +308,8 @@ impl QueueCell {
             if sink.tx.send(Pending::new(tag, &d)).is_err() {
                 sink.channel.release_global(u32::from(counted));
                 failed.push((d, counted.then_some(tag)));
+            } else if d.no_ack {
+                self.forget(&d.entry);
             }
         }
         failed
@@ -288,6 +335,9 @@ impl QueueCell {
             s.core.handle_undelivered(d);
             return GetOutcome::ChannelClosed;
         };
+        if no_ack {
+            self.forget(&d.entry);
+        }
         let remaining = s.core.ready_len();
         let delivery = Delivery::from_pending(Pending::new(tag, &d), None, channel.clone());
         GetOutcome::Got(delivery, remaining)

@@ -117,7 +117,7 @@ impl Queue {
     /// number. The number must be new to this queue.
     pub fn handle_enqueue_entry(&mut self, entry: Entry) {
         debug_assert!(
-            !self.unacked.contains_key(&entry.seq) && !self.ready.iter().any(|e| e.seq == entry.seq),
+            !self.unacked.contains_key(&entry.seq),
             "sequence number {} reused",
             entry.seq
         );
@@ -204,11 +204,9 @@ impl Queue {
 
     /// Removes every ready message (`queue.purge`); unacked messages are untouched (§1.8).
     /// Returns the number removed.
-    pub fn handle_purge(&mut self) -> u64 {
-        let n = self.ready.len() as u64;
-        self.ready.clear();
+    pub fn handle_purge(&mut self) -> Vec<Entry> {
         self.ready_bytes = 0;
-        n
+        std::mem::take(&mut self.ready).into()
     }
 
     // ---- output ---------------------------------------------------------------------------

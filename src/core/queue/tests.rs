@@ -105,7 +105,7 @@ fn purge_leaves_unacked_alone() {
     q.handle_enqueue(msg("a"), 0);
     q.handle_enqueue(msg("b"), 0);
     let a = q.handle_get(false).unwrap();
-    assert_eq!(q.handle_purge(), 1);
+    assert_eq!(q.handle_purge().len(), 1);
     assert_eq!(q.unacked_len(), 1);
     q.handle_requeue(a.entry.seq);
     assert_eq!(bodies(&q), ["a"]);

@@ -1,0 +1,379 @@
+//! Durability: the flusher thread that writes the broker's records to its [`Store`], group
+//! commit, confirms released after the flush that holds them, and recovery on open.
+//!
+//! Durability modes ([`Durability`]):
+//! - `GroupCommit` (default): the flusher takes every job waiting, applies them as one batch
+//!   and flushes once; every confirm in the batch is released after that flush.
+//! - `PerMessage`: one job, one batch, one flush.
+//! - `Periodic`: batches are applied but never flushed by the broker; sled flushes on its own
+//!   timer. Confirms are released after the apply, so a confirmed message can be lost in a
+//!   crash: the weakest mode, for data that may be replayed.
+//!
+//! A message acked before the batch holding its record is written cancels that record: it is
+//! never written, but its confirm is still released with the batch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use super::channel::ChannelInner;
+use crate::core::exchange::Destination;
+use crate::core::topology::Topology;
+use crate::store::{
+    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord, Store,
+    StoreError,
+};
+use crate::types::Message;
+
+/// How publishes are made durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// One flush covers every publish waiting (the default).
+    #[default]
+    GroupCommit,
+    /// A flush after every publish.
+    PerMessage,
+    /// No flush by the broker: sled flushes every `every_ms`. Confirms do not mean "on disk".
+    Periodic {
+        /// sled's flush interval.
+        every_ms: u64,
+    },
+}
+
+/// Jobs taken in one group at most (bounds the batch and the confirm latency).
+const GROUP_MAX: usize = 8192;
+
+/// A confirm to release once the job holding it is durable.
+pub(crate) type Ticket = (Arc<ChannelInner>, u64);
+
+pub(crate) enum Job {
+    /// A persistent message enters durable queues (queue id, sequence number).
+    Publish {
+        message: Arc<Message>,
+        targets: SmallVec<[(u64, u64); 1]>,
+        confirm: Option<Ticket>,
+    },
+    /// A persistent message left a durable queue (acked, rejected, purged, fetched no-ack).
+    Remove { queue: u64, seq: u64 },
+    /// Definition changes; answered once durable.
+    Definitions(Batch, Sender<Result<(), StoreError>>),
+    /// Answered once everything sent before is durable.
+    Sync(Sender<Result<(), StoreError>>),
+}
+
+/// Definition changes on their way to the store.
+pub(crate) struct Written(Receiver<Result<(), StoreError>>);
+
+impl Written {
+    /// Waits until they are durable (or failed).
+    pub(crate) fn wait(self) -> Result<(), StoreError> {
+        self.0
+            .recv()
+            .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())))
+    }
+}
+
+/// The broker's link to its store.
+pub(crate) struct Persistence {
+    store: Arc<dyn Store>,
+    tx: Sender<Job>,
+    /// The first failure the flusher met: later durable operations are refused with it.
+    poisoned: Arc<OnceLock<StoreError>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Persistence {
+    /// Starts the flusher thread.
+    pub(crate) fn start(store: Arc<dyn Store>, mode: Durability) -> Arc<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let flusher_store = store.clone();
+        let poisoned = Arc::new(OnceLock::new());
+        let flusher_poisoned = poisoned.clone();
+        let thread = std::thread::Builder::new()
+            .name("coney-flusher".into())
+            .spawn(move || run(&*flusher_store, mode, &rx, &flusher_poisoned))
+            .expect("spawning the flusher thread");
+        Arc::new(Self {
+            store,
+            tx,
+            poisoned,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// `Err` once a write has failed: nothing may pretend to be durable after that.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        match self.poisoned.get() {
+            None => Ok(()),
+            Some(StoreError::Poisoned(text) | StoreError::Storage(text)) => {
+                Err(StoreError::Poisoned(text.clone()))
+            }
+            Some(other) => Err(StoreError::Poisoned(other.to_string())),
+        }
+    }
+
+    pub(crate) fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    pub(crate) fn send(&self, job: Job) {
+        // The flusher only stops when the broker is dropped, after every sender.
+        let _ = self.tx.send(job);
+    }
+
+    /// Queues definition changes; the returned handle waits until they are durable.
+    pub(crate) fn write_definitions(&self, ops: Batch) -> Written {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Job::Definitions(ops, tx));
+        Written(rx)
+    }
+
+    /// Waits until everything sent so far is durable.
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Job::Sync(tx));
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())))
+    }
+}
+
+impl Drop for Persistence {
+    fn drop(&mut self) {
+        // Closing the channel ends the flusher after it has written what it holds.
+        let (dead, _) = crossbeam_channel::bounded(0);
+        drop(std::mem::replace(&mut self.tx, dead));
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The flusher: takes a group of jobs, writes them as one batch, flushes, answers.
+fn run(store: &dyn Store, mode: Durability, rx: &Receiver<Job>, poisoned: &OnceLock<StoreError>) {
+    let mut jobs: Vec<Job> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        jobs.push(first);
+        if mode != Durability::PerMessage {
+            jobs.extend(rx.try_iter().take(GROUP_MAX - 1));
+        }
+        let batch = group_batch(&jobs);
+        let result = if let Some(first) = poisoned.get() {
+            // Once a write failed nothing more is written, and every waiter hears why.
+            Err(StoreError::Poisoned(first.to_string()))
+        } else if batch.is_empty() {
+            Ok(())
+        } else {
+            store.apply(&batch)
+        };
+        let result = result.and_then(|()| match mode {
+            Durability::Periodic { .. } => Ok(()),
+            _ if batch.is_empty() => Ok(()),
+            _ => store.flush(),
+        });
+        if let Err(e) = &result {
+            let _ = poisoned.set(e.clone());
+        }
+        answer(jobs.drain(..), &result);
+    }
+}
+
+/// One batch for a group of jobs, in job order, leaving out records written and removed within
+/// the group (a message acked before its record reached the store).
+fn group_batch(jobs: &[Job]) -> Batch {
+    let mut ops: Vec<Option<Op>> = Vec::new();
+    let mut pending: HashMap<(u64, u64), usize> = HashMap::new();
+    for job in jobs {
+        match job {
+            Job::Publish {
+                message, targets, ..
+            } => {
+                let record = Arc::new(message_record(message));
+                for &(queue, seq) in targets {
+                    pending.insert((queue, seq), ops.len());
+                    ops.push(Some(Op::PutMessage {
+                        queue,
+                        seq,
+                        record: record.clone(),
+                    }));
+                }
+            }
+            Job::Remove { queue, seq } => match pending.remove(&(*queue, *seq)) {
+                Some(at) => ops[at] = None,
+                None => ops.push(Some(Op::DeleteMessage {
+                    queue: *queue,
+                    seq: *seq,
+                })),
+            },
+            Job::Definitions(batch, _) => ops.extend(batch.ops().iter().cloned().map(Some)),
+            Job::Sync(_) => {}
+        }
+    }
+    Batch::from(ops.into_iter().flatten().collect::<Vec<_>>())
+}
+
+/// Releases confirms (acks, or nacks if the write failed) channel by channel, and answers
+/// waiters.
+fn answer(jobs: impl Iterator<Item = Job>, result: &Result<(), StoreError>) {
+    let mut by_channel: Vec<(Arc<ChannelInner>, Vec<u64>)> = Vec::new();
+    for job in jobs {
+        match job {
+            Job::Publish {
+                confirm: Some((ch, seq)),
+                ..
+            } => match by_channel.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &ch)) {
+                Some((_, seqs)) => seqs.push(seq),
+                None => by_channel.push((ch, vec![seq])),
+            },
+            Job::Definitions(_, tx) | Job::Sync(tx) => {
+                let _ = tx.send(result.clone());
+            }
+            _ => {}
+        }
+    }
+    for (ch, seqs) in by_channel {
+        match result {
+            Ok(()) => ch.answer_confirms(&seqs, &[]),
+            Err(_) => ch.answer_confirms(&[], &seqs),
+        }
+    }
+}
+
+fn message_record(m: &Message) -> MessageRecord {
+    MessageRecord {
+        exchange: m.exchange.to_string(),
+        routing_key: m.routing_key.to_string(),
+        properties: m.properties.clone(),
+        body: m.body.clone(),
+        delivery_count: 0,
+        delivered: false,
+        enqueued_at_ms: 0,
+    }
+}
+
+// ---- definitions --------------------------------------------------------------------------
+
+/// What of a topology is durable, keyed so two topologies can be compared.
+#[derive(Default)]
+struct Durable {
+    exchanges: HashMap<String, ExchangeRecord>,
+    queues: HashMap<u64, QueueRecord>,
+    bindings: Vec<BindingRecord>,
+}
+
+fn durable_part(t: &Topology) -> Durable {
+    let mut d = Durable::default();
+    for ex in t.exchanges() {
+        // Pre-declared exchanges always exist; only user exchanges are records.
+        if ex.durable
+            && !crate::core::topology::PREDECLARED
+                .iter()
+                .any(|(n, _)| *n == &*ex.name)
+        {
+            d.exchanges.insert(
+                ex.name.to_string(),
+                ExchangeRecord {
+                    name: ex.name.to_string(),
+                    kind: ex.kind.name().to_owned(),
+                    auto_delete: ex.auto_delete,
+                    internal: ex.internal,
+                    arguments: ex.arguments.clone(),
+                },
+            );
+        }
+    }
+    let mut names = HashMap::new();
+    for q in t.queues() {
+        if q.durable {
+            names.insert(q.id, q.name.to_string());
+            d.queues.insert(
+                q.id.0,
+                QueueRecord {
+                    id: q.id.0,
+                    name: q.name.to_string(),
+                    auto_delete: q.auto_delete,
+                    arguments: q.arguments.clone(),
+                },
+            );
+        }
+    }
+    for ex in t.exchanges().filter(|e| e.durable) {
+        for b in ex.bindings() {
+            let destination = match &b.destination {
+                Destination::Queue(id) => match names.get(id) {
+                    Some(n) => DestinationRecord::Queue(n.clone()),
+                    None => continue,
+                },
+                Destination::Exchange(e) => match t.exchange(e) {
+                    Some(x) if x.durable => DestinationRecord::Exchange(e.to_string()),
+                    _ => continue,
+                },
+            };
+            d.bindings.push(BindingRecord {
+                source: ex.name.to_string(),
+                destination,
+                routing_key: b.routing_key.clone(),
+                arguments: b.arguments.clone(),
+            });
+        }
+    }
+    d
+}
+
+/// The records that turn `before`'s durable definitions into `after`'s: deletions first
+/// (bindings, then queues with their messages, then exchanges), then additions.
+pub(crate) fn definition_changes(before: &Topology, after: &Topology) -> Batch {
+    let (old, new) = (durable_part(before), durable_part(after));
+    let mut batch = Batch::new();
+    for b in old.bindings.iter().filter(|b| !new.bindings.contains(b)) {
+        batch.push(Op::DeleteBinding(b.clone()));
+    }
+    let mut gone_queues: Vec<u64> = old
+        .queues
+        .keys()
+        .filter(|id| !new.queues.contains_key(id))
+        .copied()
+        .collect();
+    gone_queues.sort_unstable();
+    batch.extend(
+        gone_queues
+            .into_iter()
+            .map(Op::DeleteQueue)
+            .collect::<Vec<_>>()
+            .into(),
+    );
+    let mut gone_exchanges: Vec<&String> = old
+        .exchanges
+        .keys()
+        .filter(|n| !new.exchanges.contains_key(*n))
+        .collect();
+    gone_exchanges.sort();
+    for n in gone_exchanges {
+        batch.push(Op::DeleteExchange(n.clone()));
+    }
+    let mut added_exchanges: Vec<&ExchangeRecord> = new
+        .exchanges
+        .values()
+        .filter(|e| old.exchanges.get(&e.name) != Some(e))
+        .collect();
+    added_exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+    for e in added_exchanges {
+        batch.push(Op::PutExchange(e.clone()));
+    }
+    let mut added_queues: Vec<&QueueRecord> = new
+        .queues
+        .values()
+        .filter(|q| old.queues.get(&q.id) != Some(q))
+        .collect();
+    added_queues.sort_by_key(|q| q.id);
+    for q in added_queues {
+        batch.push(Op::PutQueue(q.clone()));
+    }
+    for b in new.bindings.iter().filter(|b| !old.bindings.contains(b)) {
+        batch.push(Op::PutBinding(b.clone()));
+    }
+    batch
+}

@@ -1,0 +1,261 @@
+//! Durable queues: what survives a restart, in what order, and what the store's failures do
+//! (SEMANTICS.md §9.2, §8; DESIGN.md "Durability").
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use coney::store::{Faults, FaultyStore, MemoryStore, StoreError};
+use coney::*;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("coney-durability-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+fn publish(ch: &Channel, exchange: &str, key: &str, body: &str, props: BasicProperties) {
+    ch.basic_publish(
+        exchange,
+        key,
+        BasicPublishOptions::default(),
+        body.as_bytes().to_vec(),
+        props,
+    )
+    .unwrap();
+}
+
+fn get_all(ch: &Channel, queue: &str) -> Vec<(String, bool)> {
+    std::iter::from_fn(|| {
+        ch.basic_get(queue, BasicGetOptions { no_ack: true })
+            .unwrap()
+            .map(|g| {
+                let d = g.delivery;
+                (
+                    String::from_utf8_lossy(d.body()).into_owned(),
+                    d.redelivered(),
+                )
+            })
+    })
+    .collect()
+}
+
+/// §9.2: durable exchanges, durable queues, bindings between them and persistent messages
+/// survive a restart, in FIFO order and flagged redelivered; transient messages, non-durable
+/// queues and exchanges do not.
+#[test]
+fn durable_definitions_and_persistent_messages_survive_a_restart() {
+    let dir = temp_dir("survive");
+    {
+        let broker = Broker::open(&dir).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        let ex_opts = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare("orders", ExchangeKind::Topic, ex_opts, FieldTable::new())
+            .unwrap();
+        ch.exchange_declare(
+            "scratch",
+            ExchangeKind::Fanout,
+            Default::default(),
+            FieldTable::new(),
+        )
+        .unwrap();
+        let args = FieldTable::new().with("x-max-length", 100i64);
+        ch.queue_declare("payments", durable(), args).unwrap();
+        ch.queue_declare("temp", QueueDeclareOptions::default(), FieldTable::new())
+            .unwrap();
+        ch.queue_bind(
+            "payments",
+            "orders",
+            "order.*",
+            Default::default(),
+            FieldTable::new(),
+        )
+        .unwrap();
+        for (body, props) in [
+            ("p1", persistent()),
+            ("t1", BasicProperties::default()),
+            ("p2", persistent()),
+        ] {
+            publish(&ch, "orders", "order.new", body, props.clone());
+            publish(&ch, "", "temp", body, props);
+        }
+        broker.sync().unwrap();
+    }
+    let broker = Broker::open(&dir).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.exchange_declare("orders", ExchangeKind::Topic, passive, FieldTable::new())
+        .unwrap();
+    let ok = ch
+        .queue_declare(
+            "payments",
+            durable(),
+            FieldTable::new().with("x-max-length", 100i64),
+        )
+        .unwrap();
+    assert_eq!(ok.message_count, 2, "persistent messages only");
+    assert_eq!(
+        get_all(&ch, "payments"),
+        [("p1".to_owned(), true), ("p2".to_owned(), true)]
+    );
+    publish(&ch, "orders", "order.paid", "p3", persistent());
+    assert_eq!(
+        get_all(&ch, "payments"),
+        [("p3".to_owned(), false)],
+        "the binding survived"
+    );
+    let err = ch
+        .queue_declare(
+            "temp",
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::new(),
+        )
+        .unwrap_err();
+    assert_eq!(err.reply_code(), Some(ReplyCode::NotFound));
+    let ch = conn.channel().unwrap();
+    let err = ch
+        .exchange_declare("scratch", ExchangeKind::Fanout, passive, FieldTable::new())
+        .unwrap_err();
+    assert_eq!(err.reply_code(), Some(ReplyCode::NotFound));
+    broker.check_invariants().unwrap();
+    drop((ch, conn, broker));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Acked messages do not come back; unacked ones do, redelivered.
+#[test]
+fn acked_messages_do_not_come_back() {
+    let store = MemoryStore::new();
+    {
+        let broker = Broker::builder().open_store(store.clone()).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        ch.queue_declare("q", durable(), FieldTable::new()).unwrap();
+        for b in ["a", "b", "c", "d"] {
+            publish(&ch, "", "q", b, persistent());
+        }
+        let mut c = ch
+            .basic_consume("q", "", BasicConsumeOptions::default(), FieldTable::new())
+            .unwrap();
+        let a = c.recv().unwrap();
+        let b = c.recv().unwrap();
+        a.ack().unwrap();
+        c.recv().unwrap().ack().unwrap(); // c
+        drop(b); // delivered, never acked
+        broker.sync().unwrap();
+        store.crash();
+    }
+    let broker = Broker::builder().open_store(store.clone()).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    assert_eq!(
+        get_all(&ch, "q"),
+        [("b".to_owned(), true), ("d".to_owned(), true)]
+    );
+}
+
+/// §8: a persistent message to a durable queue is confirmed after the flush that holds it;
+/// `wait_for_confirms` sees every ack.
+#[test]
+fn persistent_publishes_are_confirmed_after_their_flush() {
+    let store = MemoryStore::new();
+    let broker = Broker::builder().open_store(store.clone()).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    ch.queue_declare("q", durable(), FieldTable::new()).unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).unwrap();
+    let rx = ch.confirm_listener();
+    for i in 0..100 {
+        publish(&ch, "", "q", &i.to_string(), persistent());
+    }
+    assert!(
+        ch.wait_for_confirms_timeout(Duration::from_secs(10))
+            .unwrap()
+    );
+    let acked: Vec<ConfirmEvent> = rx.try_iter().collect();
+    assert!(acked.iter().all(|e| e.ack));
+    assert_eq!(
+        acked.last().map(|e| (e.delivery_tag, e.multiple)),
+        Some((100, true))
+    );
+    drop((ch, conn, broker));
+    store.crash(); // everything confirmed was flushed
+    let broker = Broker::builder().open_store(store).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    assert_eq!(get_all(&ch, "q").len(), 100);
+}
+
+/// The first store failure poisons the store: the publish whose write failed is nacked and
+/// every later durable operation fails with a typed error; transient work goes on.
+#[test]
+fn a_store_failure_nacks_and_poisons() {
+    let faults = Faults::new();
+    let broker = Broker::builder()
+        .open_store(FaultyStore::new(MemoryStore::new(), faults.clone()))
+        .unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    ch.queue_declare("q", durable(), FieldTable::new()).unwrap();
+    ch.queue_declare("mem", QueueDeclareOptions::default(), FieldTable::new())
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).unwrap();
+    faults.fail_apply_after(0);
+    publish(&ch, "", "q", "lost", persistent());
+    assert!(
+        !ch.wait_for_confirms_timeout(Duration::from_secs(10))
+            .unwrap(),
+        "nacked"
+    );
+    let err = ch
+        .basic_publish("", "q", Default::default(), b"x".to_vec(), persistent())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Storage(StoreError::Poisoned(_))),
+        "{err:?}"
+    );
+    let err = ch
+        .queue_declare("q2", durable(), FieldTable::new())
+        .unwrap_err();
+    assert!(matches!(err, Error::Storage(_)), "{err:?}");
+    publish(&ch, "", "mem", "fine", BasicProperties::default());
+    assert!(
+        ch.wait_for_confirms().unwrap(),
+        "in-memory publishes still confirm"
+    );
+}
+
+/// A second broker on a directory already open is refused with a clear error.
+#[test]
+fn a_directory_in_use_is_refused() {
+    let dir = temp_dir("locked");
+    let first = Broker::open(&dir).unwrap();
+    match Broker::open(&dir) {
+        Err(Error::Storage(StoreError::Locked(_))) => {}
+        Err(other) => panic!("expected Locked, got {other:?}"),
+        Ok(_) => panic!("a second broker opened the same directory"),
+    }
+    drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
