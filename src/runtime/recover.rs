@@ -67,16 +67,23 @@ pub(crate) fn rebuild(recovered: Recovered, persistence: &Arc<Persistence>) -> R
             continue;
         };
         let name: Arc<str> = cell.meta.name.clone();
+        // Consecutive messages mostly share their exchange and routing key: reuse the last.
+        let mut last_exchange: Arc<str> = Arc::from("");
+        let mut last_key: Arc<str> = name.clone();
         cell.restore(qm.messages.into_iter().map(|(seq, r)| {
-            // Through the default exchange the routing key is the queue's name: share it.
-            let routing_key = if *r.routing_key == *name {
-                name.clone()
-            } else {
-                Arc::from(r.routing_key)
-            };
-            let exchange = topology
-                .exchange(&r.exchange)
-                .map_or_else(|| Arc::from(r.exchange.as_str()), |e| e.name.clone());
+            if *r.routing_key != *last_key {
+                last_key = if *r.routing_key == *name {
+                    name.clone()
+                } else {
+                    Arc::from(r.routing_key)
+                };
+            }
+            if *r.exchange != *last_exchange {
+                last_exchange = topology
+                    .exchange(&r.exchange)
+                    .map_or_else(|| Arc::from(r.exchange.as_str()), |e| e.name.clone());
+            }
+            let (exchange, routing_key) = (last_exchange.clone(), last_key.clone());
             Entry {
                 seq,
                 message: Arc::new(Message {
