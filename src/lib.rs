@@ -53,6 +53,7 @@ pub mod types;
 pub use core::confirm::ConfirmEvent;
 pub use core::exchange::ExchangeKind;
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
+pub use runtime::Durability;
 pub use runtime::{
     Broker, BrokerBuilder, Channel, Connection, Consumer, Delivery, GetMessage, Limits,
     QueueDeclareOk, Returned,

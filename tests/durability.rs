@@ -259,3 +259,21 @@ fn a_directory_in_use_is_refused() {
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Dropping a broker releases its directory: it can be opened again at once.
+#[test]
+fn a_dropped_broker_releases_its_directory() {
+    let dir = temp_dir("release");
+    for round in 0..3 {
+        let broker = Broker::open(&dir).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        ch.queue_declare("q", durable(), FieldTable::new()).unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).unwrap();
+        for i in 0..2_000 {
+            publish(&ch, "", "q", &i.to_string(), persistent());
+        }
+        assert!(ch.wait_for_confirms().unwrap());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -888,7 +888,7 @@ impl ChannelInner {
                 .filter(|(c, _)| c.has_store())
                 .map(|(c, seq)| (c.meta.id.0, *seq))
                 .collect();
-            let confirm = seq.map(|s| (self.clone(), s));
+            let confirm = seq.map(|s| (Arc::downgrade(self), s));
             p.send(Job::Publish {
                 message: message.clone(),
                 targets,

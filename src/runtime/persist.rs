@@ -13,7 +13,7 @@
 //! never written, but its confirm is still released with the batch.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -47,8 +47,9 @@ pub enum Durability {
 /// Jobs taken in one group at most (bounds the batch and the confirm latency).
 const GROUP_MAX: usize = 8192;
 
-/// A confirm to release once the job holding it is durable.
-pub(crate) type Ticket = (Arc<ChannelInner>, u64);
+/// A confirm to release once the job holding it is durable. The channel is held weakly: the
+/// flusher must never be what keeps a channel (and so the broker) alive.
+pub(crate) type Ticket = (Weak<ChannelInner>, u64);
 
 pub(crate) enum Job {
     /// A persistent message enters durable queues (queue id, sequence number).
@@ -146,7 +147,9 @@ impl Drop for Persistence {
         // Closing the channel ends the flusher after it has written what it holds.
         let (dead, _) = crossbeam_channel::bounded(0);
         drop(std::mem::replace(&mut self.tx, dead));
-        if let Some(t) = self.thread.lock().take() {
+        if let Some(t) = self.thread.lock().take()
+            && t.thread().id() != std::thread::current().id()
+        {
             let _ = t.join();
         }
     }
@@ -218,13 +221,13 @@ fn group_batch(jobs: &[Job]) -> Batch {
 /// Releases confirms (acks, or nacks if the write failed) channel by channel, and answers
 /// waiters.
 fn answer(jobs: impl Iterator<Item = Job>, result: &Result<(), StoreError>) {
-    let mut by_channel: Vec<(Arc<ChannelInner>, Vec<u64>)> = Vec::new();
+    let mut by_channel: Vec<(Weak<ChannelInner>, Vec<u64>)> = Vec::new();
     for job in jobs {
         match job {
             Job::Publish {
                 confirm: Some((ch, seq)),
                 ..
-            } => match by_channel.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &ch)) {
+            } => match by_channel.iter_mut().find(|(c, _)| Weak::ptr_eq(c, &ch)) {
                 Some((_, seqs)) => seqs.push(seq),
                 None => by_channel.push((ch, vec![seq])),
             },
@@ -235,6 +238,8 @@ fn answer(jobs: impl Iterator<Item = Job>, result: &Result<(), StoreError>) {
         }
     }
     for (ch, seqs) in by_channel {
+        // A channel gone meanwhile has nobody to confirm to.
+        let Some(ch) = ch.upgrade() else { continue };
         match result {
             Ok(()) => ch.answer_confirms(&seqs, &[]),
             Err(_) => ch.answer_confirms(&[], &seqs),
