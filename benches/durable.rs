@@ -13,6 +13,9 @@
 //! - `recovery`: opening a broker whose store holds 1,000,000 persistent 64-byte messages,
 //!   beside a raw sled iteration over 1,000,000 records.
 //!
+//! - with `CONEY_BENCH_DISK=1`: the store's size on disk over 1,000,000 publish+ack cycles with a
+//!   backlog of 1,000, and before and after a backlog of 1,000,000 drains (printed, untimed).
+//!
 //! Directories live under the system temp dir and are removed at the end.
 
 use std::hint::black_box;
@@ -338,11 +341,76 @@ fn recovery(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&path);
 }
 
+/// Not a timed benchmark: the store directory's size under a steady publish+ack stream with a
+/// backlog of 1,000, and after a backlog of 1,000,000 drains (printed).
+fn disk_space() {
+    const CYCLES: u64 = 1_000_000;
+    const BACKLOG: u64 = 1_000;
+    let path = dir("disk");
+    let rig = Rig::new(durable_broker(&path, Durability::GroupCommit));
+    let body = Bytes::from(vec![0x5Au8; 64]);
+    let mb = |b: &Broker| b.size_on_disk().unwrap() as f64 / (1024.0 * 1024.0);
+    let publish = |n: u64| {
+        for _ in 0..n {
+            rig.ch
+                .basic_publish("", "q", Default::default(), body.clone(), persistent())
+                .unwrap();
+        }
+    };
+    let take = |n: u64| {
+        for _ in 0..n {
+            let g = rig
+                .ch
+                .basic_get("q", BasicGetOptions::default())
+                .unwrap()
+                .unwrap();
+            g.delivery.ack().unwrap();
+        }
+    };
+    let start = Instant::now();
+    publish(BACKLOG);
+    for i in 0..CYCLES {
+        publish(1);
+        take(1);
+        if (i + 1) % 250_000 == 0 {
+            rig.broker.sync().unwrap();
+            eprintln!(
+                "disk: {} publish+ack cycles over a backlog of {BACKLOG}: {:.1} MiB",
+                i + 1,
+                mb(&rig.broker)
+            );
+        }
+    }
+    take(BACKLOG);
+    rig.broker.sync().unwrap();
+    eprintln!(
+        "disk: steady stream done in {:?}, queue empty: {:.1} MiB",
+        start.elapsed(),
+        mb(&rig.broker)
+    );
+    publish(CYCLES);
+    assert!(rig.ch.wait_for_confirms().unwrap());
+    eprintln!("disk: backlog of {CYCLES}: {:.1} MiB", mb(&rig.broker));
+    take(CYCLES);
+    rig.broker.sync().unwrap();
+    eprintln!(
+        "disk: after the backlog drained: {:.1} MiB",
+        mb(&rig.broker)
+    );
+    thread::sleep(Duration::from_secs(2)); // two rounds of sled's own flusher (space reclaim)
+    eprintln!("disk: 2 s later: {:.1} MiB", mb(&rig.broker));
+    drop(rig);
+    let _ = std::fs::remove_dir_all(&path);
+}
+
 fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5))
         .configure_from_args();
+    if std::env::var("CONEY_BENCH_DISK").is_ok() {
+        disk_space();
+    }
     publish_confirm(&mut c);
     per_message_flush(&mut c);
     spsc_persistent(&mut c);
