@@ -277,3 +277,27 @@ fn a_dropped_broker_releases_its_directory() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A record that fails to decode stops recovery with a typed `Corrupt` error naming its key,
+/// never a panic and never a silent skip.
+#[test]
+fn a_corrupt_record_is_reported_with_its_key() {
+    let store = MemoryStore::new();
+    {
+        let broker = Broker::builder().open_store(store.clone()).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        let q = ch.queue_declare("q", durable(), FieldTable::new()).unwrap();
+        assert_eq!(q.name, "q");
+        publish(&ch, "", "q", "m", persistent());
+        broker.sync().unwrap();
+    }
+    // The first queue has id 1 and its first message sequence number 0.
+    let key = coney::store::codec::message_key(1, 0);
+    assert!(store.corrupt_key(&key));
+    match Broker::builder().open_store(store) {
+        Err(Error::Storage(StoreError::Corrupt { key: k, .. })) => assert_eq!(k, key.to_vec()),
+        Err(other) => panic!("expected Corrupt, got {other:?}"),
+        Ok(_) => panic!("a corrupt store opened"),
+    }
+}
