@@ -65,7 +65,7 @@ pub(crate) struct ChannelInner {
     global_in_flight: AtomicU32,
     last_queue: Mutex<Option<Arc<str>>>,
     returns: Mutex<Option<ReturnHandler>>,
-    confirms: ConfirmCell,
+    confirms: Arc<ConfirmCell>,
 }
 
 type ReturnHandler = Box<dyn FnMut(Returned) + Send>;
@@ -120,7 +120,7 @@ impl Channel {
             global_in_flight: AtomicU32::new(0),
             last_queue: Mutex::new(None),
             returns: Mutex::new(None),
-            confirms: ConfirmCell::default(),
+            confirms: Arc::default(),
         });
         inner
             .broker
@@ -624,11 +624,6 @@ impl ChannelInner {
             .is_ok()
     }
 
-    /// Answers publishes (from the flusher once their records are durable).
-    pub(crate) fn answer_confirms(&self, acks: &[u64], nacks: &[u64]) {
-        self.confirms.answer(acks, nacks);
-    }
-
     /// Deliveries reserved against the channel-wide prefetch.
     pub(crate) fn global_in_flight(&self) -> u64 {
         u64::from(self.global_in_flight.load(Ordering::SeqCst))
@@ -888,7 +883,7 @@ impl ChannelInner {
                 .filter(|(c, _)| c.has_store())
                 .map(|(c, seq)| (c.meta.id.0, *seq))
                 .collect();
-            let confirm = seq.map(|s| (Arc::downgrade(self), s));
+            let confirm = seq.map(|s| (self.confirms.clone(), s));
             p.send(Job::Publish {
                 message: message.clone(),
                 targets,

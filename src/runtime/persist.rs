@@ -13,14 +13,14 @@
 //! never written, but its confirm is still released with the batch.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use super::channel::ChannelInner;
+use super::confirm::ConfirmCell;
 use crate::core::exchange::Destination;
 use crate::core::topology::Topology;
 use crate::store::{
@@ -47,9 +47,10 @@ pub enum Durability {
 /// Jobs taken in one group at most (bounds the batch and the confirm latency).
 const GROUP_MAX: usize = 8192;
 
-/// A confirm to release once the job holding it is durable. The channel is held weakly: the
-/// flusher must never be what keeps a channel (and so the broker) alive.
-pub(crate) type Ticket = (Weak<ChannelInner>, u64);
+/// A confirm to release once the job holding it is durable. It holds the channel's confirm
+/// state only, never the channel: the flusher must not be what keeps a broker alive (it would
+/// then drop the broker, and the store, on its own thread while the application moved on).
+pub(crate) type Ticket = (Arc<ConfirmCell>, u64);
 
 pub(crate) enum Job {
     /// A persistent message enters durable queues (queue id, sequence number).
@@ -221,13 +222,13 @@ fn group_batch(jobs: &[Job]) -> Batch {
 /// Releases confirms (acks, or nacks if the write failed) channel by channel, and answers
 /// waiters.
 fn answer(jobs: impl Iterator<Item = Job>, result: &Result<(), StoreError>) {
-    let mut by_channel: Vec<(Weak<ChannelInner>, Vec<u64>)> = Vec::new();
+    let mut by_channel: Vec<(Arc<ConfirmCell>, Vec<u64>)> = Vec::new();
     for job in jobs {
         match job {
             Job::Publish {
                 confirm: Some((ch, seq)),
                 ..
-            } => match by_channel.iter_mut().find(|(c, _)| Weak::ptr_eq(c, &ch)) {
+            } => match by_channel.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &ch)) {
                 Some((_, seqs)) => seqs.push(seq),
                 None => by_channel.push((ch, vec![seq])),
             },
@@ -238,11 +239,9 @@ fn answer(jobs: impl Iterator<Item = Job>, result: &Result<(), StoreError>) {
         }
     }
     for (ch, seqs) in by_channel {
-        // A channel gone meanwhile has nobody to confirm to.
-        let Some(ch) = ch.upgrade() else { continue };
         match result {
-            Ok(()) => ch.answer_confirms(&seqs, &[]),
-            Err(_) => ch.answer_confirms(&[], &seqs),
+            Ok(()) => ch.answer(&seqs, &[]),
+            Err(_) => ch.answer(&[], &seqs),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -75,7 +76,34 @@ pub struct SledStore {
     /// Serialises applies so a `DeleteQueue`'s scan of the queue's messages and the removal it
     /// applies are not interleaved with another batch's writes to the same queue.
     apply_lock: Mutex<()>,
+    /// Declared after `db`, so dropped after it: waits until sled's own threads have let go of
+    /// the directory's lock, so the directory can be opened again as soon as the store is gone.
+    _release: LockRelease,
 }
+
+/// Waits, when dropped, until the sled directory's lock file can be locked (bounded).
+#[derive(Debug)]
+struct LockRelease(PathBuf);
+
+impl Drop for LockRelease {
+    fn drop(&mut self) {
+        let lock_file = self.0.join("db");
+        let deadline = Instant::now() + LOCK_RELEASE_WAIT;
+        while Instant::now() < deadline {
+            let Ok(file) = std::fs::File::open(&lock_file) else {
+                return;
+            };
+            if file.try_lock().is_ok() {
+                let _ = file.unlock();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// How long dropping a store waits for sled to release the directory at most.
+const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 impl SledStore {
     /// Opens (or creates) the store in directory `path`.
@@ -92,6 +120,7 @@ impl SledStore {
             .map_err(|e| open_error(&path, e))?;
         Ok(SledStore {
             db,
+            _release: LockRelease(path.clone()),
             path,
             poison: Poison::default(),
             apply_lock: Mutex::new(()),
