@@ -50,3 +50,21 @@ fn topic_match_corpus_and_regressions_pass() {
         files.len()
     );
 }
+
+#[test]
+fn record_decode_corpus_and_regressions_pass() {
+    let corpus = inputs("corpus", "record_decode");
+    assert!(
+        !corpus.is_empty(),
+        "fuzz/corpus/record_decode is empty or missing: nothing would be checked"
+    );
+    let mut files = corpus;
+    files.extend(inputs("regressions", "record_decode"));
+    let failed = panicking(&files, coney::fuzzing::record_decode);
+    assert!(
+        failed.is_empty(),
+        "record_decode panicked on {} of {} inputs: {failed:#?}",
+        failed.len(),
+        files.len()
+    );
+}
