@@ -301,3 +301,43 @@ fn a_corrupt_record_is_reported_with_its_key() {
         Ok(_) => panic!("a corrupt store opened"),
     }
 }
+
+/// A persistent message's delivery count (the returns it went through) survives a restart
+/// (needed by the quorum delivery limit); the restart itself does not count as a return.
+#[test]
+fn delivery_counts_survive_a_restart() {
+    let store = MemoryStore::new();
+    {
+        let broker = Broker::builder().open_store(store.clone()).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        ch.queue_declare("q", durable(), FieldTable::new()).unwrap();
+        publish(&ch, "", "q", "m", persistent());
+        for expected in 0..3 {
+            let g = ch
+                .basic_get("q", BasicGetOptions::default())
+                .unwrap()
+                .unwrap();
+            assert_eq!(g.delivery.delivery_count(), expected);
+            g.delivery.nack(true).unwrap();
+        }
+        broker.sync().unwrap();
+    }
+    store.crash();
+    let broker = Broker::builder().open_store(store).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    let g = ch
+        .basic_get("q", BasicGetOptions::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.delivery.delivery_count(), 3);
+    assert!(g.delivery.redelivered());
+    g.delivery.ack().unwrap();
+    broker.sync().unwrap();
+    assert!(
+        ch.basic_get("q", BasicGetOptions::default())
+            .unwrap()
+            .is_none()
+    );
+}

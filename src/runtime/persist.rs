@@ -61,6 +61,14 @@ pub(crate) enum Job {
     },
     /// A persistent message left a durable queue (acked, rejected, purged, fetched no-ack).
     Remove { queue: u64, seq: u64 },
+    /// A persistent message came back to its durable queue: its delivery count is rewritten so
+    /// it survives a restart.
+    Requeued {
+        queue: u64,
+        seq: u64,
+        message: Arc<Message>,
+        delivery_count: u32,
+    },
     /// Definition changes; answered once durable.
     Definitions(Batch, Sender<Result<(), StoreError>>),
     /// Answered once everything sent before is durable.
@@ -186,18 +194,20 @@ fn run(store: &dyn Store, mode: Durability, rx: &Receiver<Job>, poisoned: &OnceL
 }
 
 /// One batch for a group of jobs, in job order, leaving out records written and removed within
-/// the group (a message acked before its record reached the store).
+/// the group (a message acked before its record reached the store), and keeping only the last
+/// of several writes of one record.
 fn group_batch(jobs: &[Job]) -> Batch {
     let mut ops: Vec<Option<Op>> = Vec::new();
-    let mut pending: HashMap<(u64, u64), usize> = HashMap::new();
+    // (queue, seq) -> (index of its pending write, whether that write creates the record)
+    let mut pending: HashMap<(u64, u64), (usize, bool)> = HashMap::new();
     for job in jobs {
         match job {
             Job::Publish {
                 message, targets, ..
             } => {
-                let record = Arc::new(message_record(message));
+                let record = Arc::new(message_record(message, 0));
                 for &(queue, seq) in targets {
-                    pending.insert((queue, seq), ops.len());
+                    pending.insert((queue, seq), (ops.len(), true));
                     ops.push(Some(Op::PutMessage {
                         queue,
                         seq,
@@ -205,8 +215,35 @@ fn group_batch(jobs: &[Job]) -> Batch {
                     }));
                 }
             }
+            Job::Requeued {
+                queue,
+                seq,
+                message,
+                delivery_count,
+            } => {
+                let (queue, seq) = (*queue, *seq);
+                let creates = match pending.remove(&(queue, seq)) {
+                    Some((at, creates)) => {
+                        ops[at] = None;
+                        creates
+                    }
+                    None => false,
+                };
+                pending.insert((queue, seq), (ops.len(), creates));
+                let record = Arc::new(message_record(message, *delivery_count));
+                ops.push(Some(Op::PutMessage { queue, seq, record }));
+            }
             Job::Remove { queue, seq } => match pending.remove(&(*queue, *seq)) {
-                Some(at) => ops[at] = None,
+                // Never written: nothing to remove either.
+                Some((at, true)) => ops[at] = None,
+                // An update of a record already written: drop the update, remove the record.
+                Some((at, false)) => {
+                    ops[at] = None;
+                    ops.push(Some(Op::DeleteMessage {
+                        queue: *queue,
+                        seq: *seq,
+                    }));
+                }
                 None => ops.push(Some(Op::DeleteMessage {
                     queue: *queue,
                     seq: *seq,
@@ -246,13 +283,13 @@ fn answer(jobs: impl Iterator<Item = Job>, result: &Result<(), StoreError>) {
     }
 }
 
-fn message_record(m: &Message) -> MessageRecord {
+fn message_record(m: &Message, delivery_count: u32) -> MessageRecord {
     MessageRecord {
         exchange: m.exchange.to_string(),
         routing_key: m.routing_key.to_string(),
         properties: m.properties.clone(),
         body: m.body.clone(),
-        delivery_count: 0,
+        delivery_count,
         delivered: false,
         enqueued_at_ms: 0,
     }
@@ -380,4 +417,90 @@ pub(crate) fn definition_changes(before: &Topology, after: &Topology) -> Batch {
         batch.push(Op::PutBinding(b.clone()));
     }
     batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::BasicProperties;
+
+    fn message() -> Arc<Message> {
+        Arc::new(Message {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            properties: BasicProperties::default().with_delivery_mode(2),
+            body: bytes::Bytes::from_static(b"m"),
+        })
+    }
+
+    fn kinds(batch: &Batch) -> Vec<String> {
+        batch
+            .ops()
+            .iter()
+            .map(|op| match op {
+                Op::PutMessage { seq, record, .. } => {
+                    format!("put {seq}#{}", record.delivery_count)
+                }
+                Op::DeleteMessage { seq, .. } => format!("delete {seq}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_record_written_and_removed_in_one_group_is_never_written() {
+        let jobs = [
+            Job::Publish {
+                message: message(),
+                targets: [(1, 0)].into_iter().collect(),
+                confirm: None,
+            },
+            Job::Requeued {
+                queue: 1,
+                seq: 0,
+                message: message(),
+                delivery_count: 1,
+            },
+            Job::Remove { queue: 1, seq: 0 },
+        ];
+        assert!(group_batch(&jobs).is_empty());
+    }
+
+    #[test]
+    fn an_update_of_a_written_record_keeps_its_removal() {
+        let jobs = [
+            Job::Requeued {
+                queue: 1,
+                seq: 4,
+                message: message(),
+                delivery_count: 2,
+            },
+            Job::Remove { queue: 1, seq: 4 },
+        ];
+        assert_eq!(kinds(&group_batch(&jobs)), ["delete 4"]);
+    }
+
+    #[test]
+    fn only_the_last_write_of_a_record_is_kept() {
+        let jobs = [
+            Job::Publish {
+                message: message(),
+                targets: [(1, 7)].into_iter().collect(),
+                confirm: None,
+            },
+            Job::Requeued {
+                queue: 1,
+                seq: 7,
+                message: message(),
+                delivery_count: 1,
+            },
+            Job::Requeued {
+                queue: 1,
+                seq: 7,
+                message: message(),
+                delivery_count: 2,
+            },
+        ];
+        assert_eq!(kinds(&group_batch(&jobs)), ["put 7#2"]);
+    }
 }

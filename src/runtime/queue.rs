@@ -212,7 +212,20 @@ impl QueueCell {
                 self.forget(&entry);
                 return Some(entry);
             }
-            Settle::Requeue => _ = s.core.handle_requeue(seq),
+            Settle::Requeue => {
+                if let Some((message, delivery_count)) = s.core.handle_requeue(seq)
+                    && let Some(p) = &self.persist
+                    && message.properties.is_persistent()
+                {
+                    let queue = self.meta.id.0;
+                    p.send(Job::Requeued {
+                        queue,
+                        seq,
+                        message,
+                        delivery_count,
+                    });
+                }
+            }
             Settle::Reject => _ = s.core.handle_reject(seq),
         }
         None

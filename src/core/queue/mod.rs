@@ -168,16 +168,14 @@ impl Queue {
 
     /// Returns an unacked message to the queue (nack/reject with requeue, recover, channel loss):
     /// back at its original position, flagged redelivered, its delivery count incremented.
-    pub fn handle_requeue(&mut self, seq: u64) -> bool {
-        match self.take_unacked(seq) {
-            Some(mut entry) => {
-                entry.delivered = true;
-                entry.delivery_count = entry.delivery_count.saturating_add(1);
-                self.insert_ready(entry);
-                true
-            }
-            None => false,
-        }
+    /// Returns the message and its new delivery count, if the queue held it.
+    pub fn handle_requeue(&mut self, seq: u64) -> Option<(Arc<Message>, u32)> {
+        let mut entry = self.take_unacked(seq)?;
+        entry.delivered = true;
+        entry.delivery_count = entry.delivery_count.saturating_add(1);
+        let requeued = (entry.message.clone(), entry.delivery_count);
+        self.insert_ready(entry);
+        Some(requeued)
     }
 
     /// Takes back a dispatch the runtime could not hand over (the consumer's channel closed
