@@ -341,3 +341,26 @@ fn delivery_counts_survive_a_restart() {
             .is_none()
     );
 }
+
+/// Periodic mode leaves flushing to the timer, but `Broker::sync` still makes everything before
+/// it durable.
+#[test]
+fn sync_is_durable_in_periodic_mode_too() {
+    let store = MemoryStore::new();
+    {
+        let broker = Broker::builder()
+            .durability(Durability::Periodic { every_ms: 60_000 })
+            .open_store(store.clone())
+            .unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        ch.queue_declare("q", durable(), FieldTable::new()).unwrap();
+        publish(&ch, "", "q", "m", persistent());
+        broker.sync().unwrap();
+    }
+    store.crash();
+    let broker = Broker::builder().open_store(store).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    assert_eq!(get_all(&ch, "q"), [("m".to_owned(), true)]);
+}

@@ -181,9 +181,14 @@ fn run(store: &dyn Store, mode: Durability, rx: &Receiver<Job>, poisoned: &OnceL
         } else {
             store.apply(&batch)
         };
+        // Periodic mode leaves flushing to sled's timer, except where a caller asked for
+        // durability outright (`Broker::sync`, definitions).
+        let explicit = jobs
+            .iter()
+            .any(|j| matches!(j, Job::Sync(_) | Job::Definitions(..)));
         let result = result.and_then(|()| match mode {
-            Durability::Periodic { .. } => Ok(()),
-            _ if batch.is_empty() => Ok(()),
+            Durability::Periodic { .. } if !explicit => Ok(()),
+            _ if batch.is_empty() && !explicit => Ok(()),
             _ => store.flush(),
         });
         if let Err(e) = &result {
