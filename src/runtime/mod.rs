@@ -151,9 +151,8 @@ impl BrokerBuilder {
     /// recovered from what it holds.
     pub fn open_store(self, store: impl Store) -> Result<Broker> {
         let store: Arc<dyn Store> = Arc::new(store);
-        let recovered = store.recover()?;
         let persistence = Persistence::start(store, self.durability);
-        let snapshot = recover::rebuild(recovered, &persistence)?;
+        let snapshot = recover::rebuild(&persistence)?;
         Ok(self.build(snapshot, Some(persistence)))
     }
 

@@ -14,17 +14,30 @@ use crate::core::channel::QueueId;
 use crate::core::queue::Entry;
 use crate::core::topology::{ConnectionId, DestinationName, Topology};
 use crate::error::{AmqpError, Result};
-use crate::store::{Batch, DestinationRecord, Op, Recovered, StoreError};
+use crate::store::{
+    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord,
+    RecoverySink, StoreError,
+};
 use crate::types::{ExchangeDeclareOptions, Message};
 
 /// The connection id recovery acts as (recovered queues are never exclusive).
 const RECOVERY: ConnectionId = ConnectionId(0);
 
-/// Rebuilds the broker's state from what the store holds. Messages of a queue that has no
-/// record (its deletion reached the store, its messages' removal did not) are deleted.
-pub(crate) fn rebuild(recovered: Recovered, persistence: &Arc<Persistence>) -> Result<Snapshot> {
+/// Rebuilds the broker's state from what its store holds. Messages become queue entries as
+/// they are read; messages of a queue that has no record (its deletion reached the store, its
+/// messages' removal did not) are deleted.
+pub(crate) fn rebuild(persistence: &Arc<Persistence>) -> Result<Snapshot> {
+    let mut read = Read::default();
+    persistence.store().recover_into(&mut read)?;
+    let Read {
+        exchanges,
+        queues: queue_records,
+        bindings,
+        messages,
+        ..
+    } = read;
     let mut topology = Topology::new();
-    for e in &recovered.exchanges {
+    for e in &exchanges {
         let options = ExchangeDeclareOptions {
             durable: true,
             auto_delete: e.auto_delete,
@@ -36,7 +49,7 @@ pub(crate) fn rebuild(recovered: Recovered, persistence: &Arc<Persistence>) -> R
             .map_err(|err| inconsistent(b'E', e.name.as_bytes(), &err))?;
     }
     let mut queues = FxHashMap::default();
-    for q in &recovered.queues {
+    for q in &queue_records {
         let meta = topology
             .restore_queue(QueueId(q.id), &q.name, q.auto_delete, q.arguments.clone())
             .map_err(|err| inconsistent(b'Q', &q.id.to_be_bytes(), &err))?;
@@ -45,7 +58,7 @@ pub(crate) fn rebuild(recovered: Recovered, persistence: &Arc<Persistence>) -> R
             Arc::new(QueueCell::new(meta, Some(persistence.clone()))),
         );
     }
-    for b in &recovered.bindings {
+    for b in &bindings {
         let destination = match &b.destination {
             DestinationRecord::Queue(q) => DestinationName::Queue(q),
             DestinationRecord::Exchange(e) => DestinationName::Exchange(e),
@@ -61,47 +74,76 @@ pub(crate) fn rebuild(recovered: Recovered, persistence: &Arc<Persistence>) -> R
             .map_err(|err| inconsistent(b'B', b.source.as_bytes(), &err))?;
     }
     let mut orphans = Batch::new();
-    for qm in recovered.messages {
-        let Some(cell) = queues.get(&QueueId(qm.queue)) else {
-            orphans.push(Op::DeleteQueue(qm.queue));
-            continue;
-        };
-        let name: Arc<str> = cell.meta.name.clone();
-        // Consecutive messages mostly share their exchange and routing key: reuse the last.
-        let mut last_exchange: Arc<str> = Arc::from("");
-        let mut last_key: Arc<str> = name.clone();
-        cell.restore(qm.messages.into_iter().map(|(seq, r)| {
-            if *r.routing_key != *last_key {
-                last_key = if *r.routing_key == *name {
-                    name.clone()
-                } else {
-                    Arc::from(r.routing_key)
-                };
-            }
-            if *r.exchange != *last_exchange {
-                last_exchange = topology
-                    .exchange(&r.exchange)
-                    .map_or_else(|| Arc::from(r.exchange.as_str()), |e| e.name.clone());
-            }
-            let (exchange, routing_key) = (last_exchange.clone(), last_key.clone());
-            Entry {
-                seq,
-                message: Arc::new(Message {
-                    exchange,
-                    routing_key,
-                    properties: r.properties,
-                    body: r.body,
-                }),
-                delivered: true,
-                delivery_count: r.delivery_count,
-                enqueued_at_ms: r.enqueued_at_ms,
-            }
-        }));
+    for (queue, entries) in messages {
+        match queues.get(&QueueId(queue)) {
+            Some(cell) => cell.restore(entries),
+            None => orphans.push(Op::DeleteQueue(queue)),
+        }
     }
     if !orphans.is_empty() {
         persistence.write_definitions(orphans).wait()?;
     }
     Ok(Snapshot { topology, queues })
+}
+
+/// What recovery reads: definitions as records, messages straight into queue entries (flagged
+/// possibly delivered), grouped by queue in the order the store gives them.
+#[derive(Default)]
+struct Read {
+    exchanges: Vec<ExchangeRecord>,
+    queues: Vec<QueueRecord>,
+    bindings: Vec<BindingRecord>,
+    messages: Vec<(u64, Vec<Entry>)>,
+    /// Consecutive messages mostly share their exchange and routing key: one `Arc` each.
+    last_exchange: Option<Arc<str>>,
+    last_key: Option<Arc<str>>,
+}
+
+impl RecoverySink for Read {
+    fn exchange(&mut self, record: ExchangeRecord) -> Result<(), StoreError> {
+        self.exchanges.push(record);
+        Ok(())
+    }
+
+    fn queue(&mut self, record: QueueRecord) -> Result<(), StoreError> {
+        self.queues.push(record);
+        Ok(())
+    }
+
+    fn binding(&mut self, record: BindingRecord) -> Result<(), StoreError> {
+        self.bindings.push(record);
+        Ok(())
+    }
+
+    fn message(&mut self, queue: u64, seq: u64, r: MessageRecord) -> Result<(), StoreError> {
+        let exchange = interned(&mut self.last_exchange, r.exchange);
+        let routing_key = interned(&mut self.last_key, r.routing_key);
+        let entry = Entry {
+            seq,
+            message: Arc::new(Message {
+                exchange,
+                routing_key,
+                properties: r.properties,
+                body: r.body,
+            }),
+            delivered: true,
+            delivery_count: r.delivery_count,
+            enqueued_at_ms: r.enqueued_at_ms,
+        };
+        match self.messages.last_mut() {
+            Some((q, entries)) if *q == queue => entries.push(entry),
+            _ => self.messages.push((queue, vec![entry])),
+        }
+        Ok(())
+    }
+}
+
+/// `name` as an `Arc`, reusing `last` when it holds the same text.
+fn interned(last: &mut Option<Arc<str>>, name: String) -> Arc<str> {
+    match last {
+        Some(l) if **l == *name => l.clone(),
+        _ => last.insert(Arc::from(name)).clone(),
+    }
 }
 
 /// A definition the store holds that the broker cannot take back: reported as corrupt.

@@ -42,8 +42,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueMessages,
-    QueueRecord, Recovered, StoreError,
+    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord,
+    RecoverySink, StoreError,
 };
 use crate::types::{FieldTable, FieldValue};
 
@@ -326,59 +326,23 @@ fn encode_op(op: &Op) -> Result<Write, StoreError> {
     })
 }
 
-/// Builds a [`Recovered`] from records fed in key order.
-#[derive(Default)]
-pub(crate) struct Recovery {
-    out: Recovered,
-}
-
-impl Recovery {
-    /// Decodes one record and files it. `body` makes a message body from its range in `value`.
-    pub(crate) fn add(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        body: impl FnOnce(Range<usize>) -> Bytes,
-    ) -> Result<(), StoreError> {
-        match key.first() {
-            Some(&MESSAGE_PREFIX) => {
-                let (queue, seq, record) = decode_message_with(key, value, body)?;
-                self.add_message(queue, seq, record);
-            }
-            Some(&EXCHANGE_PREFIX) => self.out.exchanges.push(decode_exchange(key, value)?),
-            Some(&QUEUE_PREFIX) => self.out.queues.push(decode_queue(key, value)?),
-            Some(&BINDING_PREFIX) => self.out.bindings.push(decode_binding(key, value)?),
-            _ => return Err(unknown_kind(key)),
+/// Decodes one stored record and hands it to `sink`. `body` makes a message body from its
+/// range in `value`.
+pub(crate) fn feed(
+    sink: &mut dyn RecoverySink,
+    key: &[u8],
+    value: &[u8],
+    body: impl FnOnce(Range<usize>) -> Bytes,
+) -> Result<(), StoreError> {
+    match key.first() {
+        Some(&MESSAGE_PREFIX) => {
+            let (queue, seq, record) = decode_message_with(key, value, body)?;
+            sink.message(queue, seq, record)
         }
-        Ok(())
-    }
-
-    #[inline]
-    fn add_message(&mut self, queue: u64, seq: u64, record: MessageRecord) {
-        match self.out.messages.last_mut() {
-            Some(group) if group.queue == queue => {
-                assert!(
-                    group.messages.last().is_none_or(|(last, _)| *last < seq),
-                    "records must be fed in key order"
-                );
-                group.messages.push((seq, record));
-            }
-            last => {
-                assert!(
-                    last.is_none_or(|group| group.queue < queue),
-                    "records must be fed in key order"
-                );
-                self.out.messages.push(QueueMessages {
-                    queue,
-                    messages: vec![(seq, record)],
-                });
-            }
-        }
-    }
-
-    /// The records read so far.
-    pub(crate) fn finish(self) -> Recovered {
-        self.out
+        Some(&EXCHANGE_PREFIX) => sink.exchange(decode_exchange(key, value)?),
+        Some(&QUEUE_PREFIX) => sink.queue(decode_queue(key, value)?),
+        Some(&BINDING_PREFIX) => sink.binding(decode_binding(key, value)?),
+        _ => Err(unknown_kind(key)),
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{Batch, Poison, Recovered, Store, StoreError};
+use super::{Batch, Poison, RecoverySink, Store, StoreError};
 
 /// Wraps a store and injects the failures its [`Faults`] handle asks for.
 ///
@@ -154,12 +154,12 @@ impl<S: Store> Store for FaultyStore<S> {
         self.pass(self.inner.flush())
     }
 
-    fn recover(&self) -> Result<Recovered, StoreError> {
+    fn recover_into(&self, sink: &mut dyn RecoverySink) -> Result<(), StoreError> {
         self.poison.check()?;
         if self.faults.take_recover() {
             return Err(self.poison.fail("injected recover failure".to_string()));
         }
-        self.pass(self.inner.recover())
+        self.pass(self.inner.recover_into(sink))
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::codec::{self, Recovery, Write};
-use super::{Batch, Recovered, Store, StoreError};
+use super::codec::{self, Write};
+use super::{Batch, RecoverySink, Store, StoreError};
 
 /// A store in two `BTreeMap`s: what was applied, and what was durable at the last flush.
 ///
@@ -102,13 +102,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn recover(&self) -> Result<Recovered, StoreError> {
+    fn recover_into(&self, sink: &mut dyn RecoverySink) -> Result<(), StoreError> {
         let state = self.state.lock();
-        let mut recovery = Recovery::default();
         for (key, value) in &state.applied {
-            recovery.add(key, value, |body| Bytes::copy_from_slice(&value[body]))?;
+            codec::feed(sink, key, value, |body| {
+                Bytes::copy_from_slice(&value[body])
+            })?;
         }
-        Ok(recovery.finish())
+        Ok(())
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -55,12 +55,19 @@ pub trait Store: Send + Sync + 'static {
     fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Makes everything applied so far durable (fsync).
     fn flush(&self) -> Result<(), StoreError>;
-    /// Reads back everything durable, for recovery: definitions, then each queue's messages in
+    /// Reads back everything durable, for recovery, handing each record to `sink` as it is
+    /// decoded, in key order: bindings, exchanges, messages (by queue id, then sequence
+    /// number), queues. Nothing is gathered in between, so a million messages are never all
+    /// held twice.
+    fn recover_into(&self, sink: &mut dyn RecoverySink) -> Result<(), StoreError>;
+
+    /// Reads back everything durable, gathered: definitions, then each queue's messages in
     /// sequence order.
-    ///
-    /// It reads the store's current contents; called right after opening, those are exactly
-    /// what was durable when the previous process stopped.
-    fn recover(&self) -> Result<Recovered, StoreError>;
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        let mut recovered = Recovered::default();
+        self.recover_into(&mut recovered)?;
+        Ok(recovered)
+    }
     /// Bytes the store occupies on disk (0 for memory), for the disk-bound checks.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 }
@@ -237,6 +244,59 @@ pub struct QueueMessages {
     pub queue: u64,
     /// `(seq, message)`, ascending by seq.
     pub messages: Vec<(u64, MessageRecord)>,
+}
+
+/// Receives recovered records one at a time, in key order (see [`Store::recover_into`]).
+pub trait RecoverySink {
+    /// A durable exchange.
+    fn exchange(&mut self, record: ExchangeRecord) -> Result<(), StoreError>;
+    /// A durable queue.
+    fn queue(&mut self, record: QueueRecord) -> Result<(), StoreError>;
+    /// A binding.
+    fn binding(&mut self, record: BindingRecord) -> Result<(), StoreError>;
+    /// A message of queue `queue` with sequence number `seq`.
+    fn message(&mut self, queue: u64, seq: u64, record: MessageRecord) -> Result<(), StoreError>;
+}
+
+/// Gathers everything, for [`Store::recover`].
+impl RecoverySink for Recovered {
+    fn exchange(&mut self, record: ExchangeRecord) -> Result<(), StoreError> {
+        self.exchanges.push(record);
+        Ok(())
+    }
+
+    fn queue(&mut self, record: QueueRecord) -> Result<(), StoreError> {
+        self.queues.push(record);
+        Ok(())
+    }
+
+    fn binding(&mut self, record: BindingRecord) -> Result<(), StoreError> {
+        self.bindings.push(record);
+        Ok(())
+    }
+
+    fn message(&mut self, queue: u64, seq: u64, record: MessageRecord) -> Result<(), StoreError> {
+        match self.messages.last_mut() {
+            Some(group) if group.queue == queue => {
+                assert!(
+                    group.messages.last().is_none_or(|(last, _)| *last < seq),
+                    "records must be fed in key order"
+                );
+                group.messages.push((seq, record));
+            }
+            last => {
+                assert!(
+                    last.is_none_or(|group| group.queue < queue),
+                    "records must be fed in key order"
+                );
+                self.messages.push(QueueMessages {
+                    queue,
+                    messages: vec![(seq, record)],
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A failure of a store operation.

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::codec::{self, Recovery, Write};
-use super::{Batch, Poison, Recovered, Store, StoreError};
+use super::codec::{self, Write};
+use super::{Batch, Poison, RecoverySink, Store, StoreError};
 
 /// Options of [`SledStore::open`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,7 +223,7 @@ impl Store for SledStore {
 
     /// Reads the tree on a helper thread and decodes on the caller's, so with two cores free
     /// recovery takes little more than sled's own iteration (`benches/store.rs` compares them).
-    fn recover(&self) -> Result<Recovered, StoreError> {
+    fn recover_into(&self, sink: &mut dyn RecoverySink) -> Result<(), StoreError> {
         self.poison.check()?;
         let (chunks_tx, chunks_rx) = mpsc::sync_channel(RECOVER_CHUNKS_IN_FLIGHT);
         thread::scope(|scope| {
@@ -231,15 +231,16 @@ impl Store for SledStore {
                 .name("coney-recover".into())
                 .spawn_scoped(scope, || read_chunks(&self.db, chunks_tx))
                 .map_err(|e| self.poison.fail(format!("spawn the recovery reader: {e}")))?;
-            let mut recovery = Recovery::default();
             // On an early return `chunks_rx` drops, the reader's next send fails and it stops.
             for chunk in chunks_rx {
                 let chunk = chunk.map_err(|e| self.poison.fail(format!("read: {e}")))?;
                 for (key, value) in &chunk {
-                    recovery.add(key, value, |body| Bytes::copy_from_slice(&value[body]))?;
+                    codec::feed(sink, key, value, |body| {
+                        Bytes::copy_from_slice(&value[body])
+                    })?;
                 }
             }
-            Ok(recovery.finish())
+            Ok(())
         })
     }
 
