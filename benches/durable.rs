@@ -334,64 +334,87 @@ fn recovery(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&path);
 }
 
+/// Publishes `n` persistent 64-byte messages to `q`.
+fn publish_n(rig: &Rig, n: u64) {
+    let body = Bytes::from(vec![0x5Au8; 64]);
+    for _ in 0..n {
+        rig.ch
+            .basic_publish("", "q", Default::default(), body.clone(), persistent())
+            .unwrap();
+    }
+}
+
+/// Fetches and acks `n` messages of `q`.
+fn take_n(rig: &Rig, n: u64) {
+    for _ in 0..n {
+        let g = rig
+            .ch
+            .basic_get("q", BasicGetOptions::default())
+            .unwrap()
+            .unwrap();
+        g.delivery.ack().unwrap();
+    }
+}
+
+fn mib(broker: &Broker) -> f64 {
+    broker.size_on_disk().unwrap() as f64 / (1024.0 * 1024.0)
+}
+
 /// Not a timed benchmark: the store directory's size under a steady publish+ack stream with a
-/// backlog of 1,000, and after a backlog of 1,000,000 drains (printed).
+/// backlog of 1,000 (checking nothing acked is left behind by reopening), and before and after
+/// a backlog as large as the stream drains (printed).
 fn disk_space() {
-    const CYCLES: u64 = 1_000_000;
+    let cycles: u64 = std::env::var("CONEY_BENCH_DISK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     const BACKLOG: u64 = 1_000;
     let path = dir("disk");
     let rig = Rig::new(durable_broker(&path, Durability::GroupCommit));
-    let body = Bytes::from(vec![0x5Au8; 64]);
-    let mb = |b: &Broker| b.size_on_disk().unwrap() as f64 / (1024.0 * 1024.0);
-    let publish = |n: u64| {
-        for _ in 0..n {
-            rig.ch
-                .basic_publish("", "q", Default::default(), body.clone(), persistent())
-                .unwrap();
-        }
-    };
-    let take = |n: u64| {
-        for _ in 0..n {
-            let g = rig
-                .ch
-                .basic_get("q", BasicGetOptions::default())
-                .unwrap()
-                .unwrap();
-            g.delivery.ack().unwrap();
-        }
-    };
     let start = Instant::now();
-    publish(BACKLOG);
-    for i in 0..CYCLES {
-        publish(1);
-        take(1);
-        if (i + 1) % 250_000 == 0 {
+    publish_n(&rig, BACKLOG);
+    for i in 0..cycles {
+        publish_n(&rig, 1);
+        take_n(&rig, 1);
+        if (i + 1) % 500_000 == 0 {
             rig.broker.sync().unwrap();
             eprintln!(
                 "disk: {} publish+ack cycles over a backlog of {BACKLOG}: {:.1} MiB",
                 i + 1,
-                mb(&rig.broker)
+                mib(&rig.broker)
             );
         }
     }
-    take(BACKLOG);
+    take_n(&rig, BACKLOG);
     rig.broker.sync().unwrap();
     eprintln!(
         "disk: steady stream done in {:?}, queue empty: {:.1} MiB",
         start.elapsed(),
-        mb(&rig.broker)
+        mib(&rig.broker)
     );
-    publish(CYCLES);
+    drop(rig);
+    let rig = Rig::new(durable_broker(&path, Durability::GroupCommit));
+    let left = rig
+        .ch
+        .queue_declare("q", durable(), FieldTable::new())
+        .unwrap()
+        .message_count;
+    assert_eq!(left, 0, "acked messages came back");
+    eprintln!(
+        "disk: reopened: nothing recovered, {:.1} MiB",
+        mib(&rig.broker)
+    );
+    publish_n(&rig, cycles);
     assert!(rig.ch.wait_for_confirms().unwrap());
-    eprintln!("disk: backlog of {CYCLES}: {:.1} MiB", mb(&rig.broker));
-    take(CYCLES);
+    eprintln!("disk: backlog of {cycles}: {:.1} MiB", mib(&rig.broker));
+    take_n(&rig, cycles);
     rig.broker.sync().unwrap();
     eprintln!(
         "disk: after the backlog drained: {:.1} MiB",
-        mb(&rig.broker)
+        mib(&rig.broker)
     );
-    thread::sleep(Duration::from_secs(2)); // two rounds of sled's own flusher (space reclaim)
-    eprintln!("disk: 2 s later: {:.1} MiB", mb(&rig.broker));
+    thread::sleep(Duration::from_secs(2)); // a few rounds of sled's own flusher (space reclaim)
+    eprintln!("disk: 2 s later: {:.1} MiB", mib(&rig.broker));
     drop(rig);
     let _ = std::fs::remove_dir_all(&path);
 }
