@@ -458,3 +458,31 @@ fn routing_key_is_not_stripped_of_cr_lf() {
     d.ack().unwrap();
     broker.check_invariants().unwrap();
 }
+
+/// §7.1: an `expiration` that is not a whole decimal number of milliseconds in range is a 406
+/// at publish (channel closed, nothing enqueued); valid ones, `"0"` included, are accepted.
+#[test]
+fn invalid_expiration_is_refused_at_publish() {
+    let (broker, conn, ch) = setup();
+    declare(&ch, "q");
+    for ok in ["0", "60000"] {
+        let props = BasicProperties::default().with_expiration(ok);
+        ch.basic_publish("", "q", Default::default(), b"m".to_vec(), props)
+            .unwrap();
+    }
+    for (bad, reason) in [
+        ("", "no_integer"),
+        ("foobar", "no_integer"),
+        ("10000foobar", "{leftover_string,\"foobar\"}"),
+        ("-10", "{value_negative,-10}"),
+        ("315360000001", "{value_too_large,315360000001}"),
+    ] {
+        let ch = conn.channel().unwrap();
+        let props = BasicProperties::default().with_expiration(bad);
+        let r = ch.basic_publish("", "q", Default::default(), b"x".to_vec(), props);
+        let text = format!("PRECONDITION_FAILED - invalid expiration '{bad}': {reason}");
+        channel_error(r, ReplyCode::PreconditionFailed, Some(&text));
+    }
+    assert_eq!(ready(&ch, "q"), 2, "refused publishes enqueue nothing");
+    broker.check_invariants().unwrap();
+}

@@ -24,6 +24,7 @@ use super::{BrokerInner, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
 use crate::core::confirm::ConfirmEvent;
 use crate::core::exchange::ExchangeKind;
+use crate::core::queue::expiration::parse_expiration;
 use crate::core::queue::{ConsumerId, ConsumerSpec};
 use crate::core::topology::{DestinationName, Targets, no_queue};
 use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
@@ -835,6 +836,12 @@ impl ChannelInner {
         }
         let snap = self.broker.snapshot.load();
         let ex = self.result(snap.topology.exchange_for_publish(&exchange))?;
+        if let Some(expiration) = &properties.expiration
+            && let Err(reason) = parse_expiration(expiration)
+        {
+            let text = format!("invalid expiration '{expiration}': {reason}");
+            return Err(self.fail(AmqpError::new(ReplyCode::PreconditionFailed, text)));
+        }
         let extra_keys = self.result(sender_selected_keys(&mut properties))?;
         let mut keys: SmallVec<[&str; 1]> = SmallVec::new();
         keys.push(routing_key);
