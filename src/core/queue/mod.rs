@@ -14,6 +14,7 @@
 //! - consumer ids are unique; an exclusive consumer is the only consumer.
 
 mod consumers;
+pub mod dead_letter;
 pub mod expiration;
 
 use std::collections::{HashMap, VecDeque};
