@@ -65,10 +65,9 @@ impl BrokerInner {
                 })?;
             if declared.created {
                 let persist = self.persistence.clone().filter(|_| declared.meta.durable);
-                snap.queues.insert(
-                    declared.meta.id,
-                    Arc::new(QueueCell::new(declared.meta.clone(), persist)),
-                );
+                let cell = Arc::new(QueueCell::new(declared.meta.clone(), persist));
+                cell.set_broker(self.me.clone());
+                snap.queues.insert(declared.meta.id, cell);
                 return Ok(((declared, 0, 0), true));
             }
             let s = snap.queues[&declared.meta.id].lock();

@@ -11,6 +11,7 @@ mod channel;
 mod confirm;
 mod connection;
 mod consumer;
+mod dead_letter;
 mod persist;
 mod queue;
 mod recover;
@@ -158,16 +159,22 @@ impl BrokerBuilder {
 
     fn build(self, snapshot: Snapshot, persistence: Option<Arc<Persistence>>) -> Broker {
         Broker {
-            inner: Arc::new(BrokerInner {
-                snapshot: ArcSwap::from_pointee(snapshot),
-                admin: Mutex::new(Admin {
-                    rng: SplitMix64(self.seed),
-                }),
-                clock: self.clock,
-                limits: self.limits,
-                next_id: AtomicU64::new(1),
-                channels: Mutex::new(HashMap::new()),
-                persistence,
+            inner: Arc::new_cyclic(|me| {
+                for cell in snapshot.queues.values() {
+                    cell.set_broker(me.clone());
+                }
+                BrokerInner {
+                    me: me.clone(),
+                    snapshot: ArcSwap::from_pointee(snapshot),
+                    admin: Mutex::new(Admin {
+                        rng: SplitMix64(self.seed),
+                    }),
+                    clock: self.clock,
+                    limits: self.limits,
+                    next_id: AtomicU64::new(1),
+                    channels: Mutex::new(HashMap::new()),
+                    persistence,
+                }
             }),
         }
     }
@@ -279,6 +286,8 @@ impl Broker {
 }
 
 pub(crate) struct BrokerInner {
+    /// This broker, for queues that dead-letter into it.
+    me: Weak<BrokerInner>,
     snapshot: ArcSwap<Snapshot>,
     admin: Mutex<Admin>,
     clock: Arc<dyn Clock>,

@@ -61,6 +61,13 @@ pub(crate) enum Job {
     },
     /// A persistent message left a durable queue (acked, rejected, purged, fetched no-ack).
     Remove { queue: u64, seq: u64 },
+    /// A message moved by dead-lettering: the source's record (if it had one) is removed and
+    /// the new records written in the same batch.
+    Move {
+        remove: Option<(u64, u64)>,
+        message: Arc<Message>,
+        targets: SmallVec<[(u64, u64); 1]>,
+    },
     /// A persistent message came back to its durable queue: its delivery count is rewritten so
     /// it survives a restart.
     Requeued {
@@ -238,27 +245,49 @@ fn group_batch(jobs: &[Job]) -> Batch {
                 let record = Arc::new(message_record(message, *delivery_count));
                 ops.push(Some(Op::PutMessage { queue, seq, record }));
             }
-            Job::Remove { queue, seq } => match pending.remove(&(*queue, *seq)) {
-                // Never written: nothing to remove either.
-                Some((at, true)) => ops[at] = None,
-                // An update of a record already written: drop the update, remove the record.
-                Some((at, false)) => {
-                    ops[at] = None;
-                    ops.push(Some(Op::DeleteMessage {
-                        queue: *queue,
-                        seq: *seq,
+            Job::Remove { queue, seq } => remove(&mut ops, &mut pending, *queue, *seq),
+            Job::Move {
+                remove: source,
+                message,
+                targets,
+            } => {
+                if let Some((queue, seq)) = source {
+                    remove(&mut ops, &mut pending, *queue, *seq);
+                }
+                let record = Arc::new(message_record(message, 0));
+                for &(queue, seq) in targets {
+                    pending.insert((queue, seq), (ops.len(), true));
+                    ops.push(Some(Op::PutMessage {
+                        queue,
+                        seq,
+                        record: record.clone(),
                     }));
                 }
-                None => ops.push(Some(Op::DeleteMessage {
-                    queue: *queue,
-                    seq: *seq,
-                })),
-            },
+            }
             Job::Definitions(batch, _) => ops.extend(batch.ops().iter().cloned().map(Some)),
             Job::Sync(_) => {}
         }
     }
     Batch::from(ops.into_iter().flatten().collect::<Vec<_>>())
+}
+
+/// Adds the removal of record (queue, seq) to a group: a pending first write of it is dropped
+/// instead (never written, nothing to remove); a pending rewrite is dropped and the record
+/// removed.
+fn remove(
+    ops: &mut Vec<Option<Op>>,
+    pending: &mut HashMap<(u64, u64), (usize, bool)>,
+    queue: u64,
+    seq: u64,
+) {
+    match pending.remove(&(queue, seq)) {
+        Some((at, true)) => ops[at] = None,
+        Some((at, false)) => {
+            ops[at] = None;
+            ops.push(Some(Op::DeleteMessage { queue, seq }));
+        }
+        None => ops.push(Some(Op::DeleteMessage { queue, seq })),
+    }
 }
 
 /// Releases confirms (acks, or nacks if the write failed) channel by channel, and answers

@@ -7,8 +7,8 @@
 //! visible to what it does next, in the order it did it.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Arc, OnceLock, Weak};
 
 use crossbeam_channel::Sender;
 use crossbeam_queue::SegQueue;
@@ -17,11 +17,13 @@ use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap as HashMap;
 use smallvec::SmallVec;
 
+use super::BrokerInner;
 use super::channel::ChannelInner;
 use super::consumer::{Delivery, Pending};
 use super::persist::{Job, Persistence};
 use crate::core::channel::ChannelState;
-use crate::core::queue::{ConsumerId, Dispatch, Effect, Entry, Queue};
+use crate::core::queue::dead_letter::{DeadLetterTarget, DeathReason};
+use crate::core::queue::{ConsumerId, Dispatch, Effect, Entry, Queue, Removal};
 use crate::core::topology::QueueMeta;
 use crate::types::Message;
 
@@ -40,6 +42,12 @@ pub(crate) struct QueueCell {
     pub(crate) timed: bool,
     /// The store, for a durable queue.
     persist: Option<Arc<Persistence>>,
+    /// Where its dead letters go (`x-dead-letter-exchange`), if anywhere.
+    dead_letter: Option<DeadLetterTarget>,
+    /// Messages removed for a dead-letter reason, routed by whoever releases the lock next.
+    dead: SegQueue<(Entry, DeathReason)>,
+    /// The broker the dead letters are routed through.
+    broker: OnceLock<Weak<BrokerInner>>,
     /// Sequence numbers are reserved at publish, before the queue's lock is taken.
     next_seq: AtomicU64,
     inbox: CachePadded<SegQueue<Inbound>>,
@@ -97,9 +105,34 @@ impl Drop for QueueGuard<'_> {
 }
 
 impl QueueCell {
+    /// Sets the broker dead letters are routed through (once, right after creation).
+    pub(crate) fn set_broker(&self, broker: Weak<BrokerInner>) {
+        let _ = self.broker.set(broker);
+    }
+
+    /// Routes the dead letters waiting (called without the queue's lock). Without a broker
+    /// (it is shutting down) they are dropped.
+    fn route_dead_letters(&self) {
+        if self.dead.is_empty() {
+            return;
+        }
+        let broker = self.broker.get().and_then(Weak::upgrade);
+        while let Some((entry, reason)) = self.dead.pop() {
+            match (&broker, &self.dead_letter) {
+                (Some(b), Some(target)) => b.dead_letter(self, target, entry, reason),
+                _ => self.forget(&entry),
+            }
+        }
+    }
+}
+
+impl QueueCell {
     pub(crate) fn new(meta: Arc<QueueMeta>, persist: Option<Arc<Persistence>>) -> Self {
         Self {
             persist,
+            dead_letter: DeadLetterTarget::from_arguments(&meta.arguments),
+            dead: SegQueue::new(),
+            broker: OnceLock::new(),
             timed: meta.arguments.contains_key("x-message-ttl"),
             meta,
             next_seq: AtomicU64::new(0),
@@ -156,6 +189,7 @@ impl QueueCell {
         loop {
             fence(Ordering::SeqCst);
             if self.inbox.is_empty() {
+                self.route_dead_letters();
                 return;
             }
             let Some(mut g) = self.state.try_lock() else {
@@ -267,8 +301,11 @@ impl QueueCell {
     pub(crate) fn dispatch(&self, s: &mut QueueShared) {
         while let Some(effect) = s.core.poll_effect() {
             match effect {
-                // No dead-letter exchange yet: a rejected message is discarded.
-                Effect::Removed { entry, .. } => self.forget(&entry),
+                Effect::Removed { entry, reason } => match (&self.dead_letter, reason) {
+                    // Routed once the lock is released; its record goes with the move.
+                    (Some(_), Removal::Rejected) => self.dead.push((entry, DeathReason::Rejected)),
+                    (None, _) => self.forget(&entry),
+                },
             }
         }
         loop {

@@ -1,0 +1,183 @@
+//! Dead-lettering of rejected messages (SEMANTICS.md §5): routing through the queue's
+//! dead-letter exchange, the `x-death` headers, missing exchanges, and the atomic move of a
+//! persistent message between durable queues.
+
+mod common;
+
+use common::*;
+use coney::store::MemoryStore;
+use coney::*;
+
+fn declare_args(ch: &Channel, name: &str, args: FieldTable) {
+    ch.queue_declare(name, QueueDeclareOptions::default(), args)
+        .unwrap();
+}
+
+fn dlx_args(exchange: &str) -> FieldTable {
+    FieldTable::new().with("x-dead-letter-exchange", exchange)
+}
+
+fn death(d: &Delivery, i: usize) -> FieldTable {
+    match d.properties().headers.as_ref().unwrap().get("x-death") {
+        Some(FieldValue::Array(items)) => match &items[i] {
+            FieldValue::Table(t) => t.clone(),
+            other => panic!("x-death entry {other:?}"),
+        },
+        other => panic!("x-death {other:?}"),
+    }
+}
+
+fn text<'a>(t: &'a FieldTable, key: &str) -> Option<&'a str> {
+    t.get(key).and_then(FieldValue::as_str)
+}
+
+/// §5.2, §5.4 (`dead_letter_nack`, `dead_letter_headers`): nack without requeue moves the
+/// message to the dead-letter queue with an `x-death` entry for reason `rejected`.
+#[test]
+fn nack_without_requeue_dead_letters() {
+    let (broker, _conn, ch) = setup();
+    declare_exchange(&ch, "dlx", ExchangeKind::Fanout);
+    declare(&ch, "dlq");
+    bind(&ch, "dlq", "dlx", "");
+    declare_args(&ch, "work", dlx_args("dlx"));
+    publish(&ch, "", "work", "m");
+    let g = ch
+        .basic_get("work", BasicGetOptions::default())
+        .unwrap()
+        .unwrap();
+    g.delivery.nack(false).unwrap();
+    let d = get(&ch, "dlq").expect("dead-lettered");
+    assert_eq!(body(&d), "m");
+    assert_eq!(d.exchange(), "dlx");
+    assert_eq!(d.routing_key(), "work", "no DLRK: the original routing key");
+    assert!(!d.redelivered(), "a dead-lettered copy is a new message");
+    let x = death(&d, 0);
+    assert_eq!(x.get("count"), Some(&FieldValue::I64(1)));
+    assert_eq!(text(&x, "reason"), Some("rejected"));
+    assert_eq!(text(&x, "queue"), Some("work"));
+    assert_eq!(text(&x, "exchange"), Some(""));
+    let headers = d.properties().headers.as_ref().unwrap();
+    assert_eq!(
+        headers
+            .get("x-first-death-reason")
+            .and_then(FieldValue::as_str),
+        Some("rejected")
+    );
+    assert_eq!(ready(&ch, "work"), 0);
+    broker.check_invariants().unwrap();
+}
+
+/// §5.2 (`dead_letter_multiple_nack`, `dead_letter_nack_requeue`): a multiple nack dead-letters
+/// every message it covers in order; requeue never dead-letters.
+#[test]
+fn multiple_nack_keeps_order_and_requeue_does_not_dead_letter() {
+    let (broker, _conn, ch) = setup();
+    declare(&ch, "dlq");
+    let args = dlx_args("").with("x-dead-letter-routing-key", "dlq");
+    declare_args(&ch, "work", args);
+    publish_all(&ch, "work", &["a", "b", "c", "d"]);
+    let mut c = consume(&ch, "work", "c");
+    let got = drain(&mut c);
+    got[3].nack(true).unwrap();
+    ch.basic_nack(
+        got[2].delivery_tag(),
+        BasicNackOptions {
+            multiple: true,
+            requeue: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(get_all(&ch, "dlq"), ["a", "b", "c"]);
+    assert_eq!(
+        drain_bodies(&mut c),
+        ["d"],
+        "the requeued one came back to its queue"
+    );
+    broker.check_invariants().unwrap();
+}
+
+/// §5.1 (`dead_letter_missing_exchange`): a dead-letter exchange that does not exist drops the
+/// message; once declared, dead letters flow.
+#[test]
+fn missing_dead_letter_exchange_drops_until_declared() {
+    let (broker, _conn, ch) = setup();
+    declare_args(&ch, "work", dlx_args("later"));
+    declare(&ch, "dlq");
+    publish_all(&ch, "work", &["lost", "kept"]);
+    let g = ch
+        .basic_get("work", BasicGetOptions::default())
+        .unwrap()
+        .unwrap();
+    g.delivery.reject(false).unwrap();
+    declare_exchange(&ch, "later", ExchangeKind::Fanout);
+    bind(&ch, "dlq", "later", "");
+    let g = ch
+        .basic_get("work", BasicGetOptions::default())
+        .unwrap()
+        .unwrap();
+    g.delivery.reject(false).unwrap();
+    assert_eq!(get_all(&ch, "dlq"), ["kept"]);
+    broker.check_invariants().unwrap();
+}
+
+/// §5.4 (`dead_letter_headers_cycle`), §5.5: dead-lettering back into the same queue through
+/// a rejection is no cycle; the entry's count grows instead of a new entry.
+#[test]
+fn rejecting_into_the_same_queue_counts_up() {
+    let (broker, _conn, ch) = setup();
+    declare_args(&ch, "q", dlx_args(""));
+    publish(&ch, "", "q", "m");
+    for expected in 1..=2 {
+        let g = ch
+            .basic_get("q", BasicGetOptions::default())
+            .unwrap()
+            .unwrap();
+        g.delivery.nack(false).unwrap();
+        let again = ch
+            .basic_get("q", BasicGetOptions::default())
+            .unwrap()
+            .unwrap();
+        let x = death(&again.delivery, 0);
+        assert_eq!(x.get("count"), Some(&FieldValue::I64(expected)));
+        assert_eq!(text(&x, "queue"), Some("q"));
+        again.delivery.nack(true).unwrap();
+    }
+    broker.check_invariants().unwrap();
+}
+
+/// §5.3, DESIGN.md "Durability": a persistent message dead-lettered from a durable queue to a
+/// durable queue moves in one batch; after a restart it is in the dead-letter queue only.
+#[test]
+fn a_persistent_dead_letter_moves_atomically_between_durable_queues() {
+    let store = MemoryStore::new();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    {
+        let broker = Broker::builder().open_store(store.clone()).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        ch.queue_declare("dlq", durable, FieldTable::new()).unwrap();
+        let args = dlx_args("").with("x-dead-letter-routing-key", "dlq");
+        ch.queue_declare("work", durable, args).unwrap();
+        let props = BasicProperties::default().with_delivery_mode(2);
+        ch.basic_publish("", "work", Default::default(), b"m".to_vec(), props)
+            .unwrap();
+        broker.sync().unwrap();
+        let g = ch
+            .basic_get("work", BasicGetOptions::default())
+            .unwrap()
+            .unwrap();
+        g.delivery.reject(false).unwrap();
+        broker.sync().unwrap();
+    }
+    store.crash();
+    let broker = Broker::builder().open_store(store).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    assert_eq!(get_all(&ch, "work"), Vec::<String>::new());
+    let d = get(&ch, "dlq").expect("the dead letter survived");
+    assert_eq!(body(&d), "m");
+    assert_eq!(text(&death(&d, 0), "reason"), Some("rejected"));
+}
