@@ -198,13 +198,7 @@ impl Channel {
         _options: BindOptions,
         arguments: FieldTable,
     ) -> Result<()> {
-        let (d, s, k) = (
-            name_arg("exchange", destination)?,
-            name_arg("exchange", source)?,
-            key_arg(routing_key)?,
-        );
-        self.inner
-            .bind(true, &s, DestinationName::Exchange(&d), k, arguments)
+        self.exchange_binding(true, destination, source, routing_key, arguments)
     }
 
     /// `exchange.unbind`: idempotent.
@@ -216,13 +210,27 @@ impl Channel {
         _options: BindOptions,
         arguments: FieldTable,
     ) -> Result<()> {
-        let (d, s, k) = (
-            name_arg("exchange", destination)?,
-            name_arg("exchange", source)?,
-            key_arg(routing_key)?,
-        );
-        self.inner
-            .bind(false, &s, DestinationName::Exchange(&d), k, arguments)
+        self.exchange_binding(false, destination, source, routing_key, arguments)
+    }
+
+    fn exchange_binding(
+        &self,
+        add: bool,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let destination = name_arg("exchange", destination)?;
+        let source = name_arg("exchange", source)?;
+        let key = key_arg(routing_key)?;
+        self.inner.bind(
+            add,
+            &source,
+            DestinationName::Exchange(&destination),
+            key,
+            arguments,
+        )
     }
 
     // ---- queues ---------------------------------------------------------------------------
