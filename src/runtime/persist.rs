@@ -5,9 +5,10 @@
 //! - `GroupCommit` (default): the flusher takes every job waiting, applies them as one batch
 //!   and flushes once; every confirm in the batch is released after that flush.
 //! - `PerMessage`: one job, one batch, one flush.
-//! - `Periodic`: batches are applied but never flushed by the broker; sled flushes on its own
-//!   timer. Confirms are released after the apply, so a confirmed message can be lost in a
-//!   crash: the weakest mode, for data that may be replayed.
+//! - `Periodic`: batches are applied, and flushed only by sled's own timer or when a caller
+//!   asks for durability outright (`Broker::sync`, definition changes). Confirms are released
+//!   after the apply, so a confirmed message can be lost in a crash: the weakest mode, for
+//!   data that may be replayed.
 //!
 //! A message acked before the batch holding its record is written cancels that record: it is
 //! never written, but its confirm is still released with the batch.
@@ -37,7 +38,8 @@ pub enum Durability {
     GroupCommit,
     /// A flush after every publish.
     PerMessage,
-    /// No flush by the broker: sled flushes every `every_ms`. Confirms do not mean "on disk".
+    /// sled flushes every `every_ms`; the broker flushes only for `Broker::sync` and definition
+    /// changes. Confirms do not mean "on disk".
     Periodic {
         /// sled's flush interval.
         every_ms: u64,
