@@ -6,7 +6,8 @@
 //! message each `basic_get` and each consumer receive returns, with its delivery tag,
 //! redelivered flag and delivery count (SEMANTICS.md §3.2 round-robin, §3.3 prefetch, §3.5 tags,
 //! §3.6 redelivered, §4.1 multiple, §4.2 unknown tags close the channel, §4.3 requeue to the
-//! original position, §4.4 cancel vs close). After every step `check_invariants()` must hold;
+//! original position, §4.4 cancel vs close, §5 rejected messages dead-lettered: q0 into q1,
+//! q2 back into itself). After every step `check_invariants()` must hold;
 //! at the end every published message is accounted for exactly once.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -15,6 +16,18 @@ use coney::*;
 use proptest::prelude::*;
 
 const QUEUES: usize = 3;
+
+/// Where each queue's rejected messages go (§5): q0 to q1 by routing key, q1 nowhere, q2 back
+/// to itself (a loop through a rejection is not a cycle, §5.5).
+const DEAD_LETTER_TO: [Option<usize>; QUEUES] = [Some(1), None, Some(2)];
+
+/// How taken deliveries are settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum How {
+    Ack,
+    Requeue,
+    Reject,
+}
 const SLOTS: usize = 4; // channel slots 0,1 on connection 0; 2,3 on connection 1
 
 #[derive(Clone, Debug)]
@@ -230,8 +243,16 @@ impl World {
         }
         for q in 0..QUEUES {
             let name = format!("q{q}");
+            let args = match q {
+                // q0 dead-letters into q1; q2 dead-letters into itself (its own routing key).
+                0 => FieldTable::new()
+                    .with("x-dead-letter-exchange", "")
+                    .with("x-dead-letter-routing-key", "q1"),
+                2 => FieldTable::new().with("x-dead-letter-exchange", ""),
+                _ => FieldTable::new(),
+            };
             w.chans[0]
-                .queue_declare(&name, QueueDeclareOptions::default(), FieldTable::new())
+                .queue_declare(&name, QueueDeclareOptions::default(), args)
                 .unwrap();
             w.queues.push(name);
             w.m_queues.push(MQueue::default());
@@ -342,24 +363,31 @@ impl World {
     /// Settles a channel's taken deliveries: the channel-wide credit they held is released
     /// first, then each queue (ascending) settles and delivers, then, if the channel has a
     /// global limit and is open, its consumers' queues deliver again.
-    fn m_apply(&mut self, slot: usize, taken: Vec<(u64, Held)>, requeue: bool, closing: bool) {
+    fn m_apply(&mut self, slot: usize, taken: Vec<(u64, Held)>, how: How, closing: bool) {
         let counted = taken.iter().filter(|(_, (_, _, c))| c.is_some()).count() as u32;
         self.m_chans[slot].global_in_flight -= counted;
-        self.m_settle(taken, requeue);
+        self.m_settle(taken, how);
         if counted > 0 && self.m_chans[slot].global_limit > 0 && !closing {
             self.m_kick(slot);
         }
     }
 
-    fn m_settle(&mut self, taken: Vec<(u64, Held)>, requeue: bool) {
+    /// Settles queue by queue (ascending): each queue settles and delivers, then its rejected
+    /// messages are dead-lettered in order (routed once its lock is released).
+    fn m_settle(&mut self, taken: Vec<(u64, Held)>, how: How) {
         for q in 0..QUEUES {
             let mine: Vec<_> = taken.iter().filter(|(_, (mq, _, _))| *mq == q).collect();
             if mine.is_empty() {
                 continue;
             }
+            let mut dead = Vec::new();
             for (_, (_, msg, consumer)) in mine {
                 self.m_release(q, *consumer);
-                if requeue {
+                if how == How::Reject
+                    && let Some(target) = DEAD_LETTER_TO[q]
+                {
+                    dead.push((msg.id, target));
+                } else if how == How::Requeue {
                     let back = MMsg {
                         delivered: true,
                         count: msg.count + 1,
@@ -373,6 +401,17 @@ impl World {
                 }
             }
             self.m_dispatch(q);
+            for (id, target) in dead {
+                let tq = &mut self.m_queues[target];
+                tq.ready.push(MMsg {
+                    id,
+                    seq: tq.next_seq,
+                    delivered: false,
+                    count: 0,
+                });
+                tq.next_seq += 1;
+                self.m_dispatch(target);
+            }
         }
     }
 
@@ -419,7 +458,7 @@ impl World {
         let taken = std::mem::take(&mut self.m_chans[slot].ledger)
             .into_iter()
             .collect();
-        self.m_apply(slot, taken, true, true);
+        self.m_apply(slot, taken, How::Requeue, true);
         // Consumers of a closed channel yield nothing more; drop them.
         self.consumers.retain(|t| t.slot != slot);
     }
@@ -610,7 +649,7 @@ impl World {
                         .iter()
                         .filter_map(|s| ledger.remove(&s.tag).map(|e| (s.tag, e)))
                         .collect();
-                    self.m_apply(slot, taken, true, false);
+                    self.m_apply(slot, taken, How::Requeue, false);
                 }
             }
             Op::GlobalQos { slot, limit } => {
@@ -626,7 +665,7 @@ impl World {
                 let taken = std::mem::take(&mut self.m_chans[slot].ledger)
                     .into_iter()
                     .collect();
-                self.m_apply(slot, taken, true, false);
+                self.m_apply(slot, taken, How::Requeue, false);
             }
             Op::Purge { slot, queue } => {
                 let n = self.chans[slot]
@@ -667,7 +706,12 @@ impl World {
         match self.m_take(slot, tag, multiple) {
             Some(taken) => {
                 prop_assert!(r.is_ok(), "settle of tag {} failed: {:?}", tag, r);
-                self.m_apply(slot, taken, negative && requeue, false);
+                let how = match (negative, requeue) {
+                    (false, _) => How::Ack,
+                    (true, true) => How::Requeue,
+                    (true, false) => How::Reject,
+                };
+                self.m_apply(slot, taken, how, false);
             }
             None => {
                 let err = r.expect_err("unknown tag must fail");
