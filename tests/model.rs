@@ -375,7 +375,7 @@ impl World {
     /// Settles queue by queue (ascending): each queue settles and delivers, then its rejected
     /// messages are dead-lettered in order (routed once its lock is released).
     fn m_settle(&mut self, taken: Vec<(u64, Held)>, how: How) {
-        for q in 0..QUEUES {
+        for (q, dead_letter_to) in DEAD_LETTER_TO.into_iter().enumerate() {
             let mine: Vec<_> = taken.iter().filter(|(_, (mq, _, _))| *mq == q).collect();
             if mine.is_empty() {
                 continue;
@@ -384,7 +384,7 @@ impl World {
             for (_, (_, msg, consumer)) in mine {
                 self.m_release(q, *consumer);
                 if how == How::Reject
-                    && let Some(target) = DEAD_LETTER_TO[q]
+                    && let Some(target) = dead_letter_to
                 {
                     dead.push((msg.id, target));
                 } else if how == How::Requeue {
