@@ -266,24 +266,25 @@ impl Channel {
         _options: BindOptions,
         arguments: FieldTable,
     ) -> Result<()> {
-        let q = self.inner.queue_name(queue)?;
-        let key = if queue.is_empty() && routing_key.is_empty() {
-            q.to_string()
-        } else {
-            key_arg(routing_key)?.to_owned()
-        };
-        self.inner.bind(
-            true,
-            &name_arg("exchange", exchange)?,
-            DestinationName::Queue(&q),
-            &key,
-            arguments,
-        )
+        self.queue_binding(true, queue, exchange, routing_key, arguments)
     }
 
     /// `queue.unbind`: idempotent.
     pub fn queue_unbind(
         &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        self.queue_binding(false, queue, exchange, routing_key, arguments)
+    }
+
+    /// With the queue name `""` (the last declared queue) and an empty key, the key is that
+    /// queue's name too (§1.1).
+    fn queue_binding(
+        &self,
+        add: bool,
         queue: &str,
         exchange: &str,
         routing_key: &str,
@@ -295,13 +296,9 @@ impl Channel {
         } else {
             key_arg(routing_key)?.to_owned()
         };
-        self.inner.bind(
-            false,
-            &name_arg("exchange", exchange)?,
-            DestinationName::Queue(&q),
-            &key,
-            arguments,
-        )
+        let exchange = name_arg("exchange", exchange)?;
+        self.inner
+            .bind(add, &exchange, DestinationName::Queue(&q), &key, arguments)
     }
 
     /// `queue.purge`: removes ready messages, returns how many (§1.8).

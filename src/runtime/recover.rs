@@ -16,7 +16,7 @@ use crate::core::topology::{ConnectionId, DestinationName, Topology};
 use crate::error::{AmqpError, Result};
 use crate::store::{
     Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord,
-    RecoverySink, StoreError,
+    Recovered, RecoverySink, StoreError,
 };
 use crate::types::{ExchangeDeclareOptions, Message};
 
@@ -30,12 +30,16 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>) -> Result<Snapshot> {
     let mut read = Read::default();
     persistence.store().recover_into(&mut read)?;
     let Read {
-        exchanges,
-        queues: queue_records,
-        bindings,
+        definitions,
         messages,
         ..
     } = read;
+    let Recovered {
+        exchanges,
+        queues: queue_records,
+        bindings,
+        ..
+    } = definitions;
     let mut topology = Topology::new();
     for e in &exchanges {
         let options = ExchangeDeclareOptions {
@@ -90,9 +94,8 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>) -> Result<Snapshot> {
 /// possibly delivered), grouped by queue in the order the store gives them.
 #[derive(Default)]
 struct Read {
-    exchanges: Vec<ExchangeRecord>,
-    queues: Vec<QueueRecord>,
-    bindings: Vec<BindingRecord>,
+    /// The definitions, gathered as [`Store::recover`](crate::store::Store::recover) does.
+    definitions: Recovered,
     messages: Vec<(u64, Vec<Entry>)>,
     /// Consecutive messages mostly share their exchange and routing key: one `Arc` each.
     last_exchange: Option<Arc<str>>,
@@ -101,18 +104,15 @@ struct Read {
 
 impl RecoverySink for Read {
     fn exchange(&mut self, record: ExchangeRecord) -> Result<(), StoreError> {
-        self.exchanges.push(record);
-        Ok(())
+        self.definitions.exchange(record)
     }
 
     fn queue(&mut self, record: QueueRecord) -> Result<(), StoreError> {
-        self.queues.push(record);
-        Ok(())
+        self.definitions.queue(record)
     }
 
     fn binding(&mut self, record: BindingRecord) -> Result<(), StoreError> {
-        self.bindings.push(record);
-        Ok(())
+        self.definitions.binding(record)
     }
 
     fn message(&mut self, queue: u64, seq: u64, r: MessageRecord) -> Result<(), StoreError> {
