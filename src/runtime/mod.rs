@@ -50,7 +50,7 @@ pub struct Limits {
     pub max_message_size: u64,
     /// Channels per connection (530, connection closed, beyond). RabbitMQ default: 2047.
     pub channel_max: u16,
-    /// Queues per broker (541-free 406 `queue limit` beyond).
+    /// Queues per broker: declaring one more is a 406 (`queue limit ... reached`).
     pub max_queues: u32,
     /// Deliveries a no-ack consumer may have waiting in its buffer before the queue holds back.
     pub no_ack_window: u32,
