@@ -1,13 +1,27 @@
 //! Where the broker's time comes from: the system clock, or a manual clock for tests.
 
-use std::sync::Arc;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+/// What a clock calls when it moves: the broker's timers, run with the new time.
+pub type Waker = Weak<dyn Fn(u64) + Send + Sync>;
 
 /// A source of wall-clock milliseconds. Every TTL and timestamp the broker uses comes from here.
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
+
+    /// Asks the clock to call `waker` with the new time whenever it moves, on the thread that
+    /// moved it. Returns `false` if the clock moves by itself (the system clock), so the
+    /// broker must watch it with a timer thread of its own.
+    fn on_advance(&self, waker: Waker) -> bool {
+        let _ = waker;
+        false
+    }
 }
 
 /// The system clock.
@@ -24,9 +38,22 @@ impl Clock for SystemClock {
 }
 
 /// A clock that moves only when told to. Clones share the same time.
-#[derive(Clone, Debug, Default)]
+///
+/// Moving it runs every timer that became due (message expiry, dead-lettering of expired
+/// messages, queue expiry) on the calling thread before `advance` / `set` returns, so a test
+/// sees their effects at once and never sleeps.
+#[derive(Clone, Default)]
 pub struct ManualClock {
     now_ms: Arc<AtomicU64>,
+    wakers: Arc<Mutex<Vec<Waker>>>,
+}
+
+impl fmt::Debug for ManualClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManualClock")
+            .field("now_ms", &self.now_ms())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ManualClock {
@@ -34,24 +61,44 @@ impl ManualClock {
     pub fn new(start_ms: u64) -> Self {
         Self {
             now_ms: Arc::new(AtomicU64::new(start_ms)),
+            wakers: Arc::default(),
         }
     }
 
-    /// Moves the clock forward.
+    /// Moves the clock forward, then runs what became due.
     pub fn advance(&self, by: Duration) {
         let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
         self.now_ms.fetch_add(ms, Ordering::SeqCst);
+        self.wake();
     }
 
-    /// Sets the clock; it never moves backwards.
+    /// Sets the clock (it never moves backwards), then runs what became due.
     pub fn set(&self, ms: u64) {
         self.now_ms.fetch_max(ms, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        let wakers: Vec<_> = {
+            let mut w = self.wakers.lock();
+            w.retain(|w| w.strong_count() > 0);
+            w.iter().filter_map(Weak::upgrade).collect()
+        };
+        let now = self.now_ms();
+        for waker in wakers {
+            waker(now);
+        }
     }
 }
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.now_ms.load(Ordering::SeqCst)
+    }
+
+    fn on_advance(&self, waker: Waker) -> bool {
+        self.wakers.lock().push(waker);
+        true
     }
 }
 
@@ -67,5 +114,20 @@ mod tests {
         assert_eq!(shared.now_ms(), 1_250);
         c.set(10);
         assert_eq!(c.now_ms(), 1_250);
+    }
+
+    #[test]
+    fn manual_clock_wakes_with_the_new_time() {
+        let c = ManualClock::new(0);
+        let seen = Arc::new(AtomicU64::new(0));
+        let s = seen.clone();
+        let waker: Arc<dyn Fn(u64) + Send + Sync> =
+            Arc::new(move |now| s.store(now, Ordering::SeqCst));
+        assert!(c.on_advance(Arc::downgrade(&waker)));
+        c.advance(Duration::from_millis(40));
+        assert_eq!(seen.load(Ordering::SeqCst), 40);
+        drop(waker);
+        c.advance(Duration::from_millis(1)); // a dropped waker is forgotten, not called
+        assert_eq!(seen.load(Ordering::SeqCst), 40);
     }
 }

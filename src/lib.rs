@@ -50,12 +50,13 @@ pub mod runtime;
 pub mod store;
 pub mod types;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::confirm::ConfirmEvent;
 pub use core::exchange::ExchangeKind;
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::Durability;
 pub use runtime::{
-    Broker, BrokerBuilder, Channel, Connection, Consumer, Delivery, GetMessage, Limits,
-    QueueDeclareOk, Returned,
+    Broker, BrokerBuilder, Channel, Connection, Consumer, DeathStats, Delivery, GetMessage, Limits,
+    QueueDeclareOk, ReasonCounts, Returned,
 };
 pub use types::*;

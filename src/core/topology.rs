@@ -77,6 +77,25 @@ const CLASSIC_KNOWN_ARGS: [&str; 14] = [
     "x-queue-leader-locator",
 ];
 
+/// Arguments a quorum queue takes (RabbitMQ 4.x `rabbit_quorum_queue:capabilities/0`).
+const QUORUM_KNOWN_ARGS: [&str; 15] = [
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-overflow",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-quorum-initial-group-size",
+    "x-delivery-limit",
+    "x-message-ttl",
+    "x-queue-leader-locator",
+];
+
 /// Arguments that belong to other queue types only: 406 on a classic queue (§1.4).
 const OTHER_TYPE_ARGS: [&str; 6] = [
     "x-delivery-limit",
@@ -284,6 +303,24 @@ impl Topology {
             });
         }
         validate_queue_arguments(&name, &arguments)?;
+        if arguments.get("x-queue-type").and_then(FieldValue::as_str) == Some("quorum") {
+            // Quorum queues are durable, not exclusive, not auto-delete (§"How coney uses").
+            let property = if options.auto_delete {
+                Some("auto-delete")
+            } else if options.exclusive {
+                Some("exclusive-owner")
+            } else if !options.durable {
+                Some("non-durable")
+            } else {
+                None
+            };
+            if let Some(property) = property {
+                return Err(AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!("invalid property '{property}' for queue '{name}' in vhost '/'"),
+                ));
+            }
+        }
         let meta = Arc::new(QueueMeta {
             id: QueueId(self.next_queue_id),
             name: name.clone(),
@@ -623,7 +660,13 @@ fn queue_equivalent(
             ));
         }
     }
-    for key in CLASSIC_KNOWN_ARGS {
+    let known: &[&str] =
+        if q.arguments.get("x-queue-type").and_then(FieldValue::as_str) == Some("quorum") {
+            &QUORUM_KNOWN_ARGS
+        } else {
+            &CLASSIC_KNOWN_ARGS
+        };
+    for key in known {
         check_arg_equivalence(key, args.get(key), q.arguments.get(key), &resource)?;
     }
     Ok(())
@@ -665,6 +708,7 @@ fn validate_queue_arguments(name: &str, args: &FieldTable) -> Result<(), AmqpErr
             format!("invalid arg '{key}' for queue '{name}' in vhost '/': {reason}"),
         )
     };
+    let quorum = args.get("x-queue-type").and_then(FieldValue::as_str) == Some("quorum");
     for (key, value) in args.iter() {
         let int = || {
             value
@@ -700,11 +744,30 @@ fn validate_queue_arguments(name: &str, args: &FieldTable) -> Result<(), AmqpErr
                 .map(|_| ())
                 .ok_or_else(|| format!("{{unacceptable_type,{}}}", value.type_name())),
             "x-queue-type" => match value.as_str() {
-                Some("classic") => Ok(()),
+                Some("classic" | "quorum") => Ok(()),
                 Some(other) => Err(format!("unsupported queue type '{other}'")),
                 None => Err(format!("{{unacceptable_type,{}}}", value.type_name())),
             },
-            k if OTHER_TYPE_ARGS.contains(&k) => {
+            "x-delivery-limit" if quorum => int().map(|_| ()),
+            "x-dead-letter-strategy" if quorum => match value.as_str() {
+                Some("at-most-once" | "at-least-once") => Ok(()),
+                Some(other) => Err(format!("{{invalid_dead_letter_strategy,<<\"{other}\">>}}")),
+                None => Err(format!("{{unacceptable_type,{}}}", value.type_name())),
+            },
+            "x-max-in-memory-length" | "x-max-in-memory-bytes" | "x-quorum-initial-group-size"
+                if quorum =>
+            {
+                int().and_then(|v| range(v, 0, i64::MAX))
+            }
+            k if quorum && k.starts_with("x-") && !QUORUM_KNOWN_ARGS.contains(&k) => {
+                return Err(AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!(
+                        "invalid arg '{k}' for queue '{name}' in vhost '/' of queue type rabbit_quorum_queue"
+                    ),
+                ));
+            }
+            k if !quorum && OTHER_TYPE_ARGS.contains(&k) => {
                 return Err(AmqpError::new(
                     ReplyCode::PreconditionFailed,
                     format!(

@@ -65,12 +65,16 @@ impl BrokerInner {
                 })?;
             if declared.created {
                 let persist = self.persistence.clone().filter(|_| declared.meta.durable);
-                let cell = Arc::new(QueueCell::new(declared.meta.clone(), persist));
-                cell.set_broker(self.me.clone());
+                let cell = QueueCell::new(declared.meta.clone(), persist);
+                cell.attach(self.queue_env());
                 snap.queues.insert(declared.meta.id, cell);
                 return Ok(((declared, 0, 0), true));
             }
-            let s = snap.queues[&declared.meta.id].lock();
+            let cell = &snap.queues[&declared.meta.id];
+            if !cell.is_quorum() {
+                cell.touch(); // a redeclare renews a classic queue's lease, not a quorum one's (§7.2)
+            }
+            let s = cell.lock();
             let counts = (s.core.ready_len(), s.core.consumer_count());
             drop(s);
             Ok(((declared, counts.0, counts.1), false))
@@ -110,6 +114,29 @@ impl BrokerInner {
             drop(s);
             remove_queue(snap, &meta.name, meta.id);
             Ok((count, true))
+        })
+    }
+
+    /// Deletes a queue unused since `due - x-expires` (§7.2), if it is still unused; its
+    /// messages are not dead-lettered.
+    pub(crate) fn expire_queue(&self, id: QueueId, due: u64) -> Result<(), Failure> {
+        self.update(|snap, _| {
+            let Some(cell) = snap.queues.get(&id).cloned() else {
+                return Ok(((), false));
+            };
+            let expires = cell.config.expires.unwrap_or(u64::MAX);
+            let mut s = cell.lock();
+            if s.core.consumer_count() > 0
+                || cell.last_used_ms().saturating_add(expires) > due
+                || self.clock.now_ms() < due
+            {
+                return Ok(((), false));
+            }
+            take_for_deletion(&mut s);
+            drop(s);
+            tracing::info!(queue = &*cell.meta.name, "queue expired (x-expires)");
+            remove_queue(snap, &cell.meta.name, id);
+            Ok(((), true))
         })
     }
 

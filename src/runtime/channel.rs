@@ -19,7 +19,7 @@ use super::confirm::{ConfirmCell, Waited};
 use super::connection::ConnectionInner;
 use super::consumer::{Consumer, Delivery};
 use super::persist::Job;
-use super::queue::{GetOutcome, QueueCell, Settle, Sink};
+use super::queue::{GetOutcome, QueueCell, QueueGuard, Settle, Sink};
 use super::{BrokerInner, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
 use crate::core::confirm::ConfirmEvent;
@@ -469,6 +469,7 @@ impl Channel {
             st.prefetch()
         };
         let (tx, rx) = crossbeam_channel::unbounded();
+        cell.touch();
         let mut s = cell.lock();
         let refused = if s.deleted {
             Some(no_queue(&name))
@@ -718,8 +719,12 @@ impl ChannelInner {
         let mut s = cell.lock();
         s.core.handle_cancel(record.id);
         s.sinks.remove(&record.id);
-        let auto_delete = cell.meta.auto_delete && s.core.consumer_count() == 0;
+        let unused = s.core.consumer_count() == 0;
+        let auto_delete = cell.meta.auto_delete && unused;
         drop(s);
+        if unused {
+            cell.touch(); // its x-expires lease starts now
+        }
         if auto_delete {
             // A store failure here has no caller to tell; the store is poisoned and says so next.
             let _ = self.broker.auto_delete_queue(record.queue);
@@ -841,12 +846,15 @@ impl ChannelInner {
         }
         let snap = self.broker.snapshot.load();
         let ex = self.result(snap.topology.exchange_for_publish(&exchange))?;
-        if let Some(expiration) = &properties.expiration
-            && let Err(reason) = parse_expiration(expiration)
-        {
-            let text = format!("invalid expiration '{expiration}': {reason}");
-            return Err(self.fail(AmqpError::new(ReplyCode::PreconditionFailed, text)));
-        }
+        let message_ttl = match properties.expiration.as_deref().map(parse_expiration) {
+            None => None,
+            Some(Ok(ttl)) => Some(ttl),
+            Some(Err(reason)) => {
+                let expiration = properties.expiration.as_deref().unwrap_or_default();
+                let text = format!("invalid expiration '{expiration}': {reason}");
+                return Err(self.fail(AmqpError::new(ReplyCode::PreconditionFailed, text)));
+            }
+        };
         let extra_keys = self.result(sender_selected_keys(&mut properties))?;
         let mut keys: SmallVec<[&str; 1]> = SmallVec::new();
         keys.push(routing_key);
@@ -876,8 +884,12 @@ impl ChannelInner {
             Some(cell) if &*cell.meta.name == routing_key => cell.meta.name.clone(),
             _ => Arc::from(routing_key),
         };
-        let timed = properties.expiration.is_some() || cells.iter().any(|c| c.timed);
-        let now = if timed { self.broker.clock.now_ms() } else { 0 };
+        let timed = message_ttl.is_some() || cells.iter().any(|c| c.timed);
+        let now = if timed || recorded {
+            self.broker.clock.now_ms()
+        } else {
+            0
+        };
         let message = Arc::new(Message {
             exchange: ex.name.clone(),
             routing_key,
@@ -886,31 +898,64 @@ impl ChannelInner {
         });
         let placed: SmallVec<[(&Arc<QueueCell>, u64); 4]> =
             cells.iter().map(|c| (*c, c.reserve_seq())).collect();
+        // Queues that may refuse it (`reject-publish`, §7.3) decide first, under their locks
+        // (taken in id order), so the record and the confirm follow their answer.
+        let mut deciding: SmallVec<[(usize, QueueGuard<'_>); 1]> = SmallVec::new();
+        if placed.iter().any(|(c, _)| c.config.refuses_publishes()) {
+            let mut order: SmallVec<[usize; 4]> = (0..placed.len())
+                .filter(|&i| placed[i].0.config.refuses_publishes())
+                .collect();
+            order.sort_by_key(|&i| placed[i].0.meta.id);
+            deciding.extend(order.into_iter().map(|i| (i, placed[i].0.lock())));
+        }
+        let size = message.body_size();
+        let refuses = |i: usize| {
+            deciding
+                .iter()
+                .any(|(at, g)| *at == i && !g.deleted && g.core.would_overflow(size))
+        };
+        let refused = (0..placed.len()).any(refuses);
         let persistence = self.broker.persistence.as_ref().filter(|_| recorded);
         if let Some(p) = persistence {
-            // One job, one atomic batch for every durable queue; sent before the message is
-            // enqueued, so an ack's removal always follows its record.
-            let targets = placed
+            // One job, one atomic batch for every durable queue that takes it; sent before the
+            // message is enqueued, so an ack's removal always follows its record.
+            let targets: SmallVec<[(u64, u64); 1]> = placed
                 .iter()
-                .filter(|(c, _)| c.has_store())
-                .map(|(c, seq)| (c.meta.id.0, *seq))
+                .enumerate()
+                .filter(|&(i, (c, _))| c.has_store() && !refuses(i))
+                .map(|(_, (c, seq))| (c.meta.id.0, *seq))
                 .collect();
-            let confirm = seq.map(|s| (self.confirms.clone(), s));
-            p.send(Job::Publish {
-                message: message.clone(),
-                targets,
-                confirm,
-            });
+            let confirm = seq.filter(|_| !refused).map(|s| (self.confirms.clone(), s));
+            if !targets.is_empty() || confirm.is_some() {
+                p.send(Job::Publish {
+                    message: message.clone(),
+                    targets,
+                    confirm,
+                    enqueued_at_ms: now,
+                });
+            }
         }
-        for (cell, s) in placed {
-            cell.publish(s, message.clone(), now);
+        for (i, (cell, s)) in placed.iter().enumerate() {
+            let entry = cell.entry(*s, message.clone(), now, message_ttl);
+            match deciding.iter_mut().find(|(at, _)| *at == i) {
+                Some((_, g)) if !g.deleted => {
+                    g.core.handle_publish(entry); // a refusal is carried out by the dispatch
+                    cell.dispatch(g);
+                }
+                Some(_) => {}
+                None => cell.publish(entry),
+            }
         }
-        // Held in memory only: confirmed once every queue has it (§8). A recorded message is
-        // confirmed by the flusher after the flush that holds its record.
-        if persistence.is_none()
-            && let Some(seq) = seq
-        {
-            self.confirms.answer(&[seq], &[]);
+        drop(deciding);
+        // Held in memory only: confirmed once every queue has it (§8); refused by one: nacked
+        // (§7.3). A recorded message is confirmed by the flusher after the flush that holds
+        // its record.
+        if let Some(seq) = seq {
+            if refused {
+                self.confirms.answer(&[], &[seq]);
+            } else if persistence.is_none() {
+                self.confirms.answer(&[seq], &[]);
+            }
         }
         Ok(())
     }

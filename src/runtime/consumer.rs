@@ -12,7 +12,7 @@ use super::queue::QueueCell;
 use crate::core::queue::{ConsumerId, Dispatch};
 use crate::error::Result;
 use crate::types::{
-    BasicAckOptions, BasicNackOptions, BasicProperties, BasicRejectOptions, Message,
+    BasicAckOptions, BasicNackOptions, BasicProperties, BasicRejectOptions, FieldTable, Message,
 };
 
 /// A delivery on its way to a consumer's receiver: what the queue decided, without the
@@ -22,15 +22,18 @@ pub(crate) struct Pending {
     tag: u64,
     redelivered: bool,
     delivery_count: u32,
+    /// Whether the delivery carries the `x-delivery-count` header (quorum queues, §6.2).
+    count_header: bool,
     message: Arc<Message>,
 }
 
 impl Pending {
-    pub(crate) fn new(tag: u64, d: &Dispatch) -> Self {
+    pub(crate) fn new(tag: u64, d: &Dispatch, count_header: bool) -> Self {
         Self {
             tag,
             redelivered: d.entry.delivered,
             delivery_count: d.entry.delivery_count,
+            count_header,
             message: d.entry.message.clone(),
         }
     }
@@ -52,11 +55,22 @@ impl Delivery {
         consumer_tag: Option<Arc<str>>,
         channel: Arc<ChannelInner>,
     ) -> Self {
+        let message = if p.count_header && p.delivery_count > 0 {
+            // Quorum queues: absent on the first delivery, then the number of returns (§6.2).
+            let mut m = Message::clone(&p.message);
+            m.properties
+                .headers
+                .get_or_insert_with(FieldTable::new)
+                .insert("x-delivery-count", i64::from(p.delivery_count));
+            Arc::new(m)
+        } else {
+            p.message
+        };
         Self {
             delivery_tag: p.tag,
             redelivered: p.redelivered,
             delivery_count: p.delivery_count,
-            message: p.message,
+            message,
             consumer_tag,
             channel,
         }

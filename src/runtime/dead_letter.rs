@@ -36,15 +36,39 @@ impl BrokerInner {
                 &mut targets,
             );
         }
-        let cells: SmallVec<[&Arc<QueueCell>; 4]> = targets
+        let routed: SmallVec<[&Arc<QueueCell>; 4]> =
+            targets.iter().filter_map(|q| snap.queues.get(q)).collect();
+        let cells: SmallVec<[&Arc<QueueCell>; 4]> = routed
             .iter()
-            .filter_map(|q| snap.queues.get(q))
+            .copied()
             .filter(|c| !is_cycle(&out.message, &c.meta.name, reason))
             .collect();
+        if cells.is_empty() {
+            let why = if routed.is_empty() {
+                "dead-letter exchange missing or no route"
+            } else {
+                "dead-letter cycle"
+            };
+            source.dropped(&entry, reason, why);
+            return;
+        }
+        source.deaths.count(reason, true);
+        tracing::debug!(
+            queue = &*source.meta.name,
+            reason = reason.as_str(),
+            message_id = entry.message.properties.message_id.as_deref().unwrap_or(""),
+            dead_letter_exchange = target.exchange.as_str(),
+            "message dead-lettered"
+        );
         let message = Arc::new(out.message);
         let placed: SmallVec<[(&Arc<QueueCell>, u64); 4]> =
             cells.iter().map(|c| (*c, c.reserve_seq())).collect();
         let persistent = message.properties.is_persistent();
+        let now = if persistent || cells.iter().any(|c| c.timed) {
+            now
+        } else {
+            0
+        };
         if let Some(p) = &self.persistence {
             let remove = (source.has_store() && entry.message.properties.is_persistent())
                 .then_some((source.meta.id.0, entry.seq));
@@ -59,12 +83,13 @@ impl BrokerInner {
                     remove,
                     message: message.clone(),
                     targets: puts,
+                    enqueued_at_ms: now,
                 });
             }
         }
+        // The expiration property is gone (§5.3): only the target's own TTL applies.
         for (cell, seq) in placed {
-            let at = if cell.timed { now } else { 0 };
-            cell.publish(seq, message.clone(), at);
+            cell.publish(cell.entry(seq, message.clone(), now, None));
         }
     }
 }

@@ -15,6 +15,7 @@ mod dead_letter;
 mod persist;
 mod queue;
 mod recover;
+mod timer;
 
 use std::collections::HashMap;
 
@@ -37,8 +38,9 @@ use crate::core::topology::Topology;
 use crate::error::Result;
 use crate::store::{SledOptions, SledStore, Store};
 use persist::Persistence;
-use queue::QueueCell;
+use queue::{QueueCell, QueueEnv};
 use std::path::Path;
+use timer::Timers;
 
 /// sled's own flush period when the broker flushes explicitly (it also reclaims space).
 const SLED_FLUSH_EVERY_MS: u64 = 500;
@@ -65,6 +67,31 @@ impl Default for Limits {
             no_ack_window: 1024,
         }
     }
+}
+
+/// Messages one queue removed without an ack, per reason (SEMANTICS.md §5.2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReasonCounts {
+    /// Rejected or nacked without requeue.
+    pub rejected: u64,
+    /// TTL elapsed.
+    pub expired: u64,
+    /// Length limit (dropped from the head, or a refused publish).
+    pub maxlen: u64,
+    /// Returned more often than the delivery limit allows.
+    pub delivery_limit: u64,
+}
+
+/// What became of the messages a queue removed without an ack: republished through its
+/// dead-letter exchange to at least one queue, or dropped (no dead-letter exchange, no route,
+/// a cycle, or a refused publish). Each event is also logged through `tracing` with the queue,
+/// the reason and the message id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeathStats {
+    /// Dead-lettered, per reason.
+    pub dead_lettered: ReasonCounts,
+    /// Dropped, per reason.
+    pub dropped: ReasonCounts,
 }
 
 /// An in-process broker. Cheap to clone; clones share the broker.
@@ -153,17 +180,23 @@ impl BrokerBuilder {
     pub fn open_store(self, store: impl Store) -> Result<Broker> {
         let store: Arc<dyn Store> = Arc::new(store);
         let persistence = Persistence::start(store, self.durability);
-        let snapshot = recover::rebuild(&persistence)?;
+        let snapshot = recover::rebuild(&persistence, self.clock.now_ms())?;
         Ok(self.build(snapshot, Some(persistence)))
     }
 
     fn build(self, snapshot: Snapshot, persistence: Option<Arc<Persistence>>) -> Broker {
+        let timers = Timers::start(self.clock.clone());
         Broker {
             inner: Arc::new_cyclic(|me| {
                 for cell in snapshot.queues.values() {
-                    cell.set_broker(me.clone());
+                    cell.attach(QueueEnv {
+                        broker: me.clone(),
+                        clock: self.clock.clone(),
+                        timers: timers.clone(),
+                    });
                 }
                 BrokerInner {
+                    timers,
                     me: me.clone(),
                     snapshot: ArcSwap::from_pointee(snapshot),
                     admin: Mutex::new(Admin {
@@ -207,6 +240,14 @@ impl Broker {
             Some(p) => Ok(p.store().size_on_disk()?),
             None => Ok(0),
         }
+    }
+
+    /// Dead-letterings and drops of queue `name` since it was declared (or recovered);
+    /// `None` if there is no such queue.
+    pub fn death_stats(&self, name: &str) -> Option<DeathStats> {
+        let snap = self.inner.snapshot.load();
+        let meta = snap.topology.queue(name)?;
+        Some(snap.queues.get(&meta.id)?.deaths.stats())
     }
 
     /// A builder for a broker with a chosen clock, limits or seed.
@@ -295,11 +336,27 @@ pub(crate) struct BrokerInner {
     next_id: AtomicU64,
     channels: Mutex<HashMap<u64, Weak<channel::ChannelInner>>>,
     persistence: Option<Arc<Persistence>>,
+    timers: Arc<Timers>,
 }
 
 impl BrokerInner {
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// What a queue created now needs from the broker.
+    fn queue_env(&self) -> QueueEnv {
+        QueueEnv {
+            broker: self.me.clone(),
+            clock: self.clock.clone(),
+            timers: self.timers.clone(),
+        }
+    }
+}
+
+impl Drop for BrokerInner {
+    fn drop(&mut self) {
+        self.timers.stop();
     }
 }
 

@@ -60,6 +60,8 @@ pub(crate) enum Job {
         message: Arc<Message>,
         targets: SmallVec<[(u64, u64); 1]>,
         confirm: Option<Ticket>,
+        /// When it entered the queues (for TTLs after a restart).
+        enqueued_at_ms: u64,
     },
     /// A persistent message left a durable queue (acked, rejected, purged, fetched no-ack).
     Remove { queue: u64, seq: u64 },
@@ -69,6 +71,7 @@ pub(crate) enum Job {
         remove: Option<(u64, u64)>,
         message: Arc<Message>,
         targets: SmallVec<[(u64, u64); 1]>,
+        enqueued_at_ms: u64,
     },
     /// A persistent message came back to its durable queue: its delivery count is rewritten so
     /// it survives a restart.
@@ -77,6 +80,7 @@ pub(crate) enum Job {
         seq: u64,
         message: Arc<Message>,
         delivery_count: u32,
+        enqueued_at_ms: u64,
     },
     /// Definition changes; answered once durable.
     Definitions(Batch, Sender<Result<(), StoreError>>),
@@ -217,9 +221,12 @@ fn group_batch(jobs: &[Job]) -> Batch {
     for job in jobs {
         match job {
             Job::Publish {
-                message, targets, ..
+                message,
+                targets,
+                enqueued_at_ms,
+                ..
             } => {
-                let record = Arc::new(message_record(message, 0));
+                let record = Arc::new(message_record(message, 0, *enqueued_at_ms));
                 for &(queue, seq) in targets {
                     pending.insert((queue, seq), (ops.len(), true));
                     ops.push(Some(Op::PutMessage {
@@ -234,6 +241,7 @@ fn group_batch(jobs: &[Job]) -> Batch {
                 seq,
                 message,
                 delivery_count,
+                enqueued_at_ms,
             } => {
                 let (queue, seq) = (*queue, *seq);
                 let creates = match pending.remove(&(queue, seq)) {
@@ -244,7 +252,7 @@ fn group_batch(jobs: &[Job]) -> Batch {
                     None => false,
                 };
                 pending.insert((queue, seq), (ops.len(), creates));
-                let record = Arc::new(message_record(message, *delivery_count));
+                let record = Arc::new(message_record(message, *delivery_count, *enqueued_at_ms));
                 ops.push(Some(Op::PutMessage { queue, seq, record }));
             }
             Job::Remove { queue, seq } => remove(&mut ops, &mut pending, *queue, *seq),
@@ -252,11 +260,12 @@ fn group_batch(jobs: &[Job]) -> Batch {
                 remove: source,
                 message,
                 targets,
+                enqueued_at_ms,
             } => {
                 if let Some((queue, seq)) = source {
                     remove(&mut ops, &mut pending, *queue, *seq);
                 }
-                let record = Arc::new(message_record(message, 0));
+                let record = Arc::new(message_record(message, 0, *enqueued_at_ms));
                 for &(queue, seq) in targets {
                     pending.insert((queue, seq), (ops.len(), true));
                     ops.push(Some(Op::PutMessage {
@@ -319,7 +328,7 @@ fn answer(jobs: impl Iterator<Item = Job>, result: &Result<(), StoreError>) {
     }
 }
 
-fn message_record(m: &Message, delivery_count: u32) -> MessageRecord {
+fn message_record(m: &Message, delivery_count: u32, enqueued_at_ms: u64) -> MessageRecord {
     MessageRecord {
         exchange: m.exchange.to_string(),
         routing_key: m.routing_key.to_string(),
@@ -327,7 +336,7 @@ fn message_record(m: &Message, delivery_count: u32) -> MessageRecord {
         body: m.body.clone(),
         delivery_count,
         delivered: false,
-        enqueued_at_ms: 0,
+        enqueued_at_ms,
     }
 }
 
@@ -490,12 +499,14 @@ mod tests {
                 message: message(),
                 targets: [(1, 0)].into_iter().collect(),
                 confirm: None,
+                enqueued_at_ms: 0,
             },
             Job::Requeued {
                 queue: 1,
                 seq: 0,
                 message: message(),
                 delivery_count: 1,
+                enqueued_at_ms: 0,
             },
             Job::Remove { queue: 1, seq: 0 },
         ];
@@ -510,6 +521,7 @@ mod tests {
                 seq: 4,
                 message: message(),
                 delivery_count: 2,
+                enqueued_at_ms: 0,
             },
             Job::Remove { queue: 1, seq: 4 },
         ];
@@ -523,18 +535,21 @@ mod tests {
                 message: message(),
                 targets: [(1, 7)].into_iter().collect(),
                 confirm: None,
+                enqueued_at_ms: 0,
             },
             Job::Requeued {
                 queue: 1,
                 seq: 7,
                 message: message(),
                 delivery_count: 1,
+                enqueued_at_ms: 0,
             },
             Job::Requeued {
                 queue: 1,
                 seq: 7,
                 message: message(),
                 delivery_count: 2,
+                enqueued_at_ms: 0,
             },
         ];
         assert_eq!(kinds(&group_batch(&jobs)), ["put 7#2"]);

@@ -7,7 +7,7 @@
 //! visible to what it does next, in the order it did it.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, OnceLock, Weak};
 
 use crossbeam_channel::Sender;
@@ -21,9 +21,14 @@ use super::BrokerInner;
 use super::channel::ChannelInner;
 use super::consumer::{Delivery, Pending};
 use super::persist::{Job, Persistence};
+use super::timer::{TimerKind, Timers};
+use crate::clock::Clock;
 use crate::core::channel::ChannelState;
 use crate::core::queue::dead_letter::{DeadLetterTarget, DeathReason};
-use crate::core::queue::{ConsumerId, Dispatch, Effect, Entry, Queue, Removal};
+use crate::core::queue::expiration::parse_expiration;
+use crate::core::queue::{
+    ConsumerId, Dispatch, Effect, Entry, Overflow, Queue, QueueConfig, QueueKind, Removal, Requeue,
+};
 use crate::core::topology::QueueMeta;
 use crate::types::Message;
 
@@ -37,6 +42,8 @@ pub(crate) enum Settle {
 
 pub(crate) struct QueueCell {
     pub(crate) meta: Arc<QueueMeta>,
+    /// What its arguments make of it (type, TTL, limits).
+    pub(crate) config: QueueConfig,
     /// Whether messages need their enqueue time (the queue has a message TTL); otherwise
     /// publish skips reading the clock.
     pub(crate) timed: bool,
@@ -46,8 +53,18 @@ pub(crate) struct QueueCell {
     dead_letter: Option<DeadLetterTarget>,
     /// Messages removed for a dead-letter reason, routed by whoever releases the lock next.
     dead: SegQueue<(Entry, DeathReason)>,
-    /// The broker the dead letters are routed through.
-    broker: OnceLock<Weak<BrokerInner>>,
+    /// The broker it belongs to: its clock, timers, and where dead letters are routed.
+    env: OnceLock<QueueEnv>,
+    /// This cell, for its timers.
+    me: Weak<QueueCell>,
+    /// The earliest message-expiry timer pending (`u64::MAX`: none).
+    expiry_timer: AtomicU64,
+    /// Whether an `x-expires` timer is pending.
+    lease_timer: AtomicBool,
+    /// When the queue was last used (`x-expires`, §7.2).
+    last_used_ms: AtomicU64,
+    /// Dead-letterings and drops, per reason.
+    pub(crate) deaths: DeathCounts,
     /// Sequence numbers are reserved at publish, before the queue's lock is taken.
     next_seq: AtomicU64,
     inbox: CachePadded<SegQueue<Inbound>>,
@@ -66,6 +83,53 @@ pub(crate) struct Sink {
     pub(crate) tx: Sender<Pending>,
     pub(crate) channel: Arc<ChannelInner>,
     pub(crate) tag: Arc<str>,
+}
+
+/// What a queue needs from its broker.
+pub(crate) struct QueueEnv {
+    pub(crate) broker: Weak<BrokerInner>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) timers: Arc<Timers>,
+}
+
+/// How many messages a queue dead-lettered and dropped, per reason (SEMANTICS.md §5.2).
+#[derive(Default)]
+pub(crate) struct DeathCounts {
+    dead_lettered: [AtomicU64; 4],
+    dropped: [AtomicU64; 4],
+}
+
+impl DeathCounts {
+    pub(crate) fn count(&self, reason: DeathReason, dead_lettered: bool) {
+        let counters = if dead_lettered {
+            &self.dead_lettered
+        } else {
+            &self.dropped
+        };
+        counters[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> super::DeathStats {
+        let read = |c: &[AtomicU64; 4]| super::ReasonCounts {
+            rejected: c[0].load(Ordering::Relaxed),
+            expired: c[1].load(Ordering::Relaxed),
+            maxlen: c[2].load(Ordering::Relaxed),
+            delivery_limit: c[3].load(Ordering::Relaxed),
+        };
+        super::DeathStats {
+            dead_lettered: read(&self.dead_lettered),
+            dropped: read(&self.dropped),
+        }
+    }
+}
+
+fn reason_index(reason: DeathReason) -> usize {
+    match reason {
+        DeathReason::Rejected => 0,
+        DeathReason::Expired => 1,
+        DeathReason::Maxlen => 2,
+        DeathReason::DeliveryLimit => 3,
+    }
 }
 
 /// A command that found the queue's lock taken.
@@ -105,9 +169,16 @@ impl Drop for QueueGuard<'_> {
 }
 
 impl QueueCell {
-    /// Sets the broker dead letters are routed through (once, right after creation).
-    pub(crate) fn set_broker(&self, broker: Weak<BrokerInner>) {
-        let _ = self.broker.set(broker);
+    /// Attaches the queue to its broker (once, right after creation) and starts its timers:
+    /// the expiry of recovered messages and the queue's own lease.
+    pub(crate) fn attach(&self, env: QueueEnv) {
+        let now = env.clock.now_ms();
+        let _ = self.env.set(env);
+        self.last_used_ms.store(now, Ordering::Relaxed);
+        self.renew_lease();
+        // Recovered messages that expired meanwhile go when this timer runs (the broker is
+        // not built yet, so they could not be dead-lettered now).
+        self.schedule_expiry(&self.lock());
     }
 
     /// Routes the dead letters waiting (called without the queue's lock). Without a broker
@@ -116,32 +187,151 @@ impl QueueCell {
         if self.dead.is_empty() {
             return;
         }
-        let broker = self.broker.get().and_then(Weak::upgrade);
+        let broker = self.env.get().and_then(|e| e.broker.upgrade());
         while let Some((entry, reason)) = self.dead.pop() {
             match (&broker, &self.dead_letter) {
                 (Some(b), Some(target)) => b.dead_letter(self, target, entry, reason),
-                _ => self.forget(&entry),
+                _ => self.dropped(&entry, reason, "broker closing"),
             }
         }
+    }
+
+    /// A message left for good without being dead-lettered: counted, logged, its record gone.
+    pub(crate) fn dropped(&self, entry: &Entry, reason: DeathReason, why: &'static str) {
+        self.deaths.count(reason, false);
+        tracing::info!(
+            queue = &*self.meta.name,
+            reason = reason.as_str(),
+            message_id = entry.message.properties.message_id.as_deref().unwrap_or(""),
+            why,
+            "message dropped"
+        );
+        self.forget(entry);
+    }
+
+    /// The broker's time (0 before the queue is attached).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.env.get().map_or(0, |e| e.clock.now_ms())
+    }
+
+    /// The queue was used (declared, consumed from, fetched from): its `x-expires` lease starts
+    /// again.
+    pub(crate) fn touch(&self) {
+        if self.config.expires.is_some() {
+            self.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+            self.renew_lease();
+        }
+    }
+
+    /// Schedules the lease check unless one is pending (a pending one reschedules itself).
+    fn renew_lease(&self) {
+        let (Some(expires), Some(env)) = (self.config.expires, self.env.get()) else {
+            return;
+        };
+        if !self.lease_timer.swap(true, Ordering::AcqRel) {
+            let at = self
+                .last_used_ms
+                .load(Ordering::Relaxed)
+                .saturating_add(expires);
+            env.timers
+                .schedule(at, self.me.clone(), TimerKind::QueueExpiry);
+        }
+    }
+
+    /// Schedules the expiry of the message next in line, unless an earlier timer is pending.
+    fn schedule_expiry(&self, s: &QueueShared) {
+        let (Some(at), Some(env)) = (s.core.next_deadline(), self.env.get()) else {
+            return;
+        };
+        if at < self.expiry_timer.fetch_min(at, Ordering::AcqRel) {
+            env.timers
+                .schedule(at, self.me.clone(), TimerKind::MessageExpiry);
+        }
+    }
+
+    /// A timer of this queue is due.
+    pub(crate) fn on_timer(&self, kind: TimerKind) {
+        match kind {
+            TimerKind::MessageExpiry => {
+                self.expiry_timer.store(u64::MAX, Ordering::Release);
+                let mut g = self.lock();
+                if !g.deleted {
+                    self.dispatch(&mut g);
+                }
+            }
+            TimerKind::QueueExpiry => {
+                self.lease_timer.store(false, Ordering::Release);
+                let Some(env) = self.env.get() else { return };
+                let unused = self.lock().core.consumer_count() == 0;
+                if !unused {
+                    return; // renewed when its last consumer goes
+                }
+                let expires = self.config.expires.unwrap_or(u64::MAX);
+                let due = self
+                    .last_used_ms
+                    .load(Ordering::Relaxed)
+                    .saturating_add(expires);
+                if env.clock.now_ms() < due {
+                    self.renew_lease();
+                } else if let Some(broker) = env.broker.upgrade() {
+                    let _ = broker.expire_queue(self.meta.id, due);
+                }
+            }
+        }
+    }
+
+    /// When the queue was last used (`x-expires`).
+    pub(crate) fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
     }
 }
 
 impl QueueCell {
-    pub(crate) fn new(meta: Arc<QueueMeta>, persist: Option<Arc<Persistence>>) -> Self {
-        Self {
+    pub(crate) fn new(meta: Arc<QueueMeta>, persist: Option<Arc<Persistence>>) -> Arc<Self> {
+        let config = QueueConfig::from_arguments(&meta.arguments);
+        Arc::new_cyclic(|me| Self {
             persist,
             dead_letter: DeadLetterTarget::from_arguments(&meta.arguments),
             dead: SegQueue::new(),
-            broker: OnceLock::new(),
-            timed: meta.arguments.contains_key("x-message-ttl"),
+            env: OnceLock::new(),
+            me: me.clone(),
+            expiry_timer: AtomicU64::new(u64::MAX),
+            lease_timer: AtomicBool::new(false),
+            last_used_ms: AtomicU64::new(0),
+            deaths: DeathCounts::default(),
+            timed: config.message_ttl.is_some(),
+            config,
             meta,
             next_seq: AtomicU64::new(0),
             inbox: CachePadded::new(SegQueue::new()),
             state: CachePadded::new(Mutex::new(QueueShared {
-                core: Queue::new(),
+                core: Queue::with_config(config),
                 sinks: HashMap::default(),
                 deleted: false,
             })),
+        })
+    }
+
+    /// Whether the queue is a quorum queue (deliveries carry `x-delivery-count`).
+    pub(crate) fn is_quorum(&self) -> bool {
+        self.config.kind == QueueKind::Quorum
+    }
+
+    /// Builds the entry of a message published at `now_ms` with the given per-message TTL.
+    pub(crate) fn entry(
+        &self,
+        seq: u64,
+        message: Arc<Message>,
+        now_ms: u64,
+        message_ttl: Option<u64>,
+    ) -> Entry {
+        Entry {
+            seq,
+            message,
+            delivered: false,
+            delivery_count: 0,
+            enqueued_at_ms: now_ms,
+            expires_at_ms: self.config.deadline(now_ms, message_ttl),
         }
     }
 
@@ -157,18 +347,11 @@ impl QueueCell {
 
     /// Hands a published message to the queue without waiting for its lock: applied at once
     /// if the lock is free, else left in the inbox for the holder.
-    pub(crate) fn publish(&self, seq: u64, message: Arc<Message>, now_ms: u64) {
-        let entry = Entry {
-            seq,
-            message,
-            delivered: false,
-            delivery_count: 0,
-            enqueued_at_ms: now_ms,
-        };
+    pub(crate) fn publish(&self, entry: Entry) {
         if let Some(mut g) = self.state.try_lock() {
             self.drain_inbox(&mut g); // earlier publishes first
             if !g.deleted {
-                g.core.handle_enqueue_entry(entry);
+                g.core.handle_publish(entry);
                 self.dispatch(&mut g);
             }
         } else {
@@ -207,7 +390,7 @@ impl QueueCell {
                 continue; // publishes to and settles of a deleted queue are dropped (§4.2)
             }
             match command {
-                Inbound::Publish(entry) => s.core.handle_enqueue_entry(entry),
+                Inbound::Publish(entry) => _ = s.core.handle_publish(entry),
                 Inbound::Settle(seq, how) => _ = self.apply_settle(s, seq, how),
             }
         }
@@ -247,7 +430,11 @@ impl QueueCell {
                 return Some(entry);
             }
             Settle::Requeue => {
-                if let Some((message, delivery_count)) = s.core.handle_requeue(seq)
+                if let Some(Requeue::Back {
+                    message,
+                    delivery_count,
+                    enqueued_at_ms,
+                }) = s.core.handle_requeue(seq)
                     && let Some(p) = &self.persist
                     && message.properties.is_persistent()
                 {
@@ -257,6 +444,7 @@ impl QueueCell {
                         seq,
                         message,
                         delivery_count,
+                        enqueued_at_ms,
                     });
                 }
             }
@@ -285,13 +473,22 @@ impl QueueCell {
     }
 
     /// Puts recovered messages back, in sequence order, flagged as possibly delivered (the
-    /// broker cannot know whether they reached a consumer before the restart).
-    pub(crate) fn restore(&self, entries: impl IntoIterator<Item = Entry>) {
+    /// broker cannot know whether they reached a consumer before the restart). Their deadlines
+    /// are computed again from their enqueue times (`now_ms` where none was recorded).
+    pub(crate) fn restore(&self, entries: impl IntoIterator<Item = Entry>, now_ms: u64) {
         let mut s = self.lock();
         let mut next = self.next_seq.load(Ordering::Relaxed);
-        for entry in entries {
+        for mut entry in entries {
             next = next.max(entry.seq + 1);
-            s.core.handle_enqueue_entry(entry);
+            let ttl = entry.message.properties.expiration.as_deref();
+            let ttl = ttl.and_then(|t| parse_expiration(t).ok());
+            if self.timed || ttl.is_some() {
+                if entry.enqueued_at_ms == 0 {
+                    entry.enqueued_at_ms = now_ms;
+                }
+                entry.expires_at_ms = self.config.deadline(entry.enqueued_at_ms, ttl);
+            }
+            s.core.handle_restore(entry);
         }
         self.next_seq.store(next, Ordering::Relaxed);
     }
@@ -299,19 +496,11 @@ impl QueueCell {
     /// Hands every possible delivery to its consumer. Called with the queue locked; locks the
     /// receiving channels (queue -> channel order), each once per batch of deliveries.
     pub(crate) fn dispatch(&self, s: &mut QueueShared) {
-        while let Some(effect) = s.core.poll_effect() {
-            match effect {
-                Effect::Removed { entry, reason } => match (&self.dead_letter, reason) {
-                    // Routed once the lock is released; its record goes with the move.
-                    (Some(_), Removal::Rejected) => self.dead.push((entry, DeathReason::Rejected)),
-                    (None, _) => self.forget(&entry),
-                },
-            }
-        }
+        let mut now = if s.core.is_timed() { self.now_ms() } else { 0 };
         loop {
-            let failed = self.send_all(s);
+            let failed = self.send_all(s, now);
             if failed.is_empty() {
-                return;
+                break;
             }
             for (d, tag) in failed {
                 // The consumer's channel closed or its receiver went away: take it back.
@@ -324,17 +513,45 @@ impl QueueCell {
                 s.core.handle_undelivered(d);
             }
         }
+        if now == 0 && s.core.is_timed() {
+            now = self.now_ms();
+        }
+        s.core.handle_housekeeping(now);
+        while let Some(Effect::Removed { entry, reason }) = s.core.poll_effect() {
+            let death = match reason {
+                Removal::Rejected => DeathReason::Rejected,
+                Removal::Expired => DeathReason::Expired,
+                Removal::MaxLen | Removal::Refused => DeathReason::Maxlen,
+                Removal::DeliveryLimit => DeathReason::DeliveryLimit,
+            };
+            let dead_letters = self.dead_letter.is_some()
+                && (reason != Removal::Refused
+                    || self.config.overflow == Overflow::RejectPublishDlx);
+            if dead_letters {
+                // Routed once the lock is released; its record goes with the move.
+                self.dead.push((entry, death));
+            } else {
+                let why = if reason == Removal::Refused {
+                    "refused by a length limit"
+                } else {
+                    "no dead-letter exchange"
+                };
+                self.dropped(&entry, death, why);
+            }
+        }
+        self.schedule_expiry(s);
     }
 
     /// Hands out deliveries until the core has none, holding each receiving channel's lock
     /// across consecutive deliveries to it. Returns the dispatches that could not be handed
     /// over (with the tag already issued, if one was).
-    fn send_all(&self, s: &mut QueueShared) -> SmallVec<[(Dispatch, Option<u64>); 1]> {
+    fn send_all(&self, s: &mut QueueShared, now_ms: u64) -> SmallVec<[(Dispatch, Option<u64>); 1]> {
         let QueueShared { core, sinks, .. } = s;
         let mut failed = SmallVec::new();
         let mut held: Option<(&Arc<ChannelInner>, MutexGuard<'_, ChannelState>)> = None;
         let admit = |c: ConsumerId| sinks.get(&c).is_none_or(|s| s.channel.reserve_global());
-        while let Some(d) = core.poll_dispatch_with(admit) {
+        let quorum = self.is_quorum();
+        while let Some(d) = core.poll_dispatch_with(now_ms, admit) {
             let consumer = d.consumer.expect("poll_dispatch always names a consumer");
             let Some(sink) = sinks.get(&consumer) else {
                 failed.push((d, None));
@@ -355,7 +572,7 @@ impl QueueCell {
                 continue;
             }
             let tag = ch.handle_delivery(self.meta.id, d.entry.seq, d.no_ack, counted);
-            if sink.tx.send(Pending::new(tag, &d)).is_err() {
+            if sink.tx.send(Pending::new(tag, &d, quorum)).is_err() {
                 sink.channel.release_global(u32::from(counted));
                 failed.push((d, counted.then_some(tag)));
             } else if d.no_ack {
@@ -371,7 +588,13 @@ impl QueueCell {
         if s.deleted {
             return GetOutcome::Deleted;
         }
-        let Some(d) = s.core.handle_get(no_ack) else {
+        self.touch();
+        let now = if s.core.is_timed() { self.now_ms() } else { 0 };
+        let got = s.core.handle_get(now, no_ack);
+        if got.is_none() {
+            self.dispatch(&mut s); // carries out what expired at the head
+        }
+        let Some(d) = got else {
             return GetOutcome::Empty;
         };
         let tag = {
@@ -389,7 +612,13 @@ impl QueueCell {
             self.forget(&d.entry);
         }
         let remaining = s.core.ready_len();
-        let delivery = Delivery::from_pending(Pending::new(tag, &d), None, channel.clone());
+        let delivery = Delivery::from_pending(
+            Pending::new(tag, &d, self.is_quorum()),
+            None,
+            channel.clone(),
+        );
+        // Expired messages removed on the way are carried out.
+        self.dispatch(&mut s);
         GetOutcome::Got(delivery, remaining)
     }
 }

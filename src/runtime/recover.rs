@@ -26,7 +26,7 @@ const RECOVERY: ConnectionId = ConnectionId(0);
 /// Rebuilds the broker's state from what its store holds. Messages become queue entries as
 /// they are read; messages of a queue that has no record (its deletion reached the store, its
 /// messages' removal did not) are deleted.
-pub(crate) fn rebuild(persistence: &Arc<Persistence>) -> Result<Snapshot> {
+pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Snapshot> {
     let mut read = Read::default();
     persistence.store().recover_into(&mut read)?;
     let Read {
@@ -57,10 +57,7 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>) -> Result<Snapshot> {
         let meta = topology
             .restore_queue(QueueId(q.id), &q.name, q.auto_delete, q.arguments.clone())
             .map_err(|err| inconsistent(b'Q', &q.id.to_be_bytes(), &err))?;
-        queues.insert(
-            meta.id,
-            Arc::new(QueueCell::new(meta, Some(persistence.clone()))),
-        );
+        queues.insert(meta.id, QueueCell::new(meta, Some(persistence.clone())));
     }
     for b in &bindings {
         let destination = match &b.destination {
@@ -80,7 +77,7 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>) -> Result<Snapshot> {
     let mut orphans = Batch::new();
     for (queue, entries) in messages {
         match queues.get(&QueueId(queue)) {
-            Some(cell) => cell.restore(entries),
+            Some(cell) => cell.restore(entries, now_ms),
             None => orphans.push(Op::DeleteQueue(queue)),
         }
     }
@@ -129,6 +126,7 @@ impl RecoverySink for Read {
             delivered: true,
             delivery_count: r.delivery_count,
             enqueued_at_ms: r.enqueued_at_ms,
+            expires_at_ms: None, // computed by the queue, which knows its TTL
         };
         match self.messages.last_mut() {
             Some((q, entries)) if *q == queue => entries.push(entry),

@@ -3,16 +3,26 @@
 //!
 //! Commands come in through `handle_*`; deliveries come out through [`Queue::poll_dispatch`],
 //! which the runtime calls until it returns `None` after every command that can make a delivery
-//! possible (enqueue, consume, settle, credit). Time is an argument (`now_ms`), never read here.
+//! possible (enqueue, consume, settle, credit), then calls [`Queue::handle_housekeeping`] to
+//! apply length limits and expiry. Time is an argument (`now_ms`), never read here.
+//!
+//! TTL (§7.1) is enforced at the head only, as RabbitMQ does: a message expires when it is next
+//! to be delivered and its deadline has passed, so expiry costs O(expired), never a scan. A
+//! message whose TTL is 0 may still go to a consumer that can take it at the instant it
+//! arrives; otherwise the housekeeping after that arrival expires it.
 //!
 //! # Invariants (checked by [`Queue::check_invariants`])
-//! - every message is in exactly one place: `ready` or `unacked` (no sequence number twice);
+//! - every message is in exactly one place: `returns`, `ready` or `unacked` (no sequence number
+//!   twice);
 //! - `ready` is ordered by sequence number (classic-queue requeue restores original positions);
+//!   `returns` (quorum queues' requeued messages, served first) keeps return order;
+//! - `timed` counts the waiting messages that have a deadline;
 //! - `ready_bytes` / `unacked_bytes` equal the body sizes of what each holds;
 //! - each consumer's `in_flight` equals the unacked entries it holds (manual-ack consumers) and
 //!   never exceeds its prefetch limit once settled;
 //! - consumer ids are unique; an exclusive consumer is the only consumer.
 
+pub mod config;
 mod consumers;
 pub mod dead_letter;
 pub mod expiration;
@@ -21,6 +31,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
+pub use config::{Overflow, QueueConfig, QueueKind};
 use consumers::Consumers;
 pub use consumers::{ConsumerId, ConsumerSpec};
 
@@ -37,9 +48,29 @@ pub struct Entry {
     pub delivered: bool,
     /// How many times it came back to the queue after a delivery (requeue, recover, channel loss).
     pub delivery_count: u32,
-    /// When it entered this queue (0 when neither the queue nor the message has a TTL: the
-    /// runtime skips the clock read then, and nothing reads the value).
+    /// When it entered this queue (0 when neither the queue nor the message has a TTL and the
+    /// message is not recorded: the runtime skips the clock read then).
     pub enqueued_at_ms: u64,
+    /// When it expires (§7.1): the enqueue time plus the lower of the queue's and the message's
+    /// TTL. Kept across requeues.
+    pub expires_at_ms: Option<u64>,
+}
+
+impl Entry {
+    /// Whether the entry has expired at `now_ms`. With `arriving`, a message whose TTL is 0
+    /// and that has never been delivered is still deliverable at the instant it arrived.
+    fn expired(&self, now_ms: u64, arriving: bool) -> bool {
+        match self.expires_at_ms {
+            None => false,
+            Some(deadline) => {
+                now_ms >= deadline
+                    && !(arriving
+                        && !self.delivered
+                        && deadline == self.enqueued_at_ms
+                        && now_ms == deadline)
+            }
+        }
+    }
 }
 
 /// A message handed out by [`Queue::poll_dispatch`] or [`Queue::handle_get`].
@@ -65,6 +96,30 @@ struct Unacked {
 pub enum Removal {
     /// Rejected or nacked without requeue.
     Rejected,
+    /// Its TTL elapsed at the head of the queue.
+    Expired,
+    /// Dropped from the head by a length limit (`drop-head`).
+    MaxLen,
+    /// A publish refused by a length limit (`reject-publish`, `reject-publish-dlx`).
+    Refused,
+    /// Returned more often than the delivery limit allows (quorum queues).
+    DeliveryLimit,
+}
+
+/// What became of a message returned to the queue ([`Queue::handle_requeue`]).
+#[derive(Clone, Debug)]
+pub enum Requeue {
+    /// It is back, waiting for its next delivery.
+    Back {
+        /// The message.
+        message: Arc<Message>,
+        /// Its new delivery count.
+        delivery_count: u32,
+        /// When it first entered the queue.
+        enqueued_at_ms: u64,
+    },
+    /// It went over the delivery limit and left the queue ([`Removal::DeliveryLimit`]).
+    Removed,
 }
 
 /// An effect the runtime must carry out: dead letters, drops.
@@ -82,7 +137,14 @@ pub enum Effect {
 /// A queue's state.
 #[derive(Debug, Default)]
 pub struct Queue {
+    config: QueueConfig,
+    /// Quorum queues' returned messages, delivered before `ready` (§4.3).
+    returns: VecDeque<Entry>,
     ready: VecDeque<Entry>,
+    /// Waiting messages (`returns` and `ready`) that have a deadline.
+    timed: usize,
+    /// A publish was accepted under `drop-head` limits: housekeeping checks the length.
+    limit_check: bool,
     unacked: HashMap<u64, Unacked, BuildHasherDefault<SeqHasher>>,
     consumers: Consumers,
     next_seq: u64,
@@ -93,31 +155,69 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// An empty queue.
+    /// An empty classic queue without TTL or limits.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// An empty queue with the given configuration.
+    pub fn with_config(config: QueueConfig) -> Self {
+        Self {
+            config,
+            ..Self::default()
+        }
+    }
+
+    /// The queue's configuration.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
     // ---- commands -------------------------------------------------------------------------
 
-    /// Appends a published message.
-    pub fn handle_enqueue(&mut self, message: Arc<Message>, now_ms: u64) {
+    /// Appends a published message, with the queue's TTL applied.
+    pub fn handle_enqueue(&mut self, message: Arc<Message>, now_ms: u64) -> bool {
         let seq = self.next_seq;
-        self.next_seq += 1;
-        self.ready_bytes += message.body_size();
-        self.ready.push_back(Entry {
+        let message_ttl = message
+            .properties
+            .expiration
+            .as_deref()
+            .and_then(|e| expiration::parse_expiration(e).ok());
+        let expires_at_ms = self.config.deadline(now_ms, message_ttl);
+        self.handle_publish(Entry {
             seq,
             message,
             delivered: false,
             delivery_count: 0,
             enqueued_at_ms: now_ms,
-        });
+            expires_at_ms,
+        })
     }
 
-    /// Puts an entry whose sequence number was assigned outside (reserved at publish so a
-    /// fan-out can be written as one batch, or read back by recovery) at its place by sequence
-    /// number. The number must be new to this queue.
-    pub fn handle_enqueue_entry(&mut self, entry: Entry) {
+    /// Takes a published message whose sequence number was assigned outside (reserved at
+    /// publish so a fan-out can be written as one batch), at its place by sequence number,
+    /// applying the length limit (§7.3): under `reject-publish(-dlx)` a message that would take
+    /// the queue over it is refused ([`Removal::Refused`] effect) and `false` returned. The
+    /// number must be new to this queue.
+    pub fn handle_publish(&mut self, entry: Entry) -> bool {
+        self.next_seq = self.next_seq.max(entry.seq + 1);
+        if self.config.refuses_publishes() && self.would_overflow(entry.message.body_size()) {
+            self.effects.push_back(Effect::Removed {
+                entry,
+                reason: Removal::Refused,
+            });
+            return false;
+        }
+        if self.config.has_length_limit() {
+            self.limit_check = true;
+        }
+        self.insert_ready(entry);
+        true
+    }
+
+    /// Puts back an entry read from the store, at its place by sequence number; no limit
+    /// applies (§4.3: nothing is dropped for a message the queue already held).
+    pub fn handle_restore(&mut self, entry: Entry) {
         debug_assert!(
             !self.unacked.contains_key(&entry.seq),
             "sequence number {} reused",
@@ -125,6 +225,18 @@ impl Queue {
         );
         self.next_seq = self.next_seq.max(entry.seq + 1);
         self.insert_ready(entry);
+    }
+
+    /// Whether a message of `body_size` bytes would take the queue over a length limit
+    /// (`len + 1 > max` or `bytes + size > max_bytes`, §7.3).
+    pub fn would_overflow(&self, body_size: u64) -> bool {
+        self.config
+            .max_length
+            .is_some_and(|max| self.ready_len() + 1 > max)
+            || self
+                .config
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes + body_size > max)
     }
 
     /// Registers a consumer. The caller has checked exclusivity with [`Queue::can_consume`].
@@ -139,9 +251,11 @@ impl Queue {
         self.consumers.remove(consumer)
     }
 
-    /// Fetches the head message for `basic.get`. With `no_ack` it leaves the queue at once;
-    /// otherwise it becomes unacked with no consumer.
-    pub fn handle_get(&mut self, no_ack: bool) -> Option<Dispatch> {
+    /// Fetches the head message for `basic.get` (expired messages at the head go first, never
+    /// returned). With `no_ack` it leaves the queue at once; otherwise it becomes unacked with
+    /// no consumer.
+    pub fn handle_get(&mut self, now_ms: u64, no_ack: bool) -> Option<Dispatch> {
+        self.expire_head(now_ms, false);
         let entry = self.pop_ready()?;
         Some(self.hand_out(entry, None, no_ack))
     }
@@ -168,15 +282,35 @@ impl Queue {
         }
     }
 
-    /// Returns an unacked message to the queue (nack/reject with requeue, recover, channel loss):
-    /// back at its original position, flagged redelivered, its delivery count incremented.
-    /// Returns the message and its new delivery count, if the queue held it.
-    pub fn handle_requeue(&mut self, seq: u64) -> Option<(Arc<Message>, u32)> {
+    /// Returns an unacked message to the queue (nack/reject with requeue, recover, channel loss),
+    /// flagged redelivered, its delivery count incremented (§6.2): a classic queue puts it back
+    /// at its original position, a quorum queue at the front, after earlier returns (§4.3). A
+    /// count over the delivery limit removes it instead ([`Removal::DeliveryLimit`]). `None`
+    /// if the queue does not hold it.
+    pub fn handle_requeue(&mut self, seq: u64) -> Option<Requeue> {
         let mut entry = self.take_unacked(seq)?;
         entry.delivered = true;
         entry.delivery_count = entry.delivery_count.saturating_add(1);
-        let requeued = (entry.message.clone(), entry.delivery_count);
-        self.insert_ready(entry);
+        if self
+            .config
+            .delivery_limit
+            .is_some_and(|limit| entry.delivery_count > limit)
+        {
+            self.effects.push_back(Effect::Removed {
+                entry,
+                reason: Removal::DeliveryLimit,
+            });
+            return Some(Requeue::Removed);
+        }
+        let requeued = Requeue::Back {
+            message: entry.message.clone(),
+            delivery_count: entry.delivery_count,
+            enqueued_at_ms: entry.enqueued_at_ms,
+        };
+        match self.config.kind {
+            QueueKind::Classic => self.insert_ready(entry),
+            QueueKind::Quorum => self.push_return(entry),
+        }
         Some(requeued)
     }
 
@@ -194,7 +328,13 @@ impl Queue {
                 "an undelivered manual-ack dispatch is unacked"
             );
         }
-        self.insert_ready(dispatch.entry);
+        match self.config.kind {
+            QueueKind::Quorum if dispatch.entry.delivered => {
+                self.add_waiting(&dispatch.entry);
+                self.returns.push_front(dispatch.entry);
+            }
+            _ => self.insert_ready(dispatch.entry),
+        }
     }
 
     /// A no-ack consumer's receiver took `count` messages: that much window opens again.
@@ -206,25 +346,47 @@ impl Queue {
     /// Returns the number removed.
     pub fn handle_purge(&mut self) -> Vec<Entry> {
         self.ready_bytes = 0;
-        std::mem::take(&mut self.ready).into()
+        self.timed = 0;
+        let mut purged: Vec<Entry> = std::mem::take(&mut self.returns).into();
+        purged.extend(std::mem::take(&mut self.ready));
+        purged
+    }
+
+    /// What follows a burst of commands and deliveries: drops the oldest ready messages while a
+    /// `drop-head` length limit is exceeded after a publish ([`Removal::MaxLen`]), then expires
+    /// messages at the head ([`Removal::Expired`]). Costs nothing when neither applies.
+    pub fn handle_housekeeping(&mut self, now_ms: u64) {
+        if std::mem::take(&mut self.limit_check) {
+            while self.over_limit() {
+                let entry = self.pop_ready().expect("over a limit, so not empty");
+                self.effects.push_back(Effect::Removed {
+                    entry,
+                    reason: Removal::MaxLen,
+                });
+            }
+        }
+        self.expire_head(now_ms, false);
     }
 
     // ---- output ---------------------------------------------------------------------------
 
     /// The next delivery to a consumer with credit, round-robin within the highest priority
     /// that can take one (§3.2), or `None` when nothing more can be delivered now.
-    pub fn poll_dispatch(&mut self) -> Option<Dispatch> {
-        self.poll_dispatch_with(|_| true)
+    pub fn poll_dispatch(&mut self, now_ms: u64) -> Option<Dispatch> {
+        self.poll_dispatch_with(now_ms, |_| true)
     }
 
     /// [`Queue::poll_dispatch`] where a manual-ack consumer with credit must also be admitted
     /// by `admit` (a channel-wide prefetch limit, §3.3 `global`); `admit` is asked only about
-    /// the consumer that would receive, and a `true` answer commits to the delivery.
+    /// the consumer that would receive, and a `true` answer commits to the delivery. Expired
+    /// messages at the head are removed first.
     pub fn poll_dispatch_with(
         &mut self,
+        now_ms: u64,
         admit: impl FnMut(ConsumerId) -> bool,
     ) -> Option<Dispatch> {
-        if self.ready.is_empty() {
+        self.expire_head(now_ms, true);
+        if self.ready.is_empty() && self.returns.is_empty() {
             return None;
         }
         let (consumer, no_ack) = self.consumers.next_with_credit(admit)?;
@@ -239,9 +401,21 @@ impl Queue {
 
     // ---- queries --------------------------------------------------------------------------
 
-    /// Ready messages (the `message_count` of declare-ok and get-ok).
+    /// Ready messages (the `message_count` of declare-ok and get-ok); expired messages not yet
+    /// at the head still count (§7.1).
     pub fn ready_len(&self) -> u64 {
-        self.ready.len() as u64
+        (self.ready.len() + self.returns.len()) as u64
+    }
+
+    /// Whether a waiting message has a deadline: only then does the queue need the time.
+    pub fn is_timed(&self) -> bool {
+        self.timed > 0
+    }
+
+    /// The deadline of the message next in line, if it has one: when the queue must next be
+    /// looked at for expiry.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.head()?.expires_at_ms
     }
 
     /// Delivered, not yet settled messages.
@@ -286,12 +460,27 @@ impl Queue {
 
     /// The ready messages, head first.
     pub fn ready(&self) -> impl Iterator<Item = &Entry> {
-        self.ready.iter()
+        self.returns.iter().chain(self.ready.iter())
     }
 
     /// Checks every invariant of the module doc; `Err` names the first one broken.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut seen = std::collections::HashSet::new();
+        for e in &self.returns {
+            if !seen.insert(e.seq) || e.seq >= self.next_seq {
+                return Err(format!(
+                    "returned seq {} duplicated or from the future",
+                    e.seq
+                ));
+            }
+        }
+        let timed = self.ready().filter(|e| e.expires_at_ms.is_some()).count();
+        if timed != self.timed {
+            return Err(format!(
+                "timed count {} but {timed} have deadlines",
+                self.timed
+            ));
+        }
         let mut prev = None;
         for e in &self.ready {
             if prev.is_some_and(|p| p >= e.seq) {
@@ -307,7 +496,7 @@ impl Queue {
                 return Err(format!("unacked seq {seq} duplicated or mis-keyed"));
             }
         }
-        let ready_bytes: u64 = self.ready.iter().map(|e| e.message.body_size()).sum();
+        let ready_bytes: u64 = self.ready().map(|e| e.message.body_size()).sum();
         let unacked_bytes: u64 = self
             .unacked
             .values()
@@ -325,10 +514,54 @@ impl Queue {
 
     // ---- helpers --------------------------------------------------------------------------
 
+    fn head(&self) -> Option<&Entry> {
+        self.returns.front().or_else(|| self.ready.front())
+    }
+
     fn pop_ready(&mut self) -> Option<Entry> {
-        let entry = self.ready.pop_front()?;
+        let entry = match self.returns.pop_front() {
+            Some(e) => e,
+            None => self.ready.pop_front()?,
+        };
         self.ready_bytes -= entry.message.body_size();
+        self.timed -= usize::from(entry.expires_at_ms.is_some());
         Some(entry)
+    }
+
+    /// Removes expired messages at the head (only there, §7.1); `arriving` spares a TTL-0
+    /// message at the instant it arrived, for a consumer that can take it.
+    fn expire_head(&mut self, now_ms: u64, arriving: bool) {
+        if self.timed == 0 {
+            return;
+        }
+        while self.head().is_some_and(|e| e.expired(now_ms, arriving)) {
+            let entry = self.pop_ready().expect("has a head");
+            self.effects.push_back(Effect::Removed {
+                entry,
+                reason: Removal::Expired,
+            });
+        }
+    }
+
+    fn over_limit(&self) -> bool {
+        self.config
+            .max_length
+            .is_some_and(|max| self.ready_len() > max)
+            || self
+                .config
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes > max)
+    }
+
+    fn add_waiting(&mut self, entry: &Entry) {
+        self.ready_bytes += entry.message.body_size();
+        self.timed += usize::from(entry.expires_at_ms.is_some());
+    }
+
+    /// Appends to the returns lane (quorum queues, §4.3).
+    fn push_return(&mut self, entry: Entry) {
+        self.add_waiting(&entry);
+        self.returns.push_back(entry);
     }
 
     fn hand_out(&mut self, entry: Entry, consumer: Option<ConsumerId>, no_ack: bool) -> Dispatch {
@@ -362,7 +595,7 @@ impl Queue {
 
     /// Inserts at the position of the entry's sequence number (classic-queue requeue, §4.3).
     fn insert_ready(&mut self, entry: Entry) {
-        self.ready_bytes += entry.message.body_size();
+        self.add_waiting(&entry);
         let at = match self.ready.back() {
             Some(last) if last.seq > entry.seq => self.ready.partition_point(|e| e.seq < entry.seq),
             _ => self.ready.len(),

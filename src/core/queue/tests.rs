@@ -39,11 +39,11 @@ fn prefetch_limits_in_flight_and_acks_release_credit() {
         q.handle_enqueue(msg(b), 0);
     }
     q.handle_consume(consumer(1, 2));
-    let d1 = q.poll_dispatch().unwrap();
-    let _d2 = q.poll_dispatch().unwrap();
-    assert!(q.poll_dispatch().is_none(), "prefetch 2 reached");
+    let d1 = q.poll_dispatch(0).unwrap();
+    let _d2 = q.poll_dispatch(0).unwrap();
+    assert!(q.poll_dispatch(0).is_none(), "prefetch 2 reached");
     assert!(q.handle_ack(d1.entry.seq).is_some());
-    let d3 = q.poll_dispatch().unwrap();
+    let d3 = q.poll_dispatch(0).unwrap();
     assert_eq!(&d3.entry.message.body[..], b"c");
     q.check_invariants().unwrap();
 }
@@ -54,14 +54,14 @@ fn requeue_restores_original_position_and_flags_redelivered() {
     for b in ["a", "b", "c"] {
         q.handle_enqueue(msg(b), 0);
     }
-    let a = q.handle_get(false).unwrap();
-    let b = q.handle_get(false).unwrap();
+    let a = q.handle_get(0, false).unwrap();
+    let b = q.handle_get(0, false).unwrap();
     assert!(!a.entry.delivered);
     q.handle_enqueue(msg("d"), 0);
     q.handle_requeue(b.entry.seq);
     q.handle_requeue(a.entry.seq);
     assert_eq!(bodies(&q), ["a", "b", "c", "d"]);
-    let again = q.handle_get(true).unwrap();
+    let again = q.handle_get(0, true).unwrap();
     assert!(again.entry.delivered, "requeued message is redelivered");
     assert_eq!(again.entry.delivery_count, 1);
     q.check_invariants().unwrap();
@@ -75,7 +75,7 @@ fn round_robin_between_equal_consumers() {
     for b in ["a", "b", "c", "d"] {
         q.handle_enqueue(msg(b), 0);
     }
-    let to: Vec<u64> = std::iter::from_fn(|| q.poll_dispatch())
+    let to: Vec<u64> = std::iter::from_fn(|| q.poll_dispatch(0))
         .map(|d| d.consumer.unwrap().0)
         .collect();
     assert_eq!(to, [1, 2, 1, 2]);
@@ -93,7 +93,7 @@ fn higher_priority_consumer_served_first_until_blocked() {
     for b in ["a", "b", "c"] {
         q.handle_enqueue(msg(b), 0);
     }
-    let to: Vec<u64> = std::iter::from_fn(|| q.poll_dispatch())
+    let to: Vec<u64> = std::iter::from_fn(|| q.poll_dispatch(0))
         .map(|d| d.consumer.unwrap().0)
         .collect();
     assert_eq!(to, [2, 1, 1]);
@@ -104,7 +104,7 @@ fn purge_leaves_unacked_alone() {
     let mut q = Queue::new();
     q.handle_enqueue(msg("a"), 0);
     q.handle_enqueue(msg("b"), 0);
-    let a = q.handle_get(false).unwrap();
+    let a = q.handle_get(0, false).unwrap();
     assert_eq!(q.handle_purge().len(), 1);
     assert_eq!(q.unacked_len(), 1);
     q.handle_requeue(a.entry.seq);
@@ -116,7 +116,7 @@ fn purge_leaves_unacked_alone() {
 fn reject_emits_a_removal_effect() {
     let mut q = Queue::new();
     q.handle_enqueue(msg("a"), 0);
-    let a = q.handle_get(false).unwrap();
+    let a = q.handle_get(0, false).unwrap();
     assert!(q.handle_reject(a.entry.seq));
     assert!(matches!(
         q.poll_effect(),

@@ -1,0 +1,160 @@
+//! What a queue's arguments (and a policy, where one applies) make of it: its type, TTL,
+//! length limits and delivery limit (SEMANTICS.md §6, §7).
+
+use crate::types::FieldTable;
+
+/// A queue's type (`x-queue-type`): the semantics it follows on this one engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueKind {
+    /// Classic queue: requeue to the original position, no delivery limit.
+    #[default]
+    Classic,
+    /// Quorum queue: durable only, requeue to the front, a delivery limit (default 20) and the
+    /// `x-delivery-count` header.
+    Quorum,
+}
+
+/// What happens when a publish would take a queue over a length limit (`x-overflow`, §7.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Accept, then drop (or dead-letter with `maxlen`) the oldest ready messages.
+    #[default]
+    DropHead,
+    /// Refuse the new message: nacked under confirms, dropped silently otherwise.
+    RejectPublish,
+    /// As `RejectPublish`, and the refused message is dead-lettered with `maxlen` (classic).
+    RejectPublishDlx,
+}
+
+/// The delivery limit quorum queues get when none is set (RabbitMQ 4.0 and later).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
+/// Everything about a queue's behaviour that its arguments decide. Built once per queue; the
+/// arguments were validated when the queue was declared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Its type.
+    pub kind: QueueKind,
+    /// `x-message-ttl`, in milliseconds.
+    pub message_ttl: Option<u64>,
+    /// `x-max-length`: ready messages.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`: body bytes of ready messages.
+    pub max_length_bytes: Option<u64>,
+    /// `x-overflow`.
+    pub overflow: Overflow,
+    /// Returns after which a message is dead-lettered (quorum queues; `None` = unlimited).
+    pub delivery_limit: Option<u32>,
+    /// `x-expires`: the queue is deleted after this many milliseconds unused.
+    pub expires: Option<u64>,
+}
+
+impl QueueConfig {
+    /// The configuration declared by `arguments` (already validated; anything unreadable is
+    /// taken as absent).
+    pub fn from_arguments(arguments: &FieldTable) -> Self {
+        let non_negative = |key: &str| {
+            arguments
+                .get(key)
+                .and_then(|v| v.as_i64())
+                .and_then(|v| u64::try_from(v).ok())
+        };
+        let kind = match arguments.get("x-queue-type").and_then(|v| v.as_str()) {
+            Some("quorum") => QueueKind::Quorum,
+            _ => QueueKind::Classic,
+        };
+        let overflow = match arguments.get("x-overflow").and_then(|v| v.as_str()) {
+            Some("reject-publish") => Overflow::RejectPublish,
+            // Quorum queues take reject-publish-dlx as drop-head (§5.6).
+            Some("reject-publish-dlx") if kind == QueueKind::Classic => Overflow::RejectPublishDlx,
+            _ => Overflow::DropHead,
+        };
+        let delivery_limit = match kind {
+            QueueKind::Classic => None,
+            QueueKind::Quorum => match arguments.get("x-delivery-limit").and_then(|v| v.as_i64()) {
+                None => Some(DEFAULT_DELIVERY_LIMIT),
+                Some(v) if v < 0 => None, // negative disables (§6.1)
+                Some(v) => Some(u32::try_from(v).unwrap_or(u32::MAX)),
+            },
+        };
+        Self {
+            kind,
+            message_ttl: non_negative("x-message-ttl"),
+            max_length: non_negative("x-max-length"),
+            max_length_bytes: non_negative("x-max-length-bytes"),
+            overflow,
+            delivery_limit,
+            expires: non_negative("x-expires"),
+        }
+    }
+
+    /// Whether a publish may be refused (a length limit with a reject overflow mode): the
+    /// publisher must then learn the outcome before its confirm.
+    pub fn refuses_publishes(&self) -> bool {
+        self.overflow != Overflow::DropHead
+            && (self.max_length.is_some() || self.max_length_bytes.is_some())
+    }
+
+    /// Whether the queue has a length limit at all.
+    pub fn has_length_limit(&self) -> bool {
+        self.max_length.is_some() || self.max_length_bytes.is_some()
+    }
+
+    /// The deadline of a message entering the queue at `now_ms` with the given per-message
+    /// TTL (the `expiration` property): the lower of the two TTLs applies (§7.1); `None` if
+    /// neither is set.
+    pub fn deadline(&self, now_ms: u64, message_ttl: Option<u64>) -> Option<u64> {
+        let ttl = match (self.message_ttl, message_ttl) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(now_ms.saturating_add(ttl))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SEMANTICS.md §6.1: quorum queues default to a delivery limit of 20; a negative limit
+    /// disables it; classic queues have none.
+    #[test]
+    fn delivery_limit_defaults() {
+        let quorum = FieldTable::new().with("x-queue-type", "quorum");
+        assert_eq!(
+            QueueConfig::from_arguments(&quorum).delivery_limit,
+            Some(20)
+        );
+        let three = quorum.clone().with("x-delivery-limit", 3i32);
+        assert_eq!(QueueConfig::from_arguments(&three).delivery_limit, Some(3));
+        let off = quorum.with("x-delivery-limit", -1i64);
+        assert_eq!(QueueConfig::from_arguments(&off).delivery_limit, None);
+        assert_eq!(
+            QueueConfig::from_arguments(&FieldTable::new()).delivery_limit,
+            None
+        );
+    }
+
+    /// SEMANTICS.md §7.1: the lower of queue and message TTL applies.
+    #[test]
+    fn deadline_takes_the_lower_ttl() {
+        let c = QueueConfig::from_arguments(&FieldTable::new().with("x-message-ttl", 1000i32));
+        assert_eq!(c.deadline(50, None), Some(1050));
+        assert_eq!(c.deadline(50, Some(10)), Some(60));
+        assert_eq!(c.deadline(50, Some(5000)), Some(1050));
+        assert_eq!(QueueConfig::default().deadline(50, None), None);
+        assert_eq!(QueueConfig::default().deadline(50, Some(0)), Some(50));
+    }
+
+    /// SEMANTICS.md §5.6: quorum queues treat reject-publish-dlx as drop-head.
+    #[test]
+    fn quorum_reject_publish_dlx_is_drop_head() {
+        let args = FieldTable::new()
+            .with("x-queue-type", "quorum")
+            .with("x-overflow", "reject-publish-dlx")
+            .with("x-max-length", 1i32);
+        let c = QueueConfig::from_arguments(&args);
+        assert_eq!(c.overflow, Overflow::DropHead);
+        assert!(!c.refuses_publishes());
+    }
+}
