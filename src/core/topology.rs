@@ -710,6 +710,15 @@ fn validate_queue_arguments(name: &str, args: &FieldTable) -> Result<(), AmqpErr
     };
     let quorum = args.get("x-queue-type").and_then(FieldValue::as_str) == Some("quorum");
     for (key, value) in args.iter() {
+        let other_type = CLASSIC_KNOWN_ARGS.contains(&key) || OTHER_TYPE_ARGS.contains(&key);
+        if quorum && other_type && !QUORUM_KNOWN_ARGS.contains(&key) {
+            return Err(AmqpError::new(
+                ReplyCode::PreconditionFailed,
+                format!(
+                    "invalid arg '{key}' for queue '{name}' in vhost '/' of queue type rabbit_quorum_queue"
+                ),
+            ));
+        }
         let int = || {
             value
                 .as_i64()
@@ -758,14 +767,6 @@ fn validate_queue_arguments(name: &str, args: &FieldTable) -> Result<(), AmqpErr
                 if quorum =>
             {
                 int().and_then(|v| range(v, 0, i64::MAX))
-            }
-            k if quorum && k.starts_with("x-") && !QUORUM_KNOWN_ARGS.contains(&k) => {
-                return Err(AmqpError::new(
-                    ReplyCode::PreconditionFailed,
-                    format!(
-                        "invalid arg '{k}' for queue '{name}' in vhost '/' of queue type rabbit_quorum_queue"
-                    ),
-                ));
             }
             k if !quorum && OTHER_TYPE_ARGS.contains(&k) => {
                 return Err(AmqpError::new(
