@@ -46,6 +46,7 @@ pub mod core;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod retry;
 pub mod runtime;
 pub mod store;
 pub mod types;
@@ -53,10 +54,11 @@ pub mod types;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::confirm::ConfirmEvent;
 pub use core::exchange::ExchangeKind;
+pub use core::queue::{Overflow, PolicyDefinition};
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::Durability;
 pub use runtime::{
     Broker, BrokerBuilder, Channel, Connection, Consumer, DeathStats, Delivery, GetMessage, Limits,
-    QueueDeclareOk, ReasonCounts, Returned,
+    Policy, QueueDeclareOk, ReasonCounts, Returned,
 };
 pub use types::*;

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::policy::policy_for;
 use super::queue::{QueueCell, Sink};
 use super::{Admin, BrokerInner, Snapshot, persist};
 use crate::core::channel::QueueId;
@@ -65,7 +66,8 @@ impl BrokerInner {
                 })?;
             if declared.created {
                 let persist = self.persistence.clone().filter(|_| declared.meta.durable);
-                let cell = QueueCell::new(declared.meta.clone(), persist);
+                let policy = policy_for(&admin.policies, &declared.meta.name);
+                let cell = QueueCell::new(declared.meta.clone(), persist, policy);
                 cell.attach(self.queue_env());
                 snap.queues.insert(declared.meta.id, cell);
                 return Ok(((declared, 0, 0), true));
@@ -124,7 +126,7 @@ impl BrokerInner {
             let Some(cell) = snap.queues.get(&id).cloned() else {
                 return Ok(((), false));
             };
-            let expires = cell.config.expires.unwrap_or(u64::MAX);
+            let expires = cell.config().expires.unwrap_or(u64::MAX);
             let mut s = cell.lock();
             if s.core.consumer_count() > 0
                 || cell.last_used_ms().saturating_add(expires) > due

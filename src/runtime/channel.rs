@@ -884,7 +884,7 @@ impl ChannelInner {
             Some(cell) if &*cell.meta.name == routing_key => cell.meta.name.clone(),
             _ => Arc::from(routing_key),
         };
-        let timed = message_ttl.is_some() || cells.iter().any(|c| c.timed);
+        let timed = message_ttl.is_some() || cells.iter().any(|c| c.timed());
         let now = if timed || recorded {
             self.broker.clock.now_ms()
         } else {
@@ -901,9 +901,9 @@ impl ChannelInner {
         // Queues that may refuse it (`reject-publish`, §7.3) decide first, under their locks
         // (taken in id order), so the record and the confirm follow their answer.
         let mut deciding: SmallVec<[(usize, QueueGuard<'_>); 1]> = SmallVec::new();
-        if placed.iter().any(|(c, _)| c.config.refuses_publishes()) {
+        if placed.iter().any(|(c, _)| c.refuses_publishes()) {
             let mut order: SmallVec<[usize; 4]> = (0..placed.len())
-                .filter(|&i| placed[i].0.config.refuses_publishes())
+                .filter(|&i| placed[i].0.refuses_publishes())
                 .collect();
             order.sort_by_key(|&i| placed[i].0.meta.id);
             deciding.extend(order.into_iter().map(|i| (i, placed[i].0.lock())));

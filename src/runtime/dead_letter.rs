@@ -64,7 +64,7 @@ impl BrokerInner {
         let placed: SmallVec<[(&Arc<QueueCell>, u64); 4]> =
             cells.iter().map(|c| (*c, c.reserve_seq())).collect();
         let persistent = message.properties.is_persistent();
-        let now = if persistent || cells.iter().any(|c| c.timed) {
+        let now = if persistent || cells.iter().any(|c| c.timed()) {
             now
         } else {
             0

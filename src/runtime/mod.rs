@@ -13,6 +13,7 @@ mod connection;
 mod consumer;
 mod dead_letter;
 mod persist;
+mod policy;
 mod queue;
 mod recover;
 mod timer;
@@ -31,6 +32,7 @@ pub use connection::Connection;
 pub use consumer::{Consumer, Delivery};
 pub use crossbeam_channel::{RecvTimeoutError, TryRecvError};
 pub use persist::Durability;
+pub use policy::Policy;
 
 use crate::clock::{Clock, SystemClock};
 use crate::core::channel::QueueId;
@@ -201,6 +203,7 @@ impl BrokerBuilder {
                     snapshot: ArcSwap::from_pointee(snapshot),
                     admin: Mutex::new(Admin {
                         rng: SplitMix64(self.seed),
+                        policies: Vec::new(),
                     }),
                     clock: self.clock,
                     limits: self.limits,
@@ -370,6 +373,8 @@ pub(crate) struct Snapshot {
 /// State only touched under the admin lock (topology changes).
 pub(crate) struct Admin {
     rng: SplitMix64,
+    /// Policies, in name order.
+    policies: Vec<policy::Compiled>,
 }
 
 /// splitmix64: small, seedable, good enough for server-generated names.

@@ -10,6 +10,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, OnceLock, Weak};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_channel::Sender;
 use crossbeam_queue::SegQueue;
 use crossbeam_utils::CachePadded;
@@ -27,7 +28,8 @@ use crate::core::channel::ChannelState;
 use crate::core::queue::dead_letter::{DeadLetterTarget, DeathReason};
 use crate::core::queue::expiration::parse_expiration;
 use crate::core::queue::{
-    ConsumerId, Dispatch, Effect, Entry, Overflow, Queue, QueueConfig, QueueKind, Removal, Requeue,
+    ConsumerId, Dispatch, Effect, Entry, Overflow, PolicyDefinition, Queue, QueueConfig, QueueKind,
+    Removal, Requeue,
 };
 use crate::core::topology::QueueMeta;
 use crate::types::Message;
@@ -42,15 +44,22 @@ pub(crate) enum Settle {
 
 pub(crate) struct QueueCell {
     pub(crate) meta: Arc<QueueMeta>,
-    /// What its arguments make of it (type, TTL, limits).
-    pub(crate) config: QueueConfig,
+    /// What its arguments and policy make of it (TTL, limits); read off the hot paths only,
+    /// which use the flags below.
+    config: Mutex<QueueConfig>,
+    /// Its type (arguments only, never changes).
+    kind: QueueKind,
     /// Whether messages need their enqueue time (the queue has a message TTL); otherwise
     /// publish skips reading the clock.
-    pub(crate) timed: bool,
+    timed: AtomicBool,
+    /// Whether a publish may be refused by a length limit (decided under the queue's lock).
+    refuses: AtomicBool,
+    /// `x-expires` in milliseconds (0: none).
+    expires_ms: AtomicU64,
     /// The store, for a durable queue.
     persist: Option<Arc<Persistence>>,
     /// Where its dead letters go (`x-dead-letter-exchange`), if anywhere.
-    dead_letter: Option<DeadLetterTarget>,
+    dead_letter: ArcSwapOption<DeadLetterTarget>,
     /// Messages removed for a dead-letter reason, routed by whoever releases the lock next.
     dead: SegQueue<(Entry, DeathReason)>,
     /// The broker it belongs to: its clock, timers, and where dead letters are routed.
@@ -83,6 +92,18 @@ pub(crate) struct Sink {
     pub(crate) tx: Sender<Pending>,
     pub(crate) channel: Arc<ChannelInner>,
     pub(crate) tag: Arc<str>,
+}
+
+/// Where a queue's dead letters go under its arguments and policy.
+fn dead_letter_target(
+    meta: &QueueMeta,
+    policy: Option<&PolicyDefinition>,
+) -> Option<DeadLetterTarget> {
+    DeadLetterTarget::resolve(
+        &meta.arguments,
+        policy.and_then(|p| p.dead_letter_exchange.as_deref()),
+        policy.and_then(|p| p.dead_letter_routing_key.as_deref()),
+    )
 }
 
 /// What a queue needs from its broker.
@@ -188,8 +209,9 @@ impl QueueCell {
             return;
         }
         let broker = self.env.get().and_then(|e| e.broker.upgrade());
+        let target = self.dead_letter.load_full();
         while let Some((entry, reason)) = self.dead.pop() {
-            match (&broker, &self.dead_letter) {
+            match (&broker, &target) {
                 (Some(b), Some(target)) => b.dead_letter(self, target, entry, reason),
                 _ => self.dropped(&entry, reason, "broker closing"),
             }
@@ -217,7 +239,7 @@ impl QueueCell {
     /// The queue was used (declared, consumed from, fetched from): its `x-expires` lease starts
     /// again.
     pub(crate) fn touch(&self) {
-        if self.config.expires.is_some() {
+        if self.expires_ms.load(Ordering::Relaxed) != 0 {
             self.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
             self.renew_lease();
         }
@@ -225,7 +247,8 @@ impl QueueCell {
 
     /// Schedules the lease check unless one is pending (a pending one reschedules itself).
     fn renew_lease(&self) {
-        let (Some(expires), Some(env)) = (self.config.expires, self.env.get()) else {
+        let expires = self.expires_ms.load(Ordering::Relaxed);
+        let Some(env) = self.env.get().filter(|_| expires != 0) else {
             return;
         };
         if !self.lease_timer.swap(true, Ordering::AcqRel) {
@@ -266,7 +289,10 @@ impl QueueCell {
                 if !unused {
                     return; // renewed when its last consumer goes
                 }
-                let expires = self.config.expires.unwrap_or(u64::MAX);
+                let expires = self.expires_ms.load(Ordering::Relaxed);
+                if expires == 0 {
+                    return; // a policy change removed it
+                }
                 let due = self
                     .last_used_ms
                     .load(Ordering::Relaxed)
@@ -287,11 +313,16 @@ impl QueueCell {
 }
 
 impl QueueCell {
-    pub(crate) fn new(meta: Arc<QueueMeta>, persist: Option<Arc<Persistence>>) -> Arc<Self> {
-        let config = QueueConfig::from_arguments(&meta.arguments);
+    pub(crate) fn new(
+        meta: Arc<QueueMeta>,
+        persist: Option<Arc<Persistence>>,
+        policy: Option<&PolicyDefinition>,
+    ) -> Arc<Self> {
+        let config = QueueConfig::resolve(&meta.arguments, policy);
+        let dead_letter = dead_letter_target(&meta, policy);
         Arc::new_cyclic(|me| Self {
             persist,
-            dead_letter: DeadLetterTarget::from_arguments(&meta.arguments),
+            dead_letter: ArcSwapOption::from(dead_letter.map(Arc::new)),
             dead: SegQueue::new(),
             env: OnceLock::new(),
             me: me.clone(),
@@ -299,8 +330,11 @@ impl QueueCell {
             lease_timer: AtomicBool::new(false),
             last_used_ms: AtomicU64::new(0),
             deaths: DeathCounts::default(),
-            timed: config.message_ttl.is_some(),
-            config,
+            timed: AtomicBool::new(config.message_ttl.is_some()),
+            refuses: AtomicBool::new(config.refuses_publishes()),
+            expires_ms: AtomicU64::new(config.expires.unwrap_or(0)),
+            kind: config.kind,
+            config: Mutex::new(config),
             meta,
             next_seq: AtomicU64::new(0),
             inbox: CachePadded::new(SegQueue::new()),
@@ -314,7 +348,45 @@ impl QueueCell {
 
     /// Whether the queue is a quorum queue (deliveries carry `x-delivery-count`).
     pub(crate) fn is_quorum(&self) -> bool {
-        self.config.kind == QueueKind::Quorum
+        self.kind == QueueKind::Quorum
+    }
+
+    /// Whether messages entering it need the time (it has a message TTL).
+    pub(crate) fn timed(&self) -> bool {
+        self.timed.load(Ordering::Relaxed)
+    }
+
+    /// Whether a publish may be refused (a length limit with a reject overflow mode).
+    pub(crate) fn refuses_publishes(&self) -> bool {
+        self.refuses.load(Ordering::Relaxed)
+    }
+
+    /// Its configuration now.
+    pub(crate) fn config(&self) -> QueueConfig {
+        *self.config.lock()
+    }
+
+    /// Applies a policy (or its removal): the new TTL applies to messages entering from now
+    /// on, a lower `drop-head` limit drops from the head at once, and the dead-letter target
+    /// changes for messages removed from now on.
+    pub(crate) fn apply_policy(&self, policy: Option<&PolicyDefinition>) {
+        let config = QueueConfig::resolve(&self.meta.arguments, policy);
+        let dead_letter = dead_letter_target(&self.meta, policy);
+        let mut g = self.lock();
+        *self.config.lock() = config;
+        self.timed
+            .store(config.message_ttl.is_some(), Ordering::Relaxed);
+        self.refuses
+            .store(config.refuses_publishes(), Ordering::Relaxed);
+        self.expires_ms
+            .store(config.expires.unwrap_or(0), Ordering::Relaxed);
+        self.dead_letter.store(dead_letter.map(Arc::new));
+        g.core.set_config(config);
+        if !g.deleted {
+            self.dispatch(&mut g);
+        }
+        drop(g);
+        self.renew_lease();
     }
 
     /// Builds the entry of a message published at `now_ms` with the given per-message TTL.
@@ -325,13 +397,18 @@ impl QueueCell {
         now_ms: u64,
         message_ttl: Option<u64>,
     ) -> Entry {
+        let expires_at_ms = if self.timed() || message_ttl.is_some() {
+            self.config().deadline(now_ms, message_ttl)
+        } else {
+            None
+        };
         Entry {
             seq,
             message,
             delivered: false,
             delivery_count: 0,
             enqueued_at_ms: now_ms,
-            expires_at_ms: self.config.deadline(now_ms, message_ttl),
+            expires_at_ms,
         }
     }
 
@@ -482,11 +559,11 @@ impl QueueCell {
             next = next.max(entry.seq + 1);
             let ttl = entry.message.properties.expiration.as_deref();
             let ttl = ttl.and_then(|t| parse_expiration(t).ok());
-            if self.timed || ttl.is_some() {
+            if self.timed() || ttl.is_some() {
                 if entry.enqueued_at_ms == 0 {
                     entry.enqueued_at_ms = now_ms;
                 }
-                entry.expires_at_ms = self.config.deadline(entry.enqueued_at_ms, ttl);
+                entry.expires_at_ms = self.config().deadline(entry.enqueued_at_ms, ttl);
             }
             s.core.handle_restore(entry);
         }
@@ -524,9 +601,9 @@ impl QueueCell {
                 Removal::MaxLen | Removal::Refused => DeathReason::Maxlen,
                 Removal::DeliveryLimit => DeathReason::DeliveryLimit,
             };
-            let dead_letters = self.dead_letter.is_some()
+            let dead_letters = self.dead_letter.load().is_some()
                 && (reason != Removal::Refused
-                    || self.config.overflow == Overflow::RejectPublishDlx);
+                    || s.core.config().overflow == Overflow::RejectPublishDlx);
             if dead_letters {
                 // Routed once the lock is released; its record goes with the move.
                 self.dead.push((entry, death));

@@ -57,7 +57,10 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Sna
         let meta = topology
             .restore_queue(QueueId(q.id), &q.name, q.auto_delete, q.arguments.clone())
             .map_err(|err| inconsistent(b'Q', &q.id.to_be_bytes(), &err))?;
-        queues.insert(meta.id, QueueCell::new(meta, Some(persistence.clone())));
+        queues.insert(
+            meta.id,
+            QueueCell::new(meta, Some(persistence.clone()), None),
+        );
     }
     for b in &bindings {
         let destination = match &b.destination {

@@ -49,42 +49,90 @@ pub struct QueueConfig {
     pub expires: Option<u64>,
 }
 
+/// The queue settings a broker-level policy can give every queue whose name matches its
+/// pattern (RabbitMQ policy keys in brackets). Queue arguments and policy combine as RabbitMQ
+/// combines them: see [`QueueConfig::resolve`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyDefinition {
+    /// `dead-letter-exchange`.
+    pub dead_letter_exchange: Option<String>,
+    /// `dead-letter-routing-key`.
+    pub dead_letter_routing_key: Option<String>,
+    /// `message-ttl`, milliseconds.
+    pub message_ttl: Option<u64>,
+    /// `max-length`, messages.
+    pub max_length: Option<u64>,
+    /// `max-length-bytes`.
+    pub max_length_bytes: Option<u64>,
+    /// `overflow`.
+    pub overflow: Option<Overflow>,
+    /// `expires`, milliseconds (positive).
+    pub expires: Option<u64>,
+    /// `delivery-limit` (quorum queues; negative = unlimited).
+    pub delivery_limit: Option<i64>,
+}
+
 impl QueueConfig {
     /// The configuration declared by `arguments` (already validated; anything unreadable is
     /// taken as absent).
     pub fn from_arguments(arguments: &FieldTable) -> Self {
-        let non_negative = |key: &str| {
-            arguments
-                .get(key)
-                .and_then(|v| v.as_i64())
-                .and_then(|v| u64::try_from(v).ok())
+        Self::resolve(arguments, None)
+    }
+
+    /// The configuration of a queue with `arguments` under `policy` (§5.1, §6.1, §7): TTLs,
+    /// length limits and `expires` take the lower of the two; the overflow mode of the
+    /// arguments wins on a classic queue and the policy's on a quorum queue; delivery limits
+    /// take the lower, or the higher if either is negative.
+    pub fn resolve(arguments: &FieldTable, policy: Option<&PolicyDefinition>) -> Self {
+        let arg = |key: &str| arguments.get(key).and_then(|v| v.as_i64());
+        let non_negative = |key: &str| arg(key).and_then(|v| u64::try_from(v).ok());
+        let lower = |a: Option<u64>, p: Option<u64>| match (a, p) {
+            (Some(a), Some(p)) => Some(a.min(p)),
+            (a, p) => a.or(p),
         };
+        let p = policy.cloned().unwrap_or_default();
         let kind = match arguments.get("x-queue-type").and_then(|v| v.as_str()) {
             Some("quorum") => QueueKind::Quorum,
             _ => QueueKind::Classic,
         };
-        let overflow = match arguments.get("x-overflow").and_then(|v| v.as_str()) {
-            Some("reject-publish") => Overflow::RejectPublish,
+        let arg_overflow = match arguments.get("x-overflow").and_then(|v| v.as_str()) {
+            Some("drop-head") => Some(Overflow::DropHead),
+            Some("reject-publish") => Some(Overflow::RejectPublish),
+            Some("reject-publish-dlx") => Some(Overflow::RejectPublishDlx),
+            _ => None,
+        };
+        let overflow = match kind {
+            QueueKind::Classic => arg_overflow.or(p.overflow),
+            QueueKind::Quorum => p.overflow.or(arg_overflow),
+        };
+        let overflow = match overflow.unwrap_or_default() {
             // Quorum queues take reject-publish-dlx as drop-head (§5.6).
-            Some("reject-publish-dlx") if kind == QueueKind::Classic => Overflow::RejectPublishDlx,
-            _ => Overflow::DropHead,
+            Overflow::RejectPublishDlx if kind == QueueKind::Quorum => Overflow::DropHead,
+            o => o,
         };
         let delivery_limit = match kind {
             QueueKind::Classic => None,
-            QueueKind::Quorum => match arguments.get("x-delivery-limit").and_then(|v| v.as_i64()) {
-                None => Some(DEFAULT_DELIVERY_LIMIT),
-                Some(v) if v < 0 => None, // negative disables (§6.1)
-                Some(v) => Some(u32::try_from(v).unwrap_or(u32::MAX)),
-            },
+            QueueKind::Quorum => {
+                let limit = match (arg("x-delivery-limit"), p.delivery_limit) {
+                    (Some(a), Some(p)) if a < 0 || p < 0 => Some(a.max(p)),
+                    (Some(a), Some(p)) => Some(a.min(p)),
+                    (a, p) => a.or(p),
+                };
+                match limit {
+                    None => Some(DEFAULT_DELIVERY_LIMIT),
+                    Some(v) if v < 0 => None, // negative disables (§6.1)
+                    Some(v) => Some(u32::try_from(v).unwrap_or(u32::MAX)),
+                }
+            }
         };
         Self {
             kind,
-            message_ttl: non_negative("x-message-ttl"),
-            max_length: non_negative("x-max-length"),
-            max_length_bytes: non_negative("x-max-length-bytes"),
+            message_ttl: lower(non_negative("x-message-ttl"), p.message_ttl),
+            max_length: lower(non_negative("x-max-length"), p.max_length),
+            max_length_bytes: lower(non_negative("x-max-length-bytes"), p.max_length_bytes),
             overflow,
             delivery_limit,
-            expires: non_negative("x-expires"),
+            expires: lower(non_negative("x-expires"), p.expires),
         }
     }
 
@@ -144,6 +192,49 @@ mod tests {
         assert_eq!(c.deadline(50, Some(5000)), Some(1050));
         assert_eq!(QueueConfig::default().deadline(50, None), None);
         assert_eq!(QueueConfig::default().deadline(50, Some(0)), Some(50));
+    }
+
+    /// SEMANTICS.md §6.1, §7.1, §7.3: how arguments and a policy combine.
+    #[test]
+    fn arguments_and_policy_combine() {
+        let args = FieldTable::new()
+            .with("x-message-ttl", 1000i32)
+            .with("x-overflow", "reject-publish");
+        let policy = PolicyDefinition {
+            message_ttl: Some(500),
+            max_length: Some(7),
+            overflow: Some(Overflow::DropHead),
+            ..Default::default()
+        };
+        let c = QueueConfig::resolve(&args, Some(&policy));
+        assert_eq!(c.message_ttl, Some(500), "the lower TTL");
+        assert_eq!(c.max_length, Some(7), "policy alone");
+        assert_eq!(
+            c.overflow,
+            Overflow::RejectPublish,
+            "classic: the argument wins"
+        );
+        let quorum = args
+            .with("x-queue-type", "quorum")
+            .with("x-delivery-limit", 5i32);
+        let policy = PolicyDefinition {
+            overflow: Some(Overflow::DropHead),
+            delivery_limit: Some(3),
+            ..Default::default()
+        };
+        let c = QueueConfig::resolve(&quorum, Some(&policy));
+        assert_eq!(c.overflow, Overflow::DropHead, "quorum: the policy wins");
+        assert_eq!(c.delivery_limit, Some(3), "the lower limit");
+        let unlimited = PolicyDefinition {
+            delivery_limit: Some(-1),
+            ..Default::default()
+        };
+        let c = QueueConfig::resolve(&quorum, Some(&unlimited));
+        assert_eq!(
+            c.delivery_limit,
+            Some(5),
+            "with a negative one the higher applies (resolve_delivery_limit)"
+        );
     }
 
     /// SEMANTICS.md §5.6: quorum queues treat reject-publish-dlx as drop-head.

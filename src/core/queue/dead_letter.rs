@@ -44,6 +44,26 @@ pub struct DeadLetterTarget {
 }
 
 impl DeadLetterTarget {
+    /// The target of a queue with `arguments` under a policy's dead-letter exchange and routing
+    /// key: each argument overrides the policy's value (§5.1).
+    pub fn resolve(
+        arguments: &FieldTable,
+        policy_exchange: Option<&str>,
+        policy_routing_key: Option<&str>,
+    ) -> Option<Self> {
+        let arg = |key: &str| arguments.get(key).and_then(FieldValue::as_str);
+        let exchange = arg("x-dead-letter-exchange")
+            .or(policy_exchange)?
+            .to_owned();
+        let routing_key = arg("x-dead-letter-routing-key")
+            .or(policy_routing_key)
+            .map(str::to_owned);
+        Some(Self {
+            exchange,
+            routing_key,
+        })
+    }
+
     /// The target declared in a queue's arguments, if any.
     pub fn from_arguments(arguments: &FieldTable) -> Option<Self> {
         let exchange = arguments

@@ -31,7 +31,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-pub use config::{Overflow, QueueConfig, QueueKind};
+pub use config::{Overflow, PolicyDefinition, QueueConfig, QueueKind};
 use consumers::Consumers;
 pub use consumers::{ConsumerId, ConsumerSpec};
 
@@ -171,6 +171,14 @@ impl Queue {
     /// The queue's configuration.
     pub fn config(&self) -> &QueueConfig {
         &self.config
+    }
+
+    /// Changes the configuration (a policy was set or cleared). Deadlines of messages already
+    /// in the queue stay; a length limit now exceeded under `drop-head` drops from the head at
+    /// the next housekeeping (§7.3).
+    pub fn set_config(&mut self, config: QueueConfig) {
+        self.config = config;
+        self.limit_check = config.has_length_limit() && config.overflow == Overflow::DropHead;
     }
 
     // ---- commands -------------------------------------------------------------------------
