@@ -72,6 +72,7 @@ fn message(body: &Bytes) -> Arc<MessageRecord> {
         delivery_count: 0,
         delivered: false,
         enqueued_at_ms: 1_700_000_000_000,
+        dead_lettered: false,
     })
 }
 

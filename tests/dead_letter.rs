@@ -181,3 +181,82 @@ fn a_persistent_dead_letter_moves_atomically_between_durable_queues() {
     assert_eq!(body(&d), "m");
     assert_eq!(text(&death(&d, 0), "reason"), Some("rejected"));
 }
+
+/// §5.4 (`dead_letter_headers_should_not_be_appended_for_republish`): RabbitMQ 4.x does not
+/// interpret a client-supplied `x-death`: it reaches consumers as published, and the broker's
+/// own history starts empty and overwrites it at the first dead-lettering.
+#[test]
+fn a_client_supplied_x_death_is_not_history() {
+    let (_broker, _conn, ch) = setup();
+    declare(&ch, "dlq");
+    declare_args(
+        &ch,
+        "work",
+        dlx_args("").with("x-dead-letter-routing-key", "dlq"),
+    );
+    let forged = FieldTable::new()
+        .with("count", FieldValue::I64(5))
+        .with("reason", "rejected")
+        .with("queue", "work");
+    let headers = FieldTable::new()
+        .with(
+            "x-death",
+            FieldValue::Array(vec![FieldValue::Table(forged)]),
+        )
+        .with("x-first-death-queue", "elsewhere");
+    publish_headers(&ch, "", "work", "m", headers);
+    let d = get(&ch, "work").unwrap();
+    assert_eq!(
+        death(&d, 0).get("count"),
+        Some(&FieldValue::I64(5)),
+        "delivered as published"
+    );
+    d.reject(false).unwrap();
+    let d = get(&ch, "dlq").unwrap();
+    let Some(FieldValue::Array(deaths)) = d.properties().headers.as_ref().unwrap().get("x-death")
+    else {
+        panic!("no x-death")
+    };
+    assert_eq!(deaths.len(), 1, "the broker's history only");
+    assert_eq!(death(&d, 0).get("count"), Some(&FieldValue::I64(1)));
+    let headers = d.properties().headers.as_ref().unwrap();
+    assert_eq!(
+        headers
+            .get("x-first-death-queue")
+            .and_then(FieldValue::as_str),
+        Some("work")
+    );
+}
+
+/// §5.4 with §9.2: the broker's own history survives a restart and keeps counting.
+#[test]
+fn the_death_history_survives_a_restart() {
+    let store = MemoryStore::new();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let reject_once = |broker: &Broker| {
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        get(&ch, "work").unwrap().reject(false).unwrap();
+        broker.sync().unwrap();
+    };
+    {
+        let broker = Broker::builder().open_store(store.clone()).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        ch.queue_declare("work", durable, dlx_args("")).unwrap();
+        let props = BasicProperties::default().with_delivery_mode(2);
+        ch.basic_publish("", "work", Default::default(), b"m".to_vec(), props)
+            .unwrap();
+        reject_once(&broker);
+    }
+    store.crash();
+    let broker = Broker::builder().open_store(store).unwrap();
+    reject_once(&broker);
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    let d = get(&ch, "work").unwrap();
+    assert_eq!(death(&d, 0).get("count"), Some(&FieldValue::I64(2)));
+}

@@ -98,6 +98,7 @@ fn message(tag: &str) -> MessageRecord {
         delivery_count: 0,
         delivered: false,
         enqueued_at_ms: 1_700_000_000_000,
+        dead_lettered: false,
     }
 }
 
@@ -898,6 +899,7 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
                     delivery_count: 2,
                     delivered: true,
                     enqueued_at_ms: 1_700_000_000_123,
+                    dead_lettered: false,
                 },
             },
         ),
@@ -914,6 +916,7 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
                     delivery_count: 0,
                     delivered: false,
                     enqueued_at_ms: 0,
+                    dead_lettered: false,
                 },
             },
         ),

@@ -895,6 +895,7 @@ impl ChannelInner {
             routing_key,
             properties,
             body,
+            dead_lettered: false,
         });
         let placed: SmallVec<[(&Arc<QueueCell>, u64); 4]> =
             cells.iter().map(|c| (*c, c.reserve_seq())).collect();

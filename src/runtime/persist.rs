@@ -337,6 +337,7 @@ fn message_record(m: &Message, delivery_count: u32, enqueued_at_ms: u64) -> Mess
         delivery_count,
         delivered: false,
         enqueued_at_ms,
+        dead_lettered: m.dead_lettered,
     }
 }
 
@@ -475,6 +476,7 @@ mod tests {
             routing_key: "q".into(),
             properties: BasicProperties::default().with_delivery_mode(2),
             body: bytes::Bytes::from_static(b"m"),
+            dead_lettered: false,
         })
     }
 

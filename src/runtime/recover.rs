@@ -125,6 +125,7 @@ impl RecoverySink for Read {
                 routing_key,
                 properties: r.properties,
                 body: r.body,
+                dead_lettered: r.dead_lettered,
             }),
             delivered: true,
             delivery_count: r.delivery_count,

@@ -515,7 +515,8 @@ fn value_depth_exceeds(value: &FieldValue, depth: u32) -> bool {
 /// `correlation_id`, `reply_to`, `expiration`, `message_id`, `timestamp`, `kind`, `user_id`,
 /// `app_id`, `cluster_id`; each an option: byte 0 or 1 then the value; `headers` a field table
 /// through serde, `delivery_mode` and `priority` one raw byte, `timestamp` a varint);
-/// `delivery_count` (varint), `delivered` (byte 0 or 1), `enqueued_at_ms` (varint), body length
+/// `delivery_count` (varint), flags (one byte: bit 0 `delivered`, bit 1 `dead_lettered`; records
+/// written before `dead_lettered` existed hold 0 or 1 there), `enqueued_at_ms` (varint), body length
 /// (varint). Varints: below 251 one byte; else 251, 252 or 253 then a little-endian u16, u32 or
 /// u64.
 mod head {
@@ -558,7 +559,7 @@ mod head {
         opt_string(out, &p.app_id);
         opt_string(out, &p.cluster_id);
         varint(out, u64::from(m.delivery_count));
-        out.push(u8::from(m.delivered));
+        out.push(u8::from(m.delivered) | u8::from(m.dead_lettered) << 1);
         varint(out, m.enqueued_at_ms);
         varint(out, len_u64(m.body.len()));
         Ok(())
@@ -593,7 +594,10 @@ mod head {
         };
         let delivery_count = u32::try_from(r.varint("delivery count")?)
             .map_err(|_| "delivery count over u32".to_string())?;
-        let delivered = r.tag("delivered")?;
+        let flags = r.byte("flags")?;
+        if flags > 3 {
+            return Err(format!("flags: invalid value {flags}"));
+        }
         let enqueued_at_ms = r.varint("enqueued_at_ms")?;
         let body_len = r.varint("body length")?;
         let record = MessageRecord {
@@ -602,8 +606,9 @@ mod head {
             properties,
             body: bytes::Bytes::new(),
             delivery_count,
-            delivered,
+            delivered: flags & 1 != 0,
             enqueued_at_ms,
+            dead_lettered: flags & 2 != 0,
         };
         Ok((record, body_len, r.pos))
     }
@@ -1067,6 +1072,7 @@ mod tests {
             delivery_count: 2,
             delivered: true,
             enqueued_at_ms: 7,
+            dead_lettered: false,
         }
     }
 
@@ -1077,7 +1083,7 @@ mod tests {
         routing_key: &'a str,
         properties: &'a BasicProperties,
         delivery_count: u32,
-        delivered: bool,
+        flags: u8,
         enqueued_at_ms: u64,
         body_len: u64,
     }
@@ -1113,6 +1119,7 @@ mod tests {
             m.delivery_count = u32::try_from(v).unwrap_or(u32::MAX);
             m.enqueued_at_ms = v;
             m.delivered = n % 3 == 0;
+            m.dead_lettered = n % 4 == 1;
             m.routing_key = "r".repeat(n * 36);
             m.body = Bytes::from(vec![7u8; n * 40]);
             if n % 2 == 1 {
@@ -1144,7 +1151,7 @@ mod tests {
                 routing_key: &m.routing_key,
                 properties: &m.properties,
                 delivery_count: m.delivery_count,
-                delivered: m.delivered,
+                flags: u8::from(m.delivered) | u8::from(m.dead_lettered) << 1,
                 enqueued_at_ms: m.enqueued_at_ms,
                 body_len: len_u64(m.body.len()),
             };

@@ -139,6 +139,8 @@ pub struct MessageRecord {
     pub delivered: bool,
     /// When it was enqueued, milliseconds since the Unix epoch (per-queue TTL counts from here).
     pub enqueued_at_ms: u64,
+    /// Whether the broker dead-lettered it (its `x-death` headers are the broker's history).
+    pub dead_lettered: bool,
 }
 
 /// One change to the stored state.

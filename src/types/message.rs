@@ -17,6 +17,10 @@ pub struct Message {
     pub properties: BasicProperties,
     /// Its body.
     pub body: Bytes,
+    /// Whether the broker dead-lettered it: only then are its `x-death` headers the broker's
+    /// own history, continued at the next dead-lettering. A client-supplied `x-death` is not
+    /// interpreted and is overwritten (RabbitMQ 4.x, SEMANTICS.md §5.4).
+    pub dead_lettered: bool,
 }
 
 impl Message {

@@ -101,7 +101,12 @@ pub fn dead_letter(
     let mut properties = message.properties.clone();
     let mut headers = properties.headers.take().unwrap_or_default();
     let keys_at_death = message_keys(message, &headers);
-    let mut deaths = death_entries(&headers);
+    // Only the broker's own history counts: a client-supplied x-death starts over (§5.4).
+    let mut deaths = if message.dead_lettered {
+        death_entries(&headers)
+    } else {
+        Vec::new()
+    };
     let existing = deaths.iter().position(|d| entry_is(d, queue, reason));
     let entry = match existing {
         Some(i) => {
@@ -136,7 +141,7 @@ pub fn dead_letter(
             .map(FieldValue::Table)
             .collect::<Vec<_>>(),
     );
-    if !headers.contains_key("x-first-death-queue") {
+    if !message.dead_lettered || !headers.contains_key("x-first-death-queue") {
         headers.insert("x-first-death-queue", queue);
         headers.insert("x-first-death-reason", reason.as_str());
         headers.insert("x-first-death-exchange", &*message.exchange);
@@ -157,6 +162,7 @@ pub fn dead_letter(
             routing_key: first.into(),
             properties,
             body: Bytes::clone(&message.body),
+            dead_lettered: true,
         },
         routing_keys,
     }
@@ -223,6 +229,7 @@ mod tests {
             routing_key: key.into(),
             properties,
             body: Bytes::from_static(b"m"),
+            dead_lettered: false,
         }
     }
 

@@ -13,6 +13,7 @@ fn msg(body: &str) -> Arc<Message> {
         routing_key: "q".into(),
         properties: BasicProperties::default(),
         body: Bytes::copy_from_slice(body.as_bytes()),
+        dead_lettered: false,
     })
 }
 
