@@ -169,10 +169,24 @@ fn unacked_messages_do_not_count() {
     assert_eq!(publish_confirmed(&confirm, "q", &["1"]), [true]);
     let held = get(&ch, "q").unwrap();
     assert_eq!(publish_confirmed(&confirm, "q", &["2"]), [true]);
-    // §4.3: a requeue may take the queue over its limit; nothing is dropped for it.
+    // §4.3: a requeue may take a reject-publish queue over its limit.
     held.nack(true).unwrap();
-    assert_eq!(ready(&ch, "q"), 2);
+    assert_eq!(ready(&ch, "q"), 2, "reject-publish never drops");
     assert_eq!(get_all(&ch, "q"), ["1", "2"]);
+}
+
+/// §7.3 (RabbitMQ `requeue_and_run` → `maybe_drop_head`): on a classic drop-head queue a
+/// requeue that takes it over the limit drops the oldest at once, before any delivery.
+#[test]
+fn drop_head_applies_on_requeue() {
+    let (broker, _conn, ch) = setup();
+    declare_args(&ch, "q", max_len(2, "drop-head"));
+    publish_all(&ch, "q", &["1", "2", "3"]); // "1" dropped
+    let two = get(&ch, "q").unwrap();
+    publish(&ch, "", "q", "4"); // ready: 3, 4
+    two.nack(true).unwrap(); // back at its place: 2, 3, 4 → over: "2" dropped
+    assert_eq!(get_all(&ch, "q"), ["3", "4"]);
+    assert_eq!(broker.death_stats("q").unwrap().dropped.maxlen, 2);
 }
 
 /// §7.3: max-length 0: drop-head still delivers to a consumer that can take the message (it

@@ -26,7 +26,8 @@
 //!   timers run as it moves), half on a clock that runs no timers (expired messages wait at the
 //!   head until the next pass or get removes them);
 //! - §7.3 length limits: q4 `x-max-length` 2 `drop-head` (oldest ready dead-lettered with
-//!   `maxlen` after a publish; requeues may exceed the limit until the next publish), q5
+//!   `maxlen` after a publish, and on a requeue before anything is delivered, as RabbitMQ's
+//!   `requeue_and_run` does), q5
 //!   `x-max-length` 2 `reject-publish` (publish refused when ready + 1 > 2, nacked on the
 //!   confirm-mode channels, never dead-lettered);
 //! - accounting: after every step `check_invariants()` holds, every published message is in
@@ -34,9 +35,6 @@
 //!   which covers dead-lettered messages, or dropped for a counted reason) and
 //!   `Broker::death_stats` matches the model's dead-lettered and dropped counts per queue and
 //!   reason.
-//!
-//! Where the engine is known to deviate, the model mirrors it behind a flag and an
-//! `ENGINE BUG:` comment, so that everything else is still checked.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -202,13 +200,6 @@ const SLOTS: usize = 4; // channel slots 0,1 on connection 0; 2,3 on connection 
 fn confirming(slot: usize) -> bool {
     slot % 2 == 1
 }
-
-/// Whether the model mirrors the engine bug described at its use (see `World::m_dispatch`).
-const TTL0_SPARED_LATER: bool = true;
-
-/// Whether the model mirrors the engine bug described at its use (see `Op::Get` in
-/// `World::step`).
-const GET_COUNTS_EXPIRED_HEAD: bool = true;
 
 /// Per-message TTLs the publishes use.
 const EXPIRATIONS: [Option<&str>; 4] = [None, Some("0"), Some("50"), Some("200")];
@@ -678,19 +669,7 @@ impl World {
     /// then strict head expiry), then carry out the removals, then schedule the next expiry.
     fn m_dispatch(&mut self, q: usize, spare: Option<u64>) {
         loop {
-            let now = self.now;
-            self.m_expire_head_if(q, |h| {
-                spare == Some(h.seq)
-                    // ENGINE BUG: the broker spares a never-delivered TTL-0 message in *every*
-                    // delivery pass at the millisecond it was published, not only in the pass
-                    // of its own publish, so one that waited behind another message can still
-                    // go to a consumer that arrives later in that millisecond (§7.1: it should
-                    // have expired). Mirrored here so the rest can be exercised.
-                    || (TTL0_SPARED_LATER
-                        && !h.delivered
-                        && h.deadline == Some(h.enqueued)
-                        && h.enqueued == now)
-            });
+            self.m_expire_head_if(q, |h| spare == Some(h.seq));
             if self.m_queues[q].len() == 0 {
                 break;
             }
@@ -922,6 +901,14 @@ impl World {
                             mq.returns.push_back(back);
                         } else {
                             mq.insert_ready(back);
+                            // A classic drop-head queue drops from the head on requeue too,
+                            // before anything is delivered (`requeue_and_run`).
+                            if let Some(max) = spec.max_len.filter(|_| !spec.reject_publish) {
+                                while mq.len() > max {
+                                    let m = mq.pop().unwrap();
+                                    mq.effects.push((m, Reason::Maxlen));
+                                }
+                            }
                         }
                     }
                 }
@@ -1073,16 +1060,8 @@ impl World {
                         }
                         // RabbitMQ drops the expired messages at the new head before it
                         // counts what remains (`rabbit_amqqueue_process:fetch/2`).
-                        // ENGINE BUG: the broker counts before it expires the new head, so
-                        // get-ok's message_count includes expired messages that are then
-                        // removed at once. Counted that way here so the rest can be exercised.
-                        let before = self.m_queues[queue].len() as u32;
                         self.m_expire_head(queue, None);
-                        let remaining = if GET_COUNTS_EXPIRED_HEAD {
-                            before
-                        } else {
-                            self.m_queues[queue].len() as u32
-                        };
+                        let remaining = self.m_queues[queue].len() as u32;
                         Some((expected, remaining))
                     }
                 };

@@ -148,6 +148,32 @@ fn zero_ttl_goes_to_a_ready_consumer_or_nowhere() {
     assert_eq!(broker.death_stats("q").unwrap().dropped.expired, 1);
 }
 
+/// §7.1: a TTL-0 message that could not go to a consumer as it arrived (it waited behind
+/// another) has expired, even for a consumer arriving in the same millisecond; get-ok's count
+/// leaves out an expired message at the new head.
+#[test]
+fn zero_ttl_behind_another_expires() {
+    let (_clock, broker, _conn, ch) = manual();
+    declare(&ch, "q");
+    publish(&ch, "", "q", "a");
+    publish_expiring(&ch, "q", "b", "0");
+    let mut c = consume(&ch, "q", "c");
+    assert_eq!(drain_bodies(&mut c), ["a"]);
+    assert_eq!(broker.death_stats("q").unwrap().dropped.expired, 1);
+
+    declare(&ch, "g");
+    publish(&ch, "", "g", "a");
+    publish_expiring(&ch, "g", "b", "0");
+    let got = ch
+        .basic_get("g", BasicGetOptions::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got.message_count, 0,
+        "'b' expired at the new head, not counted"
+    );
+}
+
 /// §7.1, §4.3: a requeued message keeps its deadline; a TTL-0 message requeued expires at once.
 #[test]
 fn requeue_keeps_the_original_deadline() {

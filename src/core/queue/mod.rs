@@ -31,6 +31,8 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 pub use config::{Overflow, PolicyDefinition, QueueConfig, QueueKind};
 use consumers::Consumers;
 pub use consumers::{ConsumerId, ConsumerSpec};
@@ -57,19 +59,15 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Whether the entry has expired at `now_ms`. With `arriving`, a message whose TTL is 0
-    /// and that has never been delivered is still deliverable at the instant it arrived.
-    fn expired(&self, now_ms: u64, arriving: bool) -> bool {
-        match self.expires_at_ms {
-            None => false,
-            Some(deadline) => {
-                now_ms >= deadline
-                    && !(arriving
-                        && !self.delivered
-                        && deadline == self.enqueued_at_ms
-                        && now_ms == deadline)
-            }
-        }
+    /// Whether the entry has expired at `now_ms`.
+    fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms
+            .is_some_and(|deadline| now_ms >= deadline)
+    }
+
+    /// Whether it has a TTL of 0 (expires the instant it arrives).
+    fn zero_ttl(&self) -> bool {
+        self.expires_at_ms == Some(self.enqueued_at_ms)
     }
 }
 
@@ -145,6 +143,9 @@ pub struct Queue {
     timed: usize,
     /// A publish was accepted under `drop-head` limits: housekeeping checks the length.
     limit_check: bool,
+    /// TTL-0 messages published since the last housekeeping: deliverable in this pass only,
+    /// to a consumer that can take them as they arrive (§7.1).
+    arriving: SmallVec<[u64; 2]>,
     unacked: HashMap<u64, Unacked, BuildHasherDefault<SeqHasher>>,
     consumers: Consumers,
     next_seq: u64,
@@ -219,6 +220,9 @@ impl Queue {
         if self.config.has_length_limit() {
             self.limit_check = true;
         }
+        if entry.zero_ttl() {
+            self.arriving.push(entry.seq);
+        }
         self.insert_ready(entry);
         true
     }
@@ -265,7 +269,11 @@ impl Queue {
     pub fn handle_get(&mut self, now_ms: u64, no_ack: bool) -> Option<Dispatch> {
         self.expire_head(now_ms, false);
         let entry = self.pop_ready()?;
-        Some(self.hand_out(entry, None, no_ack))
+        let dispatch = self.hand_out(entry, None, no_ack);
+        // What is expired at the new head goes before the remaining count is read, as
+        // RabbitMQ's fetch does (§7.1: only expired messages behind a live head count).
+        self.expire_head(now_ms, false);
+        Some(dispatch)
     }
 
     /// Settles an unacked message positively, handing back the entry so the caller can free it
@@ -316,7 +324,14 @@ impl Queue {
             enqueued_at_ms: entry.enqueued_at_ms,
         };
         match self.config.kind {
-            QueueKind::Classic => self.insert_ready(entry),
+            QueueKind::Classic => {
+                self.insert_ready(entry);
+                // A classic queue applies drop-head on requeue too (`requeue_and_run` calls
+                // `maybe_drop_head`), before anything is delivered.
+                if self.config.overflow == Overflow::DropHead {
+                    self.drop_over_limit();
+                }
+            }
             QueueKind::Quorum => self.push_return(entry),
         }
         Some(requeued)
@@ -365,15 +380,10 @@ impl Queue {
     /// messages at the head ([`Removal::Expired`]). Costs nothing when neither applies.
     pub fn handle_housekeeping(&mut self, now_ms: u64) {
         if std::mem::take(&mut self.limit_check) {
-            while self.over_limit() {
-                let entry = self.pop_ready().expect("over a limit, so not empty");
-                self.effects.push_back(Effect::Removed {
-                    entry,
-                    reason: Removal::MaxLen,
-                });
-            }
+            self.drop_over_limit();
         }
         self.expire_head(now_ms, false);
+        self.arriving.clear();
     }
 
     // ---- output ---------------------------------------------------------------------------
@@ -542,11 +552,28 @@ impl Queue {
         if self.timed == 0 {
             return;
         }
-        while self.head().is_some_and(|e| e.expired(now_ms, arriving)) {
+        let spared = |e: &Entry, fresh: &[u64]| {
+            arriving && e.zero_ttl() && now_ms == e.enqueued_at_ms && fresh.contains(&e.seq)
+        };
+        while self
+            .head()
+            .is_some_and(|e| e.expired(now_ms) && !spared(e, &self.arriving))
+        {
             let entry = self.pop_ready().expect("has a head");
             self.effects.push_back(Effect::Removed {
                 entry,
                 reason: Removal::Expired,
+            });
+        }
+    }
+
+    /// Drops the oldest ready messages while a length limit is exceeded ([`Removal::MaxLen`]).
+    fn drop_over_limit(&mut self) {
+        while self.over_limit() {
+            let entry = self.pop_ready().expect("over a limit, so not empty");
+            self.effects.push_back(Effect::Removed {
+                entry,
+                reason: Removal::MaxLen,
             });
         }
     }
