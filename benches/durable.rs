@@ -13,8 +13,9 @@
 //! - `recovery`: opening a broker whose store holds 1,000,000 persistent 64-byte messages,
 //!   beside a raw sled iteration over 1,000,000 records.
 //!
-//! - with `CONEY_BENCH_DISK=1`: the store's size on disk over 1,000,000 publish+ack cycles with a
-//!   backlog of 1,000, and before and after a backlog of 1,000,000 drains (printed, untimed).
+//! - with `CONEY_BENCH_DISK=1`: the store's size on disk every 250,000 of 1,000,000 publish+ack
+//!   cycles with a backlog of 1,000, and before and after a backlog of 1,000,000 drains (printed,
+//!   untimed). `CONEY_BENCH_DISK_CYCLES` and `CONEY_BENCH_DISK_BACKLOG` change the two counts.
 //!
 //! Directories live under the system temp dir and are removed at the end.
 
@@ -361,31 +362,34 @@ fn mib(broker: &Broker) -> f64 {
 }
 
 /// Not a timed benchmark: the store directory's size under a steady publish+ack stream with a
-/// backlog of 1,000 (checking nothing acked is left behind by reopening), and before and after
+/// backlog of 1,000 by default (checking nothing acked is left behind by reopening), and before and after
 /// a backlog as large as the stream drains (printed).
 fn disk_space() {
     let cycles: u64 = std::env::var("CONEY_BENCH_DISK_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    const BACKLOG: u64 = 1_000;
+    let backlog: u64 = std::env::var("CONEY_BENCH_DISK_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000);
     let path = dir("disk");
     let rig = Rig::new(durable_broker(&path, Durability::GroupCommit));
     let start = Instant::now();
-    publish_n(&rig, BACKLOG);
+    publish_n(&rig, backlog);
     for i in 0..cycles {
         publish_n(&rig, 1);
         take_n(&rig, 1);
-        if (i + 1) % 500_000 == 0 {
+        if (i + 1) % 250_000 == 0 {
             rig.broker.sync().unwrap();
             eprintln!(
-                "disk: {} publish+ack cycles over a backlog of {BACKLOG}: {:.1} MiB",
+                "disk: {} publish+ack cycles over a backlog of {backlog}: {:.1} MiB",
                 i + 1,
                 mib(&rig.broker)
             );
         }
     }
-    take_n(&rig, BACKLOG);
+    take_n(&rig, backlog);
     rig.broker.sync().unwrap();
     eprintln!(
         "disk: steady stream done in {:?}, queue empty: {:.1} MiB",

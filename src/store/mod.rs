@@ -68,7 +68,7 @@ pub trait Store: Send + Sync + 'static {
         self.recover_into(&mut recovered)?;
         Ok(recovered)
     }
-    /// Bytes the store occupies on disk (0 for memory), for the disk-bound checks.
+    /// Bytes the store occupies on disk (0 for memory), for monitoring.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 }
 

@@ -20,9 +20,13 @@ pub struct SledOptions {
     ///
     /// The flusher writes and fsyncs buffered log data every period (so applied batches may
     /// become durable before [`Store::flush`], which is harmless: confirms still wait for an
-    /// explicit flush). More importantly it is the only place sled 0.34 runs its segment
-    /// cleaner: with `None`, space of removed records is never reused and the directory grows
-    /// with every byte ever written (see "Disk use" on [`SledStore`]). Default `Some(500)`,
+    /// explicit flush). It is also the only place sled 0.34 runs its segment cleaner, which
+    /// moves the live pages out of log segments that are at most half live so those segments
+    /// can be reused. Without it only segments whose pages were all rewritten anyway are
+    /// reused: enough for a short backlog, not for messages that stay queued while many others
+    /// pass (in a loop on sled alone writing and removing 64-byte records over a backlog of
+    /// 100,000, the directory kept growing, ~450 MiB after 2 million, against ~120 MiB and
+    /// levelling off with the flusher). See "Disk use" on [`SledStore`]. Default `Some(500)`,
     /// sled's own default.
     pub flush_every_ms: Option<u64>,
     /// sled's page cache, in bytes (default 64 MiB; sled's own default is 1 GiB).
@@ -46,23 +50,31 @@ impl Default for SledOptions {
 ///
 /// # Disk use
 /// sled is log-structured: every write appends to 512 KiB segments of one file, and removed or
-/// overwritten records leave dead space behind. sled 0.34 reclaims it only in its segment
-/// cleaner, which runs on the background flusher thread ([`SledOptions::flush_every_ms`]) for
-/// at most half of each period: it rewrites the live pages of segments that are at most half
-/// live, and later writes reuse the freed segments. The file itself rarely shrinks; what stays
-/// bounded is its growth. Measured with 64-byte bodies (`benches/store.rs` prints it, figures in
-/// BENCHMARKS.md):
-/// - without the flusher the directory grows by about 500 bytes per message written, whatever
-///   is deleted: a queue holding 100,000 messages reached 1 GiB after 2 million had passed
-///   through;
-/// - with it, writing a million, deleting them and writing a million more ends near the size of
-///   one million (space is reused), and a queue of 100,000 fed at ~30,000 messages/s stays under
-///   100 MiB; but at full speed (~100,000 messages/s in and out) the cleaner falls behind and
-///   the directory keeps growing (2 GiB after 4 million had passed through).
+/// overwritten records leave dead space behind. A segment is reused once every page it holds
+/// has a newer version elsewhere; for segments at most half live, the segment cleaner (on the
+/// flusher thread, see [`SledOptions::flush_every_ms`]) writes such newer versions of the pages
+/// still there. The file shrinks only when free segments sit at its end; otherwise later writes
+/// reuse them.
 ///
-/// So the broker's disk limit (checked with [`Store::size_on_disk`], which is sled's count of
-/// its files' bytes) is what bounds the disk in the end: while publishers are blocked at the
-/// limit, the cleaner frees segments that later writes reuse.
+/// sled 0.34 retires a written segment (makes it a candidate for reuse at all) in a step it
+/// defers through its epoch-based garbage collector, behind the page versions every write
+/// replaces. On its own that collector does not keep up with a fast writer: its queue grows,
+/// segments are never retired and the directory grows with every byte written (with it, the
+/// memory the replaced page versions hold). So every apply and flush runs the collector in
+/// proportion to the keys written (`collect_sled_garbage`). Measured with 64-byte bodies
+/// through the broker, group commit (`benches/durable.rs`; figures and commands in
+/// BENCHMARKS.md):
+/// - a publish+ack stream at full speed (~300,000 cycles/s) over a backlog of 1,000 stays at
+///   3-4 MiB however long it runs (4,000,000 cycles: 3.0 MiB); before the collection it grew by
+///   ~106 bytes per cycle (423 MiB after 4,000,000);
+/// - over a backlog of 100,000 it levels off near 60 MiB (56-64 MiB from 1,000,000 to
+///   2,000,000 cycles); before, 619 MiB after 1,000,000 and growing;
+/// - a backlog of 1,000,000 takes ~190 MiB (490-530 MiB before), and the directory keeps that
+///   size once it drains (620-640 MiB before): the freed segments are reused by later writes.
+///
+/// Nothing limits the directory's size: [`Store::size_on_disk`] (sled's count of its files'
+/// bytes, which `Broker::size_on_disk` reports) is for monitoring, and a write that fails for
+/// lack of space poisons the store like any other storage failure.
 ///
 /// # Errors
 /// The first sled or I/O failure poisons the store (every later call returns
@@ -143,12 +155,14 @@ impl SledStore {
         self.poison.check()?;
         self.db
             .insert(key, value)
-            .map(|_| ())
-            .map_err(|e| self.poison.fail(format!("insert: {e}")))
+            .map_err(|e| self.poison.fail(format!("insert: {e}")))?;
+        collect_sled_garbage(1);
+        Ok(())
     }
 
-    /// One `sled::Batch` with the effect of `writes` applied in order.
-    fn sled_batch(&self, writes: &[Write]) -> Result<::sled::Batch, ::sled::Error> {
+    /// One `sled::Batch` with the effect of `writes` applied in order, and how many keys it
+    /// writes.
+    fn sled_batch(&self, writes: &[Write]) -> Result<(::sled::Batch, usize), ::sled::Error> {
         let mut batch = ::sled::Batch::default();
         if !writes
             .iter()
@@ -162,7 +176,7 @@ impl SledStore {
                     Write::RemoveQueue { .. } => unreachable!("checked above"),
                 }
             }
-            return Ok(batch);
+            return Ok((batch, writes.len()));
         }
         // A queue removal must also remove messages put earlier in this batch, which are not in
         // the tree yet: build the batch's effect in an overlay first.
@@ -190,13 +204,14 @@ impl SledStore {
                 }
             }
         }
+        let keys = overlay.len();
         for (key, value) in overlay {
             match value {
                 Some(value) => batch.insert(key, value),
                 None => batch.remove(key),
             }
         }
-        Ok(batch)
+        Ok((batch, keys))
     }
 }
 
@@ -204,21 +219,25 @@ impl Store for SledStore {
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         self.poison.check()?;
         let writes = codec::encode_batch(batch)?;
-        let _serialised = self.apply_lock.lock();
-        let batch = self
+        let serialised = self.apply_lock.lock();
+        let (batch, keys) = self
             .sled_batch(&writes)
             .map_err(|e| self.poison.fail(format!("scan for queue delete: {e}")))?;
         self.db
             .apply_batch(batch)
-            .map_err(|e| self.poison.fail(format!("apply: {e}")))
+            .map_err(|e| self.poison.fail(format!("apply: {e}")))?;
+        drop(serialised);
+        collect_sled_garbage(keys);
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         self.poison.check()?;
         self.db
             .flush()
-            .map(|_| ())
-            .map_err(|e| self.poison.fail(format!("flush: {e}")))
+            .map_err(|e| self.poison.fail(format!("flush: {e}")))?;
+        collect_sled_garbage(0);
+        Ok(())
     }
 
     /// Reads the tree on a helper thread and decodes on the caller's, so with two cores free
@@ -249,6 +268,33 @@ impl Store for SledStore {
         self.db
             .size_on_disk()
             .map_err(|e| self.poison.fail(format!("size on disk: {e}")))
+    }
+}
+
+/// Keys written per round of epoch garbage collection that [`collect_sled_garbage`] runs.
+///
+/// A round frees up to 8 bags of 64 deferred items. Measured on a steady stream of inserts and
+/// removes, about one round per 1,000 keys written keeps the directory flat (one per 2,000 and
+/// it grows again slowly); this is an eightfold margin, and a round with nothing to free costs
+/// under 100 ns.
+const KEYS_PER_COLLECT: usize = 128;
+
+/// Runs rounds of the epoch-based garbage collector sled's pages live under (crossbeam-epoch's
+/// global collector), one per [`KEYS_PER_COLLECT`] keys written and at least one.
+///
+/// sled 0.34 defers through that collector, in the same queue as the page versions each write
+/// replaces, the step that lets its segment accountant retire written segments (raising the
+/// stable log position recorded in segment headers). The collector frees at most 8 bags per
+/// round, runs a round only on every 128th pin of a thread or on an explicit flush, and frees
+/// its queue in order; under a stream of writes its queue grows without bound, that step comes
+/// later and later, and segments stay active: none is cleaned or reused, and the directory
+/// grows with every byte written (~106 bytes per publish+ack cycle in `benches/durable.rs`).
+/// Running rounds in proportion to what was written keeps the queue short. `sled::pin` is
+/// sled's own (hidden) entry to that collector, so no other dependency is needed; `flush` on
+/// the guard hands over this thread's deferred items and runs one round.
+fn collect_sled_garbage(keys_written: usize) {
+    for _ in 0..=keys_written / KEYS_PER_COLLECT {
+        ::sled::pin().flush();
     }
 }
 
