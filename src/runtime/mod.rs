@@ -161,7 +161,7 @@ impl BrokerBuilder {
     /// process has open is refused
     /// ([`StoreError::Locked`](crate::store::StoreError::Locked)).
     pub fn open(self, path: impl AsRef<Path>) -> Result<Broker> {
-        // sled reclaims the space of removed records only on its own flusher thread, so it runs
+        // sled cleans segments of long-lived records only on its own flusher thread, so it runs
         // in every mode; confirms still wait for the broker's explicit flush, except in
         // periodic mode where this timer is the only flush.
         let every_ms = match self.durability {

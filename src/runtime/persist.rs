@@ -46,8 +46,14 @@ pub enum Durability {
     },
 }
 
-/// Jobs taken in one group at most (bounds the batch and the confirm latency).
-const GROUP_MAX: usize = 8192;
+/// Jobs taken in one group at most. Large, so that when the flusher falls behind a fast
+/// producer, the acks queued behind a message's publish fall in the same group and cancel its
+/// record (a consumer a few thousand messages behind would otherwise make every message be
+/// written and then removed).
+const GROUP_MAX: usize = 1 << 17;
+
+/// Body bytes of the records a group may write at most (bounds the batch's memory).
+const GROUP_BYTES_MAX: u64 = 64 << 20;
 
 /// A confirm to release once the job holding it is durable. It holds the channel's confirm
 /// state only, never the channel: the flusher must not be what keeps a broker alive (it would
@@ -86,6 +92,22 @@ pub(crate) enum Job {
     Definitions(Batch, Sender<Result<(), StoreError>>),
     /// Answered once everything sent before is durable.
     Sync(Sender<Result<(), StoreError>>),
+}
+
+impl Job {
+    /// Body bytes the job writes (before any cancellation).
+    fn written_bytes(&self) -> u64 {
+        match self {
+            Job::Publish {
+                message, targets, ..
+            }
+            | Job::Move {
+                message, targets, ..
+            } => message.body_size() * targets.len() as u64,
+            Job::Requeued { message, .. } => message.body_size(),
+            _ => 0,
+        }
+    }
 }
 
 /// Definition changes on their way to the store.
@@ -181,9 +203,14 @@ impl Drop for Persistence {
 fn run(store: &dyn Store, mode: Durability, rx: &Receiver<Job>, poisoned: &OnceLock<StoreError>) {
     let mut jobs: Vec<Job> = Vec::new();
     while let Ok(first) = rx.recv() {
+        let mut bytes = first.written_bytes();
         jobs.push(first);
         if mode != Durability::PerMessage {
-            jobs.extend(rx.try_iter().take(GROUP_MAX - 1));
+            while jobs.len() < GROUP_MAX && bytes < GROUP_BYTES_MAX {
+                let Ok(job) = rx.try_recv() else { break };
+                bytes += job.written_bytes();
+                jobs.push(job);
+            }
         }
         let batch = group_batch(&jobs);
         let result = if let Some(first) = poisoned.get() {

@@ -220,6 +220,19 @@ impl Store for SledStore {
         self.poison.check()?;
         let writes = codec::encode_batch(batch)?;
         let serialised = self.apply_lock.lock();
+        // One key is atomic on its own: skip the batch's log manifest (the per-message mode
+        // writes one record per flush).
+        let single = match writes.as_slice() {
+            [Write::Put { key, value }] => Some(self.db.insert(key.as_slice(), value.as_slice())),
+            [Write::Remove { key }] => Some(self.db.remove(key.as_slice())),
+            _ => None,
+        };
+        if let Some(done) = single {
+            done.map_err(|e| self.poison.fail(format!("apply: {e}")))?;
+            drop(serialised);
+            collect_sled_garbage(1);
+            return Ok(());
+        }
         let (batch, keys) = self
             .sled_batch(&writes)
             .map_err(|e| self.poison.fail(format!("scan for queue delete: {e}")))?;
