@@ -6,6 +6,34 @@
 //! with requeue, and the reply codes and channel-closing errors RabbitMQ uses. Method names and
 //! option structs follow the Rust client lapin, so code moves between the two with little change.
 //!
+//! The dead-letter path follows RabbitMQ 4.x: `x-dead-letter-exchange` (or a [`Policy`]) for
+//! rejected, expired, over-length and over-the-delivery-limit messages, with `x-death` headers;
+//! message and queue TTL, length limits, and quorum-queue semantics (`x-queue-type: quorum`).
+//! Time comes from the broker's [`Clock`]: with a [`ManualClock`], expiry and retries happen when
+//! the test moves the clock, never by sleeping:
+//!
+//! ```
+//! use std::time::Duration;
+//! use coney::*;
+//!
+//! let clock = ManualClock::new(0);
+//! let broker = Broker::builder().clock(clock.clone()).in_memory();
+//! let conn = broker.connect();
+//! let ch = conn.channel()?;
+//! ch.queue_declare("parked", QueueDeclareOptions::default(), FieldTable::new())?;
+//! let args = FieldTable::new()
+//!     .with("x-message-ttl", 5_000i64)
+//!     .with("x-dead-letter-exchange", "")
+//!     .with("x-dead-letter-routing-key", "parked");
+//! ch.queue_declare("orders", QueueDeclareOptions::default(), args)?;
+//! ch.basic_publish("", "orders", Default::default(), b"o-1".to_vec(), Default::default())?;
+//! clock.advance(Duration::from_secs(5));
+//! let parked = ch.basic_get("parked", BasicGetOptions::default())?.expect("expired into 'parked'");
+//! assert_eq!(&parked.delivery.body()[..], b"o-1");
+//! assert_eq!(broker.death_stats("orders").unwrap().dead_lettered.expired, 1);
+//! # Ok::<(), coney::Error>(())
+//! ```
+//!
 //! ```
 //! use coney::*;
 //!
@@ -40,6 +68,7 @@
 //! - [`types`]: field tables, message properties, per-method option structs.
 //! - [`error`]: [`Error`] with AMQP reply codes.
 //! - [`clock`]: the system clock and a manual clock for tests.
+//! - [`retry`]: a retry topology with back-off delays.
 
 pub mod clock;
 pub mod core;
