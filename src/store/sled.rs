@@ -122,14 +122,29 @@ impl SledStore {
     ///
     /// Fails with [`StoreError::Locked`] if another process (or another open store in this
     /// one) has the directory open, and [`StoreError::Storage`] on any other failure.
+    ///
+    /// A snapshot file sled was still writing when its process died (`snap.*.generating`) is
+    /// removed if sled refuses to open because of it (see [`remove_unfinished_snapshots`]).
     pub fn open(path: impl AsRef<Path>, options: SledOptions) -> Result<SledStore, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let db = ::sled::Config::new()
-            .path(&path)
-            .cache_capacity(options.cache_capacity_bytes)
-            .flush_every_ms(options.flush_every_ms)
-            .open()
-            .map_err(|e| open_error(&path, e))?;
+        let open = || {
+            ::sled::Config::new()
+                .path(&path)
+                .cache_capacity(options.cache_capacity_bytes)
+                .flush_every_ms(options.flush_every_ms)
+                .open()
+        };
+        let db = match open() {
+            Err(::sled::Error::Corruption { .. })
+                if remove_unfinished_snapshots(&path)
+                    .map_err(|e| open_error(&path, e.into()))?
+                    > 0 =>
+            {
+                open()
+            }
+            other => other,
+        }
+        .map_err(|e| open_error(&path, e))?;
         Ok(SledStore {
             db,
             _release: LockRelease(path.clone()),
@@ -344,6 +359,31 @@ fn read_chunks(db: &::sled::Db, chunks: mpsc::SyncSender<Result<Chunk, ::sled::E
 }
 
 /// Maps an open failure: sled reports a held file lock as an `Other` I/O error with this text.
+/// Removes the snapshot files sled had not finished writing (`snap.<lsn>.generating`) from
+/// directory `path`; returns how many.
+///
+/// sled 0.34.7 writes a snapshot to `snap.<lsn>.generating`, fsyncs it, then renames it to
+/// `snap.<lsn>` (the rename is the commit), and deletes older snapshots only after that. But
+/// when it opens a directory it takes the last of *all* `snap.` files in name order, unfinished
+/// ones included: after a kill during a snapshot write, the torn `.generating` file sorts last,
+/// fails its checksum, and sled refuses to open with a corruption error although the finished
+/// snapshot before it is intact. Removing the unfinished file is what sled's own rename would
+/// have made of it. Called only after sled refused to open with a corruption error, when sled
+/// has already taken (and released) the directory's lock, so no other process is writing it.
+fn remove_unfinished_snapshots(path: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn open_error(path: &Path, error: ::sled::Error) -> StoreError {
     match error {
         ::sled::Error::Io(e)
