@@ -107,17 +107,7 @@ fn delivery_limit_dead_letters_after_limit_plus_one_deliveries() {
     second.reject(true).unwrap();
     assert!(c.try_recv().is_err(), "limit 1: no third delivery");
     let d = get(&ch, "dlq").expect("dead-lettered");
-    let Some(FieldValue::Array(deaths)) = d.properties().headers.as_ref().unwrap().get("x-death")
-    else {
-        panic!("no x-death")
-    };
-    let FieldValue::Table(x) = &deaths[0] else {
-        panic!()
-    };
-    assert_eq!(
-        x.get("reason").and_then(FieldValue::as_str),
-        Some("delivery_limit")
-    );
+    assert_eq!(text(&death(&d, 0), "reason"), Some("delivery_limit"));
     assert_eq!(
         broker
             .death_stats("qq")

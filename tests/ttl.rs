@@ -24,11 +24,6 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn declare_args(ch: &Channel, name: &str, args: FieldTable) {
-    ch.queue_declare(name, QueueDeclareOptions::default(), args)
-        .unwrap_or_else(|e| panic!("declaring '{name}': {e}"));
-}
-
 fn ttl(n: i64) -> FieldTable {
     FieldTable::new().with("x-message-ttl", n)
 }
@@ -43,25 +38,6 @@ fn publish_expiring(ch: &Channel, queue: &str, body: &str, expiration: &str) {
         props,
     )
     .unwrap();
-}
-
-fn death(d: &Delivery, i: usize) -> FieldTable {
-    match d
-        .properties()
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("x-death"))
-    {
-        Some(FieldValue::Array(items)) => match &items[i] {
-            FieldValue::Table(t) => t.clone(),
-            other => panic!("x-death entry {other:?}"),
-        },
-        other => panic!("x-death {other:?}"),
-    }
-}
-
-fn text<'a>(t: &'a FieldTable, key: &str) -> Option<&'a str> {
-    t.get(key).and_then(FieldValue::as_str)
 }
 
 /// §7.1: a queue's `x-message-ttl` expires messages at their deadline (enqueue + TTL, the

@@ -900,22 +900,23 @@ impl ChannelInner {
         let placed: SmallVec<[(&Arc<QueueCell>, u64); 4]> =
             cells.iter().map(|c| (*c, c.reserve_seq())).collect();
         // Queues that may refuse it (`reject-publish`, §7.3) decide first, under their locks
-        // (taken in id order), so the record and the confirm follow their answer.
-        let mut deciding: SmallVec<[(usize, QueueGuard<'_>); 1]> = SmallVec::new();
-        if placed.iter().any(|(c, _)| c.refuses_publishes()) {
-            let mut order: SmallVec<[usize; 4]> = (0..placed.len())
-                .filter(|&i| placed[i].0.refuses_publishes())
-                .collect();
-            order.sort_by_key(|&i| placed[i].0.meta.id);
-            deciding.extend(order.into_iter().map(|i| (i, placed[i].0.lock())));
-        }
+        // (taken in id order), so the record and the confirm follow their answer: each entry of
+        // `deciding` is a target's index, its lock and whether it refuses the message.
         let size = message.body_size();
-        let refuses = |i: usize| {
-            deciding
-                .iter()
-                .any(|(at, g)| *at == i && !g.deleted && g.core.would_overflow(size))
-        };
-        let refused = (0..placed.len()).any(refuses);
+        let mut order: SmallVec<[usize; 1]> = (0..placed.len())
+            .filter(|&i| placed[i].0.refuses_publishes())
+            .collect();
+        order.sort_by_key(|&i| placed[i].0.meta.id);
+        let mut deciding: SmallVec<[(usize, QueueGuard<'_>, bool); 1]> = order
+            .into_iter()
+            .map(|i| {
+                let g = placed[i].0.lock();
+                let refuses = !g.deleted && g.core.would_overflow(size);
+                (i, g, refuses)
+            })
+            .collect();
+        let refused_by = |i: usize| deciding.iter().any(|(at, _, r)| *at == i && *r);
+        let refused = deciding.iter().any(|(_, _, r)| *r);
         let persistence = self.broker.persistence.as_ref().filter(|_| recorded);
         if let Some(p) = persistence {
             // One job, one atomic batch for every durable queue that takes it; sent before the
@@ -923,7 +924,7 @@ impl ChannelInner {
             let targets: SmallVec<[(u64, u64); 1]> = placed
                 .iter()
                 .enumerate()
-                .filter(|&(i, (c, _))| c.has_store() && !refuses(i))
+                .filter(|&(i, (c, _))| c.has_store() && !refused_by(i))
                 .map(|(_, (c, seq))| (c.meta.id.0, *seq))
                 .collect();
             let confirm = seq.filter(|_| !refused).map(|s| (self.confirms.clone(), s));
@@ -938,8 +939,8 @@ impl ChannelInner {
         }
         for (i, (cell, s)) in placed.iter().enumerate() {
             let entry = cell.entry(*s, message.clone(), now, message_ttl);
-            match deciding.iter_mut().find(|(at, _)| *at == i) {
-                Some((_, g)) if !g.deleted => {
+            match deciding.iter_mut().find(|(at, _, _)| *at == i) {
+                Some((_, g, _)) if !g.deleted => {
                     g.core.handle_publish(entry); // a refusal is carried out by the dispatch
                     cell.dispatch(g);
                 }

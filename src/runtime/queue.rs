@@ -372,6 +372,11 @@ impl QueueCell {
     pub(crate) fn apply_policy(&self, policy: Option<&PolicyDefinition>) {
         let config = QueueConfig::resolve(&self.meta.arguments, policy);
         let dead_letter = dead_letter_target(&self.meta, policy);
+        if *self.config.lock() == config
+            && self.dead_letter.load().as_deref() == dead_letter.as_ref()
+        {
+            return; // the policy does not touch this queue
+        }
         let mut g = self.lock();
         *self.config.lock() = config;
         self.timed
@@ -595,12 +600,7 @@ impl QueueCell {
         }
         s.core.handle_housekeeping(now);
         while let Some(Effect::Removed { entry, reason }) = s.core.poll_effect() {
-            let death = match reason {
-                Removal::Rejected => DeathReason::Rejected,
-                Removal::Expired => DeathReason::Expired,
-                Removal::MaxLen | Removal::Refused => DeathReason::Maxlen,
-                Removal::DeliveryLimit => DeathReason::DeliveryLimit,
-            };
+            let death = reason.death_reason();
             let dead_letters = self.dead_letter.load().is_some()
                 && (reason != Removal::Refused
                     || s.core.config().overflow == Overflow::RejectPublishDlx);
@@ -667,11 +667,8 @@ impl QueueCell {
         }
         self.touch();
         let now = if s.core.is_timed() { self.now_ms() } else { 0 };
-        let got = s.core.handle_get(now, no_ack);
-        if got.is_none() {
+        let Some(d) = s.core.handle_get(now, no_ack) else {
             self.dispatch(&mut s); // carries out what expired at the head
-        }
-        let Some(d) = got else {
             return GetOutcome::Empty;
         };
         let tag = {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use coney::{
     AmqpError, BasicConsumeOptions, BasicGetOptions, BasicProperties, BasicPublishOptions, Broker,
     Channel, CloseCause, Connection, Consumer, Delivery, Error, ExchangeDeclareOptions,
-    ExchangeKind, FieldTable, QueueDeclareOk, QueueDeclareOptions, ReplyCode,
+    ExchangeKind, FieldTable, FieldValue, QueueDeclareOk, QueueDeclareOptions, ReplyCode,
 };
 
 /// Safety net for waits that involve another thread; never reached when the broker is right.
@@ -233,4 +233,40 @@ pub fn closed_with<T: std::fmt::Debug>(r: coney::Result<T>, code: Option<ReplyCo
 /// The close cause of a channel closed by `error`.
 pub fn error_cause(error: &AmqpError) -> CloseCause {
     CloseCause::Error(error.clone())
+}
+
+/// Declares a plain queue with `arguments`; panics on error.
+pub fn declare_args(ch: &Channel, name: &str, arguments: FieldTable) {
+    ch.queue_declare(name, QueueDeclareOptions::default(), arguments)
+        .unwrap_or_else(|e| panic!("declaring '{name}': {e}"));
+}
+
+/// The `x-death` entries of a delivery, most recent first; panics if there is no such header
+/// or it is malformed (SEMANTICS.md §5.4).
+pub fn deaths(d: &Delivery) -> Vec<FieldTable> {
+    match d
+        .properties()
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("x-death"))
+    {
+        Some(FieldValue::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                FieldValue::Table(t) => t.clone(),
+                other => panic!("x-death entry {other:?}"),
+            })
+            .collect(),
+        other => panic!("x-death {other:?}"),
+    }
+}
+
+/// Entry `i` of a delivery's `x-death` header.
+pub fn death(d: &Delivery, i: usize) -> FieldTable {
+    deaths(d).swap_remove(i)
+}
+
+/// A string field of a table.
+pub fn text<'a>(t: &'a FieldTable, key: &str) -> Option<&'a str> {
+    t.get(key).and_then(FieldValue::as_str)
 }

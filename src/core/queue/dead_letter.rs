@@ -63,22 +63,6 @@ impl DeadLetterTarget {
             routing_key,
         })
     }
-
-    /// The target declared in a queue's arguments, if any.
-    pub fn from_arguments(arguments: &FieldTable) -> Option<Self> {
-        let exchange = arguments
-            .get("x-dead-letter-exchange")?
-            .as_str()?
-            .to_owned();
-        let routing_key = arguments
-            .get("x-dead-letter-routing-key")
-            .and_then(FieldValue::as_str)
-            .map(str::to_owned);
-        Some(Self {
-            exchange,
-            routing_key,
-        })
-    }
 }
 
 /// A message on its way to the dead-letter exchange.
@@ -402,9 +386,12 @@ mod tests {
             .with("x-dead-letter-exchange", "dlx")
             .with("x-dead-letter-routing-key", "k");
         assert_eq!(
-            DeadLetterTarget::from_arguments(&args),
+            DeadLetterTarget::resolve(&args, None, None),
             Some(dlx("dlx", Some("k")))
         );
-        assert_eq!(DeadLetterTarget::from_arguments(&FieldTable::new()), None);
+        assert_eq!(
+            DeadLetterTarget::resolve(&FieldTable::new(), None, None),
+            None
+        );
     }
 }

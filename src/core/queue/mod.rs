@@ -104,6 +104,20 @@ pub enum Removal {
     DeliveryLimit,
 }
 
+impl Removal {
+    /// The dead-letter reason it is recorded under (`x-death`, counters): a refused publish
+    /// counts as `maxlen` (§5.2).
+    pub fn death_reason(self) -> dead_letter::DeathReason {
+        use dead_letter::DeathReason;
+        match self {
+            Removal::Rejected => DeathReason::Rejected,
+            Removal::Expired => DeathReason::Expired,
+            Removal::MaxLen | Removal::Refused => DeathReason::Maxlen,
+            Removal::DeliveryLimit => DeathReason::DeliveryLimit,
+        }
+    }
+}
+
 /// What became of a message returned to the queue ([`Queue::handle_requeue`]).
 #[derive(Clone, Debug)]
 pub enum Requeue {
