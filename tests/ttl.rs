@@ -342,3 +342,40 @@ fn deadlines_survive_a_restart() {
     clock.advance(ms(400));
     assert_eq!(ready(&ch, "q"), 0);
 }
+
+/// A clock that moves by itself (as the system clock does) and never calls back: the broker
+/// watches it with its own timer thread.
+#[derive(Clone, Default)]
+struct SelfMovingClock(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Clock for SelfMovingClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// §7.1 on a clock without callbacks (the system clock's case): the broker's timer thread
+/// notices the deadline and dead-letters the expired message with no operation on the queue.
+#[test]
+fn the_timer_thread_expires_messages_on_a_self_moving_clock() {
+    let clock = SelfMovingClock::default();
+    clock.0.store(START, std::sync::atomic::Ordering::SeqCst);
+    let broker = Broker::builder().clock(clock.clone()).in_memory();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    declare(&ch, "dlq");
+    let args = ttl(50)
+        .with("x-dead-letter-exchange", "")
+        .with("x-dead-letter-routing-key", "dlq");
+    declare_args(&ch, "q", args);
+    let mut c = consume(&ch, "dlq", "c");
+    publish(&ch, "", "q", "m");
+    clock.0.fetch_add(50, std::sync::atomic::Ordering::SeqCst);
+    // The thread wakes by the deadline it computed (50 ms of real time at most) and finds the
+    // clock past it.
+    let d = c
+        .recv_timeout(WAIT)
+        .expect("expired into dlq by the timer thread");
+    assert_eq!(body(&d), "m");
+    assert_eq!(text(&death(&d, 0), "reason"), Some("expired"));
+}
