@@ -1,6 +1,8 @@
 //! The durable store: sled 0.34, every record in one tree, one `sled::Batch` per [`Batch`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -46,7 +48,17 @@ impl Default for SledOptions {
 ///
 /// Every record is a key of sled's default tree (layout in [`codec`]), so one `sled::Batch`
 /// makes any [`Batch`] atomic: after a crash either all of it or none of it is there. Applied
-/// batches become durable at the next [`Store::flush`] (`sled::Db::flush`, which fsyncs).
+/// batches become durable at the next [`Store::flush`].
+///
+/// # Stable storage
+/// `sled::Db::flush` writes sled's log buffers and waits for them with `sync_file_range`,
+/// which neither writes the file's metadata nor flushes the disk's write cache: a power cut or
+/// a kernel crash can still lose what it wrote (sled 0.34 fsyncs only on its own timer, at
+/// file creation and when dropped). So [`Store::flush`] follows it with an `fdatasync` of the
+/// log file (`db`), an `fsync` of every blob file sled wrote since the last flush (values too
+/// large for a log segment live in `blobs/`, written without any sync), and an `fsync` of the
+/// directory and of `blobs/` whenever their entries changed. Only then does it return, so a
+/// confirm, a `sync` or a per-message publish is on stable storage when it is answered.
 ///
 /// # Disk use
 /// sled is log-structured: every write appends to 512 KiB segments of one file, and removed or
@@ -88,6 +100,8 @@ pub struct SledStore {
     /// Serialises applies so a `DeleteQueue`'s scan of the queue's messages and the removal it
     /// applies are not interleaved with another batch's writes to the same queue.
     apply_lock: Mutex<()>,
+    /// What [`Store::flush`] syncs after sled's own flush.
+    files: DurableFiles,
     /// Declared after `db`, so dropped after it: waits until sled's own threads have let go of
     /// the directory's lock, so the directory can be opened again as soon as the store is gone.
     _release: LockRelease,
@@ -145,8 +159,14 @@ impl SledStore {
             other => other,
         }
         .map_err(|e| open_error(&path, e))?;
+        // Everything sled created or wrote while opening is made durable before the store is
+        // used: the files, and their entries in the directory.
+        let files = DurableFiles::open(&path)
+            .and_then(|files| files.sync_all_known().map(|()| files))
+            .map_err(|e| StoreError::Storage(format!("cannot sync {}: {e}", path.display())))?;
         Ok(SledStore {
             db,
+            files,
             _release: LockRelease(path.clone()),
             path,
             poison: Poison::default(),
@@ -264,6 +284,9 @@ impl Store for SledStore {
         self.db
             .flush()
             .map_err(|e| self.poison.fail(format!("flush: {e}")))?;
+        self.files
+            .sync()
+            .map_err(|e| self.poison.fail(format!("fsync: {e}")))?;
         collect_sled_garbage(0);
         Ok(())
     }
@@ -297,6 +320,90 @@ impl Store for SledStore {
             .size_on_disk()
             .map_err(|e| self.poison.fail(format!("size on disk: {e}")))
     }
+}
+
+/// The files of a sled directory that [`Store::flush`] brings to stable storage after
+/// `sled::Db::flush` (see "Stable storage" on [`SledStore`]).
+#[derive(Debug)]
+struct DurableFiles {
+    dir: PathBuf,
+    /// The log file, opened on its own: an fsync of any descriptor of a file covers every
+    /// write to it, through whichever descriptor.
+    log: File,
+    /// The entries of the directory and of `blobs/` as of the last sync.
+    seen: Mutex<SeenEntries>,
+}
+
+#[derive(Debug, Default)]
+struct SeenEntries {
+    dir: BTreeSet<OsString>,
+    blobs: BTreeSet<OsString>,
+}
+
+impl DurableFiles {
+    fn open(dir: &Path) -> io::Result<DurableFiles> {
+        Ok(DurableFiles {
+            dir: dir.to_path_buf(),
+            log: File::open(dir.join("db"))?,
+            seen: Mutex::new(SeenEntries::default()),
+        })
+    }
+
+    /// Syncs every file and both directories, whatever was seen before (on open).
+    fn sync_all_known(&self) -> io::Result<()> {
+        let mut seen = self.seen.lock();
+        for name in entries(&self.dir)? {
+            let path = self.dir.join(&name);
+            if path.is_file() {
+                sync_file(&path)?;
+            }
+        }
+        *seen = SeenEntries::default();
+        drop(seen);
+        self.sync()
+    }
+
+    /// `fdatasync` of the log; `fsync` of new blob files, and of each directory whose entries
+    /// changed since the last call.
+    fn sync(&self) -> io::Result<()> {
+        self.log.sync_data()?;
+        let mut seen = self.seen.lock();
+        let blobs_dir = self.dir.join("blobs");
+        let blobs = match entries(&blobs_dir) {
+            Ok(blobs) => blobs,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(e) => return Err(e),
+        };
+        if blobs != seen.blobs {
+            for name in blobs.difference(&seen.blobs) {
+                match sync_file(&blobs_dir.join(name)) {
+                    // sled removed it since the listing: nothing left to make durable.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    other => other?,
+                }
+            }
+            sync_file(&blobs_dir)?;
+            seen.blobs = blobs;
+        }
+        let dir = entries(&self.dir)?;
+        if dir != seen.dir {
+            sync_file(&self.dir)?;
+            seen.dir = dir;
+        }
+        Ok(())
+    }
+}
+
+/// The names in a directory.
+fn entries(dir: &Path) -> io::Result<BTreeSet<OsString>> {
+    std::fs::read_dir(dir)?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect()
+}
+
+/// `fsync` of a file or a directory (opened read-only, which Linux allows for both).
+fn sync_file(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
 }
 
 /// Keys written per round of epoch garbage collection that [`collect_sled_garbage`] runs.
