@@ -224,19 +224,12 @@ fn check(trace: &str, dir: &Path) -> (u32, u32, u32) {
     }
     events.sort_by_key(|(line, phase, _, _)| (*line, *phase == "start"));
     for (line, phase, call, start) in events {
-        let ok = call
-            .result
-            .as_deref()
-            .is_some_and(|r| !r.starts_with('-'));
+        let ok = call.result.as_deref().is_some_and(|r| !r.starts_with('-'));
         match (call.name.as_str(), phase) {
             ("write", "start") if call.args.starts_with("1<") && call.args.contains("\"MARK") => {
                 markers += 1;
                 let text = call.args.split('"').nth(1).unwrap_or_default();
-                let dirty: Vec<_> = pending
-                    .files
-                    .keys()
-                    .chain(pending.dirs.keys())
-                    .collect();
+                let dirty: Vec<_> = pending.files.keys().chain(pending.dirs.keys()).collect();
                 assert!(
                     dirty.is_empty(),
                     "pid {}: {text:?} answered at trace line {} while {dirty:?} were written \
@@ -273,9 +266,10 @@ fn check(trace: &str, dir: &Path) -> (u32, u32, u32) {
                     pending.dirs.insert(parent(path), line);
                 }
             }
-            ("mkdir" | "mkdirat" | "rename" | "renameat" | "renameat2" | "unlink" | "unlinkat", "end")
-                if ok =>
-            {
+            (
+                "mkdir" | "mkdirat" | "rename" | "renameat" | "renameat2" | "unlink" | "unlinkat",
+                "end",
+            ) if ok => {
                 // Paths of these are quoted strings, relative to a descriptor or absolute.
                 for quoted in call.args.split('"').skip(1).step_by(2) {
                     if in_store(quoted) && call.name.starts_with("rename") {
