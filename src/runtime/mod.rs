@@ -228,13 +228,37 @@ impl Broker {
         Self::builder().open(path)
     }
 
-    /// Waits until every record sent to the store so far is durable (acks included). A
-    /// no-op for an in-memory broker.
+    /// Waits until everything done before the call is on stable storage: persistent messages
+    /// published, acks, rejects and requeues, dead-letter moves, definitions. A no-op for an
+    /// in-memory broker.
+    ///
+    /// An ack that found its queue locked by another thread (a purge, a delivery) waits in the
+    /// queue's inbox for that thread; `sync` first has every queue hand such records to the
+    /// store, so the ack is durable when `sync` returns.
     pub fn sync(&self) -> Result<()> {
-        match &self.inner.persistence {
-            Some(p) => Ok(p.sync()?),
-            None => Ok(()),
+        let Some(p) = &self.inner.persistence else {
+            return Ok(());
+        };
+        let snapshot = self.inner.snapshot.load();
+        for cell in snapshot.queues.values() {
+            cell.quiesce();
         }
+        Ok(p.sync()?)
+    }
+
+    /// Runs `f` while holding queue `name`'s lock, as a long purge or delivery would; `None`
+    /// if there is no such queue. For tests of what happens meanwhile.
+    #[doc(hidden)]
+    pub fn with_queue_locked<R>(&self, name: &str, f: impl FnOnce() -> R) -> Option<R> {
+        let cell = {
+            let snapshot = self.inner.snapshot.load();
+            let meta = snapshot.topology.queue(name)?;
+            snapshot.queues.get(&meta.id)?.clone()
+        };
+        let guard = cell.lock();
+        let result = f();
+        drop(guard);
+        Some(result)
     }
 
     /// Bytes the store occupies on disk (0 in memory).

@@ -5,6 +5,13 @@
 //! into the inbox, and the current holder applies it as it releases the lock. Every lock
 //! acquisition drains the inbox first, so whatever a thread published or settled before is
 //! visible to what it does next, in the order it did it.
+//!
+//! A command in the inbox (or a dead letter waiting to be routed) may still owe the store a
+//! record: an ack's removal, a dead letter's move. `Broker::sync` first has every queue hand
+//! such records to the flusher ([`QueueCell::quiesce`]), then asks the flusher for durability:
+//! an ack made before a sync is durable when the sync returns, whoever held the queue's lock.
+//! `in_flight` counts queued commands until their records are sent, so a sync skips idle
+//! queues without touching their locks.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
@@ -76,6 +83,11 @@ pub(crate) struct QueueCell {
     pub(crate) deaths: DeathCounts,
     /// Sequence numbers are reserved at publish, before the queue's lock is taken.
     next_seq: AtomicU64,
+    /// Commands queued in `inbox` or `dead` whose records may not have reached the flusher yet.
+    /// Raised before a command is queued, lowered once whatever it sends to the store is sent.
+    in_flight: AtomicU64,
+    /// Held while routing dead letters: one router at a time, and `quiesce` waits for it.
+    routing: Mutex<()>,
     inbox: CachePadded<SegQueue<Inbound>>,
     state: CachePadded<Mutex<QueueShared>>,
 }
@@ -153,6 +165,9 @@ fn reason_index(reason: DeathReason) -> usize {
     }
 }
 
+/// Dead letters one router takes per turn of the routing lock.
+const DEAD_LETTERS_PER_TURN: usize = 64;
+
 /// A command that found the queue's lock taken.
 enum Inbound {
     Publish(Entry),
@@ -205,17 +220,53 @@ impl QueueCell {
     /// Routes the dead letters waiting (called without the queue's lock). Without a broker
     /// (it is shutting down) they are dropped.
     fn route_dead_letters(&self) {
-        if self.dead.is_empty() {
-            return;
+        loop {
+            fence(Ordering::SeqCst);
+            if self.dead.is_empty() {
+                return;
+            }
+            // One router at a time; whoever holds it checks again after letting go, so an
+            // entry pushed meanwhile is not left behind.
+            let Some(routing) = self.routing.try_lock() else {
+                return;
+            };
+            self.route_some_dead_letters();
+            drop(routing);
         }
+    }
+
+    /// Routes at most [`DEAD_LETTERS_PER_TURN`] queued dead letters (the caller holds
+    /// `routing`), so a `quiesce` waiting for the routing lock gets it under a steady stream.
+    fn route_some_dead_letters(&self) {
         let broker = self.env.get().and_then(|e| e.broker.upgrade());
         let target = self.dead_letter.load_full();
-        while let Some((entry, reason)) = self.dead.pop() {
+        for _ in 0..DEAD_LETTERS_PER_TURN {
+            let Some((entry, reason)) = self.dead.pop() else {
+                return;
+            };
             match (&broker, &target) {
                 (Some(b), Some(target)) => b.dead_letter(self, target, entry, reason),
                 _ => self.dropped(&entry, reason, "broker closing"),
             }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// Returns once every command queued for this queue before the call (a settle or a
+    /// publish in the inbox, a dead letter waiting to be routed) has sent its records to the
+    /// flusher. Takes the queue's lock if any may be pending (its holder applies the inbox as
+    /// it releases it), then the routing lock (a router in progress finishes its turn) and
+    /// routes what is left itself. Never waits for commands queued after it started.
+    pub(crate) fn quiesce(&self) {
+        if self.in_flight.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        drop(self.lock());
+        let routing = self.routing.lock();
+        while !self.dead.is_empty() {
+            self.route_some_dead_letters();
+        }
+        drop(routing);
     }
 
     /// A message left for good without being dead-lettered: counted, logged, its record gone.
@@ -337,6 +388,8 @@ impl QueueCell {
             config: Mutex::new(config),
             meta,
             next_seq: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            routing: Mutex::new(()),
             inbox: CachePadded::new(SegQueue::new()),
             state: CachePadded::new(Mutex::new(QueueShared {
                 core: Queue::with_config(config),
@@ -437,6 +490,7 @@ impl QueueCell {
                 self.dispatch(&mut g);
             }
         } else {
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
             self.inbox.push(Inbound::Publish(entry));
         }
         self.drain_unlocked();
@@ -468,13 +522,14 @@ impl QueueCell {
         let mut any = false;
         while let Some(command) = self.inbox.pop() {
             any = true;
-            if s.deleted {
-                continue; // publishes to and settles of a deleted queue are dropped (§4.2)
+            // publishes to and settles of a deleted queue are dropped (§4.2)
+            if !s.deleted {
+                match command {
+                    Inbound::Publish(entry) => _ = s.core.handle_publish(entry),
+                    Inbound::Settle(seq, how) => _ = self.apply_settle(s, seq, how),
+                }
             }
-            match command {
-                Inbound::Publish(entry) => _ = s.core.handle_publish(entry),
-                Inbound::Settle(seq, how) => _ = self.apply_settle(s, seq, how),
-            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
         if any {
             self.dispatch(s);
@@ -485,6 +540,7 @@ impl QueueCell {
     pub(crate) fn settle(&self, seqs: impl Iterator<Item = u64>, how: Settle) {
         let Some(mut g) = self.state.try_lock() else {
             for seq in seqs {
+                self.in_flight.fetch_add(1, Ordering::SeqCst);
                 self.inbox.push(Inbound::Settle(seq, how));
             }
             self.drain_unlocked();
@@ -606,6 +662,7 @@ impl QueueCell {
                     || s.core.config().overflow == Overflow::RejectPublishDlx);
             if dead_letters {
                 // Routed once the lock is released; its record goes with the move.
+                self.in_flight.fetch_add(1, Ordering::SeqCst);
                 self.dead.push((entry, death));
             } else {
                 let why = if reason == Removal::Refused {
