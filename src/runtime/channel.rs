@@ -20,7 +20,7 @@ use super::connection::ConnectionInner;
 use super::consumer::{Consumer, Delivery};
 use super::persist::Job;
 use super::queue::{GetOutcome, QueueCell, QueueGuard, Settle, Sink};
-use super::{BrokerInner, Snapshot};
+use super::{BrokerInner, Limits, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
 use crate::core::confirm::ConfirmEvent;
 use crate::core::exchange::ExchangeKind;
@@ -168,6 +168,7 @@ impl Channel {
         let inner = &self.inner;
         inner.check_open()?;
         let name = name_arg("exchange", exchange)?;
+        let arguments = table_arg("exchange arguments", arguments, &inner.broker.limits)?;
         let r = inner.broker.update(|snap, _| {
             let created = snap
                 .topology
@@ -224,6 +225,7 @@ impl Channel {
         let destination = name_arg("exchange", destination)?;
         let source = name_arg("exchange", source)?;
         let key = key_arg(routing_key)?;
+        let arguments = table_arg("binding arguments", arguments, &self.inner.broker.limits)?;
         self.inner.bind(
             add,
             &source,
@@ -245,6 +247,7 @@ impl Channel {
         let inner = &self.inner;
         inner.check_open()?;
         let name = name_arg("queue", queue)?;
+        let arguments = table_arg("queue arguments", arguments, &inner.broker.limits)?;
         let r = inner
             .broker
             .declare_queue(&name, options, arguments, inner.conn.id);
@@ -297,6 +300,7 @@ impl Channel {
             key_arg(routing_key)?.to_owned()
         };
         let exchange = name_arg("exchange", exchange)?;
+        let arguments = table_arg("binding arguments", arguments, &self.inner.broker.limits)?;
         self.inner
             .bind(add, &exchange, DestinationName::Queue(&q), &key, arguments)
     }
@@ -431,6 +435,7 @@ impl Channel {
         } else {
             Arc::from(name_arg("consumer tag", consumer_tag)?)
         };
+        let arguments = table_arg("consumer arguments", arguments, &inner.broker.limits)?;
         let priority = match arguments.get("x-priority") {
             None => 0,
             Some(v) => match v.as_i64().and_then(|p| i32::try_from(p).ok()) {
@@ -615,9 +620,32 @@ impl ChannelInner {
         match taken {
             Ok(list) => {
                 self.apply(&list, how);
-                Ok(())
+                self.check_settled_durable(&list)
             }
             Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// After a settle took effect: an error if a settled message's queue is durable and the
+    /// store is poisoned, so its removal (or rewrite) will never reach the disk. The settle
+    /// stands in memory; the caller learns the store no longer follows.
+    fn check_settled_durable(&self, list: &[(u64, Outstanding)]) -> Result<()> {
+        let Some(p) = &self.broker.persistence else {
+            return Ok(());
+        };
+        let Err(e) = p.check() else {
+            return Ok(());
+        };
+        let snap = self.broker.snapshot.load();
+        let durable = list.iter().any(|(_, o)| {
+            snap.queues
+                .get(&o.queue)
+                .is_some_and(|cell| cell.has_store())
+        });
+        if durable {
+            Err(Error::Storage(e))
+        } else {
+            Ok(())
         }
     }
 
@@ -829,11 +857,12 @@ impl ChannelInner {
         routing_key: &str,
         options: BasicPublishOptions,
         body: Bytes,
-        mut properties: BasicProperties,
+        properties: BasicProperties,
     ) -> Result<()> {
         self.check_open()?;
         let exchange = name_arg("exchange", exchange)?;
         let routing_key = key_arg(routing_key)?;
+        let mut properties = content_header_arg(properties, &self.broker.limits)?;
         if options.immediate {
             return Err(self.fail(AmqpError::new(ReplyCode::NotImplemented, "immediate=true")));
         }
@@ -1014,6 +1043,44 @@ fn sender_selected_keys(
     headers.remove("BCC");
     Ok(keys)
 }
+
+/// Bytes of a content header's payload before its property list: class id, weight, body size.
+const CONTENT_HEADER_FIXED_BYTES: u64 = 12;
+
+/// Checks that a message's properties can be encoded in one content-header frame (short
+/// strings, header keys, headers nesting, size), as a client library would before sending
+/// them. Refused properties are dismantled without recursion: their headers may nest deep
+/// enough to overflow the stack of an ordinary drop.
+fn content_header_arg(properties: BasicProperties, limits: &Limits) -> Result<BasicProperties> {
+    let max = limits.frame_payload_max();
+    let refusal = match properties.wire_size() {
+        Ok(size) if size + CONTENT_HEADER_FIXED_BYTES <= max => return Ok(properties),
+        Ok(size) => format!(
+            "content header is {} bytes, over the frame payload limit of {max} bytes",
+            size + CONTENT_HEADER_FIXED_BYTES
+        ),
+        Err(reason) => reason,
+    };
+    properties.dismantle();
+    Err(Error::InvalidInput(refusal))
+}
+
+/// Checks that a method's argument table can be encoded in one frame (keys, nesting, size);
+/// a refused table is dismantled without recursion.
+fn table_arg(what: &str, arguments: FieldTable, limits: &Limits) -> Result<FieldTable> {
+    let max = limits.frame_payload_max();
+    let refusal = match arguments.wire_size() {
+        // Room for the method's other fields: names, key, flags.
+        Ok(size) if size + METHOD_FIXED_BYTES_MAX <= max => return Ok(arguments),
+        Ok(size) => format!("{what} are {size} bytes, over the frame payload limit of {max} bytes"),
+        Err(reason) => format!("{what} {reason}"),
+    };
+    arguments.dismantle();
+    Err(Error::InvalidInput(refusal))
+}
+
+/// The most a method frame holds besides its argument table: three short strings and flags.
+const METHOD_FIXED_BYTES_MAX: u64 = 3 * 256 + 16;
 
 /// Checks a routing key's length (an AMQP short string); unlike names, keys keep CR/LF.
 fn key_arg(key: &str) -> Result<&str> {

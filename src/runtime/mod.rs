@@ -58,6 +58,26 @@ pub struct Limits {
     pub max_queues: u32,
     /// Deliveries a no-ack consumer may have waiting in its buffer before the queue holds back.
     pub no_ack_window: u32,
+    /// Largest AMQP frame, in bytes (RabbitMQ's default: 131,072). A message's properties
+    /// (its content header) and a method's argument table must fit one frame, as on the wire:
+    /// beyond, the call is refused with [`Error::InvalidInput`](crate::Error::InvalidInput),
+    /// as a client library refuses to encode such a frame, and nothing is closed. At most
+    /// [`FRAME_MAX_CEILING`] takes effect, so every record stays within what the store
+    /// accepts.
+    pub frame_max: u32,
+}
+
+/// The largest [`Limits::frame_max`] that takes effect (512 KiB).
+pub const FRAME_MAX_CEILING: u32 = 512 * 1024;
+
+/// Bytes of a frame that are not its payload: type, channel, size, end marker.
+const FRAME_OVERHEAD_BYTES: u64 = 8;
+
+impl Limits {
+    /// The largest frame payload, in bytes.
+    pub(crate) fn frame_payload_max(&self) -> u64 {
+        u64::from(self.frame_max.min(FRAME_MAX_CEILING)).saturating_sub(FRAME_OVERHEAD_BYTES)
+    }
 }
 
 impl Default for Limits {
@@ -67,6 +87,7 @@ impl Default for Limits {
             channel_max: 2047,
             max_queues: 100_000,
             no_ack_window: 1024,
+            frame_max: 131_072,
         }
     }
 }
@@ -94,6 +115,25 @@ pub struct DeathStats {
     pub dead_lettered: ReasonCounts,
     /// Dropped, per reason.
     pub dropped: ReasonCounts,
+}
+
+/// What [`Broker::health`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Health {
+    /// Whether the broker has a store (`Broker::open`), rather than running in memory.
+    pub durable: bool,
+    /// The storage failure that poisoned the store, if one did
+    /// ([`StoreError::Poisoned`](crate::store::StoreError::Poisoned) with the first failure's
+    /// text). Nothing durable succeeds after it.
+    pub store_failure: Option<crate::store::StoreError>,
+}
+
+impl Health {
+    /// Whether everything the broker promises still holds.
+    pub fn is_healthy(&self) -> bool {
+        self.store_failure.is_none()
+    }
 }
 
 /// An in-process broker. Cheap to clone; clones share the broker.
@@ -244,6 +284,22 @@ impl Broker {
             cell.quiesce();
         }
         Ok(p.sync()?)
+    }
+
+    /// What the broker can still promise: whether it has a store, and the failure that
+    /// poisoned it, if one did. Once poisoned, persistent publishes to durable queues, durable
+    /// declares, settles of durable queues' messages and `sync` fail with that failure; a
+    /// broker opened again on the same directory starts from what was durable.
+    pub fn health(&self) -> Health {
+        let store_failure = self
+            .inner
+            .persistence
+            .as_ref()
+            .and_then(|p| p.check().err());
+        Health {
+            durable: self.inner.persistence.is_some(),
+            store_failure,
+        }
     }
 
     /// Runs `f` while holding queue `name`'s lock, as a long purge or delivery would; `None`

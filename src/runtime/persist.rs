@@ -212,29 +212,65 @@ fn run(store: &dyn Store, mode: Durability, rx: &Receiver<Job>, poisoned: &OnceL
                 jobs.push(job);
             }
         }
-        let batch = group_batch(&jobs);
-        let result = if let Some(first) = poisoned.get() {
+        let (result, refused) = if let Some(first) = poisoned.get() {
             // Once a write failed nothing more is written, and every waiter hears why.
-            Err(StoreError::Poisoned(first.to_string()))
-        } else if batch.is_empty() {
-            Ok(())
+            (Err(StoreError::Poisoned(first.to_string())), Vec::new())
         } else {
-            store.apply(&batch)
+            apply_group(store, &jobs)
         };
         // Periodic mode leaves flushing to sled's timer, except where a caller asked for
         // durability outright (`Broker::sync`, definitions).
         let explicit = jobs
             .iter()
             .any(|j| matches!(j, Job::Sync(_) | Job::Definitions(..)));
-        let result = result.and_then(|()| match mode {
+        let wrote = result.as_ref().is_ok_and(|wrote| *wrote);
+        let result = result.and_then(|_| match mode {
             Durability::Periodic { .. } if !explicit => Ok(()),
-            _ if batch.is_empty() && !explicit => Ok(()),
+            _ if !wrote && !explicit => Ok(()),
             _ => store.flush(),
         });
         if let Err(e) = &result {
             let _ = poisoned.set(e.clone());
         }
-        answer(jobs.drain(..), &result);
+        answer(jobs.drain(..), &result, &refused);
+    }
+}
+
+/// Applies a group of jobs as one batch; returns whether anything was written, and the jobs
+/// refused alone.
+///
+/// A record the store refuses before writing anything ([`StoreError::Invalid`]: the batch was
+/// not applied, the store is not poisoned) must not take the rest of the group with it: the
+/// group is then applied job by job, and only the jobs whose own records are refused fail
+/// (their confirms are nacked, their waiters told why). Publishes check what the store checks,
+/// so this is a second line of defence. Any other failure fails the group.
+fn apply_group(
+    store: &dyn Store,
+    jobs: &[Job],
+) -> (Result<bool, StoreError>, Vec<(usize, StoreError)>) {
+    let batch = group_batch(jobs);
+    if batch.is_empty() {
+        return (Ok(false), Vec::new());
+    }
+    match store.apply(&batch) {
+        Ok(()) => (Ok(true), Vec::new()),
+        Err(StoreError::Invalid(reason)) => {
+            tracing::warn!(%reason, "a record was refused by the store; applying its group job by job");
+            let mut refused = Vec::new();
+            for (index, job) in jobs.iter().enumerate() {
+                let batch = group_batch(std::slice::from_ref(job));
+                if batch.is_empty() {
+                    continue;
+                }
+                match store.apply(&batch) {
+                    Ok(()) => {}
+                    Err(e @ StoreError::Invalid(_)) => refused.push((index, e)),
+                    Err(e) => return (Err(e), refused),
+                }
+            }
+            (Ok(true), refused)
+        }
+        Err(e) => (Err(e), Vec::new()),
     }
 }
 
@@ -329,29 +365,46 @@ fn remove(
 }
 
 /// Releases confirms (acks, or nacks if the write failed) channel by channel, and answers
-/// waiters.
-fn answer(jobs: impl Iterator<Item = Job>, result: &Result<(), StoreError>) {
-    let mut by_channel: Vec<(Arc<ConfirmCell>, Vec<u64>)> = Vec::new();
-    for job in jobs {
+/// waiters; a job in `refused` (by index) fails alone with its own error.
+fn answer(
+    jobs: impl Iterator<Item = Job>,
+    result: &Result<(), StoreError>,
+    refused: &[(usize, StoreError)],
+) {
+    // (channel, acked seqs, nacked seqs)
+    let mut by_channel: Vec<(Arc<ConfirmCell>, Vec<u64>, Vec<u64>)> = Vec::new();
+    for (index, job) in jobs.enumerate() {
+        let own = refused.iter().find(|(i, _)| *i == index).map(|(_, e)| e);
+        let outcome = match own {
+            Some(e) => Err(e.clone()),
+            None => result.clone(),
+        };
         match job {
             Job::Publish {
                 confirm: Some((ch, seq)),
                 ..
-            } => match by_channel.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &ch)) {
-                Some((_, seqs)) => seqs.push(seq),
-                None => by_channel.push((ch, vec![seq])),
-            },
+            } => {
+                let at = match by_channel.iter().position(|(c, ..)| Arc::ptr_eq(c, &ch)) {
+                    Some(at) => at,
+                    None => {
+                        by_channel.push((ch, Vec::new(), Vec::new()));
+                        by_channel.len() - 1
+                    }
+                };
+                let (_, acked, nacked) = &mut by_channel[at];
+                match outcome {
+                    Ok(()) => acked.push(seq),
+                    Err(_) => nacked.push(seq),
+                }
+            }
             Job::Definitions(_, tx) | Job::Sync(tx) => {
-                let _ = tx.send(result.clone());
+                let _ = tx.send(outcome);
             }
             _ => {}
         }
     }
-    for (ch, seqs) in by_channel {
-        match result {
-            Ok(()) => ch.answer(&seqs, &[]),
-            Err(_) => ch.answer(&[], &seqs),
-        }
+    for (ch, acked, nacked) in by_channel {
+        ch.answer(&acked, &nacked);
     }
 }
 
@@ -519,6 +572,41 @@ mod tests {
                 other => format!("{other:?}"),
             })
             .collect()
+    }
+
+    /// A record the store refuses fails its own job only: the rest of the group is written,
+    /// and nothing is poisoned.
+    #[test]
+    fn a_refused_record_fails_alone() {
+        let store = crate::store::MemoryStore::new();
+        let bad = Arc::new(Message {
+            routing_key: "k".repeat(300).into(), // over the store's 255-byte limit
+            ..Message::clone(&message())
+        });
+        let publish = |message: Arc<Message>, seq| Job::Publish {
+            message,
+            targets: [(1, seq)].into_iter().collect(),
+            confirm: None,
+            enqueued_at_ms: 0,
+        };
+        let jobs = [
+            publish(message(), 0),
+            publish(bad, 1),
+            publish(message(), 2),
+        ];
+        let (result, refused) = apply_group(&store, &jobs);
+        assert_eq!(result, Ok(true));
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, 1);
+        assert!(matches!(refused[0].1, StoreError::Invalid(_)));
+        store.flush().unwrap();
+        let recovered = store.recover().unwrap();
+        let seqs: Vec<u64> = recovered.messages[0]
+            .messages
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(seqs, [0, 2]);
     }
 
     #[test]

@@ -78,6 +78,98 @@ impl<K: Into<String>, V: Into<FieldValue>> FromIterator<(K, V)> for FieldTable {
     }
 }
 
+/// Deepest nesting of field tables and arrays the broker accepts (a plain table is depth 1), in
+/// headers and in arguments. AMQP sets no such limit, but every copy, comparison and encoding of
+/// a table walks it recursively, so an unbounded depth could overflow a thread's stack;
+/// RabbitMQ's own headers (`x-death`) nest 3 deep. The store refuses deeper tables too.
+pub const FIELD_DEPTH_MAX: u32 = 32;
+
+/// Why a field table cannot be carried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum TableError {
+    /// Nested deeper than [`FIELD_DEPTH_MAX`].
+    TooDeep,
+    /// A key over 255 bytes (keys are AMQP short strings).
+    KeyTooLong(usize),
+}
+
+impl std::fmt::Display for TableError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TableError::TooDeep => write!(f, "nests deeper than {FIELD_DEPTH_MAX} levels"),
+            TableError::KeyTooLong(len) => {
+                write!(f, "has a key of {len} bytes; at most 255 allowed")
+            }
+        }
+    }
+}
+
+impl FieldTable {
+    /// The table's size in AMQP 0-9-1's wire encoding (its 4-byte length included), checking
+    /// that it can be encoded and nests at most [`FIELD_DEPTH_MAX`] deep. The walk stops at
+    /// the depth limit, so it is bounded whatever the table.
+    pub(crate) fn wire_size(&self) -> Result<u64, TableError> {
+        table_wire_size(self, 1)
+    }
+
+    /// Drops a table of any depth without recursion: nested tables and arrays are emptied
+    /// into a work list first, so no drop goes deeper than one level. For tables refused for
+    /// their depth, whose ordinary drop could overflow the stack.
+    pub(crate) fn dismantle(self) {
+        let mut work: Vec<FieldValue> = vec![FieldValue::Table(self)];
+        while let Some(value) = work.pop() {
+            match value {
+                FieldValue::Table(mut table) => {
+                    while let Some((_, value)) = table.0.pop_first() {
+                        work.push(value);
+                    }
+                }
+                FieldValue::Array(values) => work.extend(values),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn table_wire_size(table: &FieldTable, depth: u32) -> Result<u64, TableError> {
+    if depth > FIELD_DEPTH_MAX {
+        return Err(TableError::TooDeep);
+    }
+    let mut size = 4;
+    for (key, value) in &table.0 {
+        if key.len() > 255 {
+            return Err(TableError::KeyTooLong(key.len()));
+        }
+        size += 1 + key.len() as u64 + value_wire_size(value, depth)?;
+    }
+    Ok(size)
+}
+
+/// A value's size with its type tag; `depth` is that of the table or array holding it.
+fn value_wire_size(value: &FieldValue, depth: u32) -> Result<u64, TableError> {
+    let payload = match value {
+        FieldValue::Bool(_) | FieldValue::I8(_) | FieldValue::U8(_) => 1,
+        FieldValue::I16(_) | FieldValue::U16(_) => 2,
+        FieldValue::I32(_) | FieldValue::U32(_) | FieldValue::F32(_) => 4,
+        FieldValue::I64(_) | FieldValue::F64(_) | FieldValue::Timestamp(_) => 8,
+        FieldValue::Decimal { .. } => 5,
+        FieldValue::LongString(b) | FieldValue::ByteArray(b) => 4 + b.len() as u64,
+        FieldValue::Array(values) => {
+            if depth + 1 > FIELD_DEPTH_MAX {
+                return Err(TableError::TooDeep);
+            }
+            let mut size = 4;
+            for value in values {
+                size += value_wire_size(value, depth + 1)?;
+            }
+            size
+        }
+        FieldValue::Table(table) => table_wire_size(table, depth + 1)?,
+        FieldValue::Void => 0,
+    };
+    Ok(1 + payload)
+}
+
 /// One AMQP field value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FieldValue {

@@ -89,4 +89,50 @@ impl BasicProperties {
     pub fn is_persistent(&self) -> bool {
         self.delivery_mode == Some(2)
     }
+
+    /// The size of the property list in AMQP 0-9-1's content header (the 2-byte flags
+    /// included), checking that every short string fits 255 bytes and the headers can be
+    /// encoded (see [`FieldTable::wire_size`]). Bounded whatever the headers hold.
+    pub(crate) fn wire_size(&self) -> Result<u64, String> {
+        let mut size = 2;
+        let short_strings = [
+            ("content-type", &self.content_type),
+            ("content-encoding", &self.content_encoding),
+            ("correlation-id", &self.correlation_id),
+            ("reply-to", &self.reply_to),
+            ("expiration", &self.expiration),
+            ("message-id", &self.message_id),
+            ("type", &self.kind),
+            ("user-id", &self.user_id),
+            ("app-id", &self.app_id),
+            ("cluster-id", &self.cluster_id),
+        ];
+        for (name, value) in short_strings {
+            if let Some(value) = value {
+                if value.len() > 255 {
+                    return Err(format!(
+                        "property {name} is {} bytes; at most 255 allowed",
+                        value.len()
+                    ));
+                }
+                size += 1 + value.len() as u64;
+            }
+        }
+        if let Some(headers) = &self.headers {
+            size += headers
+                .wire_size()
+                .map_err(|e| format!("message headers {e}"))?;
+        }
+        size += u64::from(self.delivery_mode.is_some()) + u64::from(self.priority.is_some());
+        size += 8 * u64::from(self.timestamp.is_some());
+        Ok(size)
+    }
+
+    /// Drops the properties without recursing into the headers (see
+    /// [`FieldTable::dismantle`]).
+    pub(crate) fn dismantle(mut self) {
+        if let Some(headers) = self.headers.take() {
+            headers.dismantle();
+        }
+    }
 }
