@@ -87,7 +87,7 @@ pub use core::queue::{Overflow, PolicyDefinition};
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::Durability;
 pub use runtime::{
-    Broker, BrokerBuilder, Channel, Connection, Consumer, DeathStats, Delivery, FRAME_MAX_CEILING,
-    GetMessage, Health, Limits, Policy, QueueDeclareOk, ReasonCounts, Returned,
+    BlockedNotice, Broker, BrokerBuilder, Channel, Connection, Consumer, DeathStats, Delivery,
+    FRAME_MAX_CEILING, GetMessage, Health, Limits, Policy, QueueDeclareOk, ReasonCounts, Returned,
 };
 pub use types::*;

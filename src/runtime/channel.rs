@@ -342,6 +342,15 @@ impl Channel {
     // ---- publishing -----------------------------------------------------------------------
 
     /// `basic.publish`: fire and forget (§2.7). Never waits for consumers.
+    ///
+    /// It waits only for flow control: while the broker's queued messages are over the memory
+    /// high watermark, or the store's backlog is over its bound, it waits at its start until
+    /// both are back under, as RabbitMQ blocks a publishing connection
+    /// ([`Limits::memory_high_watermark_bytes`](crate::Limits::memory_high_watermark_bytes),
+    /// [`Connection::set_blocked_handler`](crate::Connection::set_blocked_handler)). A thread
+    /// that both consumes and publishes should settle what it consumed before it publishes
+    /// more, or use [`Channel::basic_publish_timeout`]: while it waits, its unacked
+    /// messages cannot bring the memory down.
     pub fn basic_publish(
         &self,
         exchange: &str,
@@ -350,6 +359,25 @@ impl Channel {
         body: impl Into<Bytes>,
         properties: BasicProperties,
     ) -> Result<()> {
+        self.inner.wait_for_flow(None)?;
+        self.inner
+            .publish(exchange, routing_key, options, body.into(), properties)
+    }
+
+    /// [`Channel::basic_publish`], waiting for flow control at most `timeout`: if publishers
+    /// are still blocked then, returns [`Error::Timeout`] and publishes nothing (in confirm
+    /// mode, no sequence number is used).
+    pub fn basic_publish_timeout(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        body: impl Into<Bytes>,
+        properties: BasicProperties,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.inner
+            .wait_for_flow(Some(std::time::Instant::now() + timeout))?;
         self.inner
             .publish(exchange, routing_key, options, body.into(), properties)
     }
@@ -849,6 +877,21 @@ impl ChannelInner {
             Ok(((), changed))
         });
         self.admin_result(r)
+    }
+
+    /// Waits while flow control blocks publishers (see `basic_publish`), at most until
+    /// `deadline`.
+    fn wait_for_flow(&self, deadline: Option<std::time::Instant>) -> Result<()> {
+        let flow = &self.broker.flow;
+        if !flow.is_blocked() {
+            return Ok(());
+        }
+        self.check_open()?;
+        if flow.wait(deadline) {
+            Ok(())
+        } else {
+            Err(Error::Timeout)
+        }
     }
 
     fn publish(

@@ -7,12 +7,15 @@ use parking_lot::Mutex;
 
 use super::BrokerInner;
 use super::channel::{Channel, ChannelInner};
+use super::flow::BlockedNotice;
 use crate::core::topology::ConnectionId;
 use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 
 /// A connection to the broker. Dropping it closes it.
 pub struct Connection {
     inner: Arc<ConnectionInner>,
+    /// Keeps this connection's blocked handler registered; dropped with the connection.
+    blocked_handler: Arc<()>,
 }
 
 pub(crate) struct ConnectionInner {
@@ -35,6 +38,7 @@ impl Connection {
         });
         Self {
             inner: Arc::new(ConnectionInner { id, broker, state }),
+            blocked_handler: Arc::new(()),
         }
     }
 
@@ -62,6 +66,18 @@ impl Connection {
         let ch = Channel::open(inner.clone());
         st.channels.push(Arc::downgrade(&ch.inner));
         Ok(ch)
+    }
+
+    /// Sets the handler told when publishing starts and stops waiting for flow control
+    /// (RabbitMQ's `connection.blocked` / `connection.unblocked`). It runs on the thread whose
+    /// call crossed the threshold, so it must not wait on the broker; if publishers are blocked
+    /// when it is set, it hears so at once. Replaces any earlier handler; it goes with the
+    /// connection.
+    pub fn set_blocked_handler(&self, handler: impl FnMut(&BlockedNotice) + Send + 'static) {
+        self.inner
+            .broker
+            .flow
+            .register(&self.blocked_handler, Box::new(handler));
     }
 
     /// Closes the connection.

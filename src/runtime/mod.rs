@@ -12,6 +12,7 @@ mod confirm;
 mod connection;
 mod consumer;
 mod dead_letter;
+mod flow;
 mod persist;
 mod policy;
 mod queue;
@@ -31,6 +32,7 @@ pub use channel::{Channel, GetMessage, QueueDeclareOk, Returned};
 pub use connection::Connection;
 pub use consumer::{Consumer, Delivery};
 pub use crossbeam_channel::{RecvTimeoutError, TryRecvError};
+pub use flow::BlockedNotice;
 pub use persist::Durability;
 pub use policy::Policy;
 
@@ -65,6 +67,14 @@ pub struct Limits {
     /// [`FRAME_MAX_CEILING`] takes effect, so every record stays within what the store
     /// accepts.
     pub frame_max: u32,
+    /// Memory the queued messages may take before publishers wait (flow control, as
+    /// RabbitMQ's `vm_memory_high_watermark`): the estimate counts each message's body plus a
+    /// fixed overhead, once per queue holding it. Default: 40% of the machine's memory (or of
+    /// the process's cgroup limit, if lower); 1 GiB where neither can be read.
+    pub memory_high_watermark_bytes: u64,
+    /// Bytes of records waiting for the store before publishers wait, until the backlog is
+    /// back under half of it. Default: 256 MiB.
+    pub store_backlog_max_bytes: u64,
 }
 
 /// The largest [`Limits::frame_max`] that takes effect (512 KiB).
@@ -88,6 +98,8 @@ impl Default for Limits {
             max_queues: 100_000,
             no_ack_window: 1024,
             frame_max: 131_072,
+            memory_high_watermark_bytes: flow::default_watermark_bytes(),
+            store_backlog_max_bytes: 256 << 20,
         }
     }
 }
@@ -127,6 +139,15 @@ pub struct Health {
     /// ([`StoreError::Poisoned`](crate::store::StoreError::Poisoned) with the first failure's
     /// text). Nothing durable succeeds after it.
     pub store_failure: Option<crate::store::StoreError>,
+    /// The estimated memory of the queued messages, in bytes (what the memory high watermark
+    /// is compared with).
+    pub memory_bytes: u64,
+    /// The memory high watermark, in bytes.
+    pub memory_high_watermark_bytes: u64,
+    /// Bytes of records waiting for the store.
+    pub store_backlog_bytes: u64,
+    /// Whether publishers wait for flow control now.
+    pub publishers_blocked: bool,
 }
 
 impl Health {
@@ -193,7 +214,8 @@ impl BrokerBuilder {
             topology: Topology::new(),
             queues: FxHashMap::default(),
         };
-        self.build(snapshot, None)
+        let flow = self.flow_control();
+        self.build(snapshot, None, flow)
     }
 
     /// A durable broker whose durable exchanges, queues, bindings and persistent messages live
@@ -221,12 +243,25 @@ impl BrokerBuilder {
     /// recovered from what it holds.
     pub fn open_store(self, store: impl Store) -> Result<Broker> {
         let store: Arc<dyn Store> = Arc::new(store);
-        let persistence = Persistence::start(store, self.durability);
+        let flow = self.flow_control();
+        let persistence = Persistence::start(store, self.durability, flow.clone());
         let snapshot = recover::rebuild(&persistence, self.clock.now_ms())?;
-        Ok(self.build(snapshot, Some(persistence)))
+        Ok(self.build(snapshot, Some(persistence), flow))
     }
 
-    fn build(self, snapshot: Snapshot, persistence: Option<Arc<Persistence>>) -> Broker {
+    fn flow_control(&self) -> Arc<flow::FlowControl> {
+        flow::FlowControl::new(
+            self.limits.memory_high_watermark_bytes,
+            self.limits.store_backlog_max_bytes,
+        )
+    }
+
+    fn build(
+        self,
+        snapshot: Snapshot,
+        persistence: Option<Arc<Persistence>>,
+        flow: Arc<flow::FlowControl>,
+    ) -> Broker {
         let timers = Timers::start(self.clock.clone());
         Broker {
             inner: Arc::new_cyclic(|me| {
@@ -235,6 +270,7 @@ impl BrokerBuilder {
                         broker: me.clone(),
                         clock: self.clock.clone(),
                         timers: timers.clone(),
+                        flow: flow.clone(),
                     });
                 }
                 BrokerInner {
@@ -250,6 +286,7 @@ impl BrokerBuilder {
                     next_id: AtomicU64::new(1),
                     channels: Mutex::new(HashMap::new()),
                     persistence,
+                    flow,
                 }
             }),
         }
@@ -286,8 +323,8 @@ impl Broker {
         Ok(p.sync()?)
     }
 
-    /// What the broker can still promise: whether it has a store, and the failure that
-    /// poisoned it, if one did. Once poisoned, persistent publishes to durable queues, durable
+    /// What the broker can still promise: whether it has a store, the failure that poisoned
+    /// it, if one did, and the state of flow control. Once poisoned, persistent publishes to durable queues, durable
     /// declares, settles of durable queues' messages and `sync` fail with that failure; a
     /// broker opened again on the same directory starts from what was durable.
     pub fn health(&self) -> Health {
@@ -296,9 +333,14 @@ impl Broker {
             .persistence
             .as_ref()
             .and_then(|p| p.check().err());
+        let flow = &self.inner.flow;
         Health {
             durable: self.inner.persistence.is_some(),
             store_failure,
+            memory_bytes: flow.memory_bytes(),
+            memory_high_watermark_bytes: self.inner.limits.memory_high_watermark_bytes,
+            store_backlog_bytes: flow.backlog_bytes(),
+            publishers_blocked: flow.is_blocked(),
         }
     }
 
@@ -420,6 +462,7 @@ pub(crate) struct BrokerInner {
     channels: Mutex<HashMap<u64, Weak<channel::ChannelInner>>>,
     persistence: Option<Arc<Persistence>>,
     timers: Arc<Timers>,
+    flow: Arc<flow::FlowControl>,
 }
 
 impl BrokerInner {
@@ -433,6 +476,7 @@ impl BrokerInner {
             broker: self.me.clone(),
             clock: self.clock.clone(),
             timers: self.timers.clone(),
+            flow: self.flow.clone(),
         }
     }
 }

@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use super::confirm::ConfirmCell;
+use super::flow::FlowControl;
 use crate::core::exchange::Destination;
 use crate::core::topology::Topology;
 use crate::store::{
@@ -94,7 +95,16 @@ pub(crate) enum Job {
     Sync(Sender<Result<(), StoreError>>),
 }
 
+/// What a job costs the backlog besides the bodies it writes: the job itself and its record's
+/// fields.
+const JOB_OVERHEAD_BYTES: u64 = 128;
+
 impl Job {
+    /// What the job counts for in the flusher's backlog (flow control).
+    fn backlog_bytes(&self) -> u64 {
+        self.written_bytes() + JOB_OVERHEAD_BYTES
+    }
+
     /// Body bytes the job writes (before any cancellation).
     fn written_bytes(&self) -> u64 {
         match self {
@@ -129,24 +139,32 @@ pub(crate) struct Persistence {
     /// The first failure the flusher met: later durable operations are refused with it.
     poisoned: Arc<OnceLock<StoreError>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Counts the bytes waiting for the flusher (flow control's store backlog).
+    flow: Arc<FlowControl>,
 }
 
 impl Persistence {
     /// Starts the flusher thread.
-    pub(crate) fn start(store: Arc<dyn Store>, mode: Durability) -> Arc<Self> {
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        mode: Durability,
+        flow: Arc<FlowControl>,
+    ) -> Arc<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let flusher_store = store.clone();
         let poisoned = Arc::new(OnceLock::new());
         let flusher_poisoned = poisoned.clone();
+        let flusher_flow = flow.clone();
         let thread = std::thread::Builder::new()
             .name("coney-flusher".into())
-            .spawn(move || run(&*flusher_store, mode, &rx, &flusher_poisoned))
+            .spawn(move || run(&*flusher_store, mode, &rx, &flusher_poisoned, &flusher_flow))
             .expect("spawning the flusher thread");
         Arc::new(Self {
             store,
             tx,
             poisoned,
             thread: Mutex::new(Some(thread)),
+            flow,
         })
     }
 
@@ -166,6 +184,8 @@ impl Persistence {
     }
 
     pub(crate) fn send(&self, job: Job) {
+        self.flow
+            .add_backlog(i64::try_from(job.backlog_bytes()).unwrap_or(i64::MAX));
         // The flusher only stops when the broker is dropped, after every sender.
         let _ = self.tx.send(job);
     }
@@ -200,7 +220,13 @@ impl Drop for Persistence {
 }
 
 /// The flusher: takes a group of jobs, writes them as one batch, flushes, answers.
-fn run(store: &dyn Store, mode: Durability, rx: &Receiver<Job>, poisoned: &OnceLock<StoreError>) {
+fn run(
+    store: &dyn Store,
+    mode: Durability,
+    rx: &Receiver<Job>,
+    poisoned: &OnceLock<StoreError>,
+    flow: &FlowControl,
+) {
     let mut jobs: Vec<Job> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut bytes = first.written_bytes();
@@ -232,7 +258,9 @@ fn run(store: &dyn Store, mode: Durability, rx: &Receiver<Job>, poisoned: &OnceL
         if let Err(e) = &result {
             let _ = poisoned.set(e.clone());
         }
+        let backlog: u64 = jobs.iter().map(Job::backlog_bytes).sum();
         answer(jobs.drain(..), &result, &refused);
+        flow.add_backlog(-i64::try_from(backlog).unwrap_or(i64::MAX));
     }
 }
 

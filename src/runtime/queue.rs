@@ -28,6 +28,7 @@ use smallvec::SmallVec;
 use super::BrokerInner;
 use super::channel::ChannelInner;
 use super::consumer::{Delivery, Pending};
+use super::flow::{FlowControl, message_memory_bytes};
 use super::persist::{Job, Persistence};
 use super::timer::{TimerKind, Timers};
 use crate::clock::Clock;
@@ -88,6 +89,9 @@ pub(crate) struct QueueCell {
     in_flight: AtomicU64,
     /// Held while routing dead letters: one router at a time, and `quiesce` waits for it.
     routing: Mutex<()>,
+    /// The memory estimate of this queue's messages last added to the broker's flow control
+    /// (`message_memory_bytes`); brought up to date each time the lock is released.
+    accounted: AtomicU64,
     inbox: CachePadded<SegQueue<Inbound>>,
     state: CachePadded<Mutex<QueueShared>>,
 }
@@ -123,6 +127,7 @@ pub(crate) struct QueueEnv {
     pub(crate) broker: Weak<BrokerInner>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) timers: Arc<Timers>,
+    pub(crate) flow: Arc<FlowControl>,
 }
 
 /// How many messages a queue dead-lettered and dropped, per reason (SEMANTICS.md §5.2).
@@ -165,6 +170,20 @@ fn reason_index(reason: DeathReason) -> usize {
     }
 }
 
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Drop for QueueCell {
+    /// A deleted queue's messages no longer count against the memory watermark.
+    fn drop(&mut self) {
+        let accounted = *self.accounted.get_mut();
+        if let Some(env) = self.env.get() {
+            env.flow.add_memory(-signed(accounted));
+        }
+    }
+}
+
 /// Dead letters one router takes per turn of the routing lock.
 const DEAD_LETTERS_PER_TURN: usize = 64;
 
@@ -199,6 +218,7 @@ impl Drop for QueueGuard<'_> {
     fn drop(&mut self) {
         let mut g = self.guard.take().expect("held until drop");
         self.cell.drain_inbox(&mut g);
+        self.cell.account(&g);
         drop(g);
         self.cell.drain_unlocked();
     }
@@ -249,6 +269,18 @@ impl QueueCell {
                 _ => self.dropped(&entry, reason, "broker closing"),
             }
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Brings the broker's memory estimate up to date with this queue's messages. Called with
+    /// the lock held, before each release.
+    fn account(&self, s: &QueueShared) {
+        let now = message_memory_bytes(&s.core);
+        let before = self.accounted.swap(now, Ordering::Relaxed);
+        if now != before
+            && let Some(env) = self.env.get()
+        {
+            env.flow.add_memory(signed(now) - signed(before));
         }
     }
 
@@ -390,6 +422,7 @@ impl QueueCell {
             next_seq: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             routing: Mutex::new(()),
+            accounted: AtomicU64::new(0),
             inbox: CachePadded::new(SegQueue::new()),
             state: CachePadded::new(Mutex::new(QueueShared {
                 core: Queue::with_config(config),
@@ -489,6 +522,7 @@ impl QueueCell {
                 g.core.handle_publish(entry);
                 self.dispatch(&mut g);
             }
+            self.account(&g);
         } else {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
             self.inbox.push(Inbound::Publish(entry));
@@ -515,6 +549,7 @@ impl QueueCell {
                 return;
             };
             self.drain_inbox(&mut g);
+            self.account(&g);
         }
     }
 
@@ -554,6 +589,7 @@ impl QueueCell {
             .filter_map(|seq| self.apply_settle(&mut g, seq, how))
             .collect();
         self.dispatch(&mut g);
+        self.account(&g);
         drop(g);
         drop(acked); // the last reference to a message is often here: free it unlocked
         self.drain_unlocked();

@@ -39,6 +39,11 @@ pub use consumers::{ConsumerId, ConsumerSpec};
 
 use crate::types::Message;
 
+/// Buffers (ready FIFO, returns, unacked ledger) at most this many slots large are never
+/// shrunk: small enough to cost little, large enough that a busy queue does not shrink and
+/// regrow at every drain.
+const BUFFER_SHRINK_MIN: usize = 4096;
+
 /// A message in a queue.
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -398,6 +403,25 @@ impl Queue {
         }
         self.expire_head(now_ms, false);
         self.arriving.clear();
+        self.shrink_buffers();
+    }
+
+    /// Gives back the memory of buffers that a backlog grew and a drain left mostly empty:
+    /// one over [`BUFFER_SHRINK_MIN`] slots and at most a quarter used shrinks to twice its
+    /// length, so the copy is paid once per halving and a queue that fills again regrows
+    /// without churn.
+    fn shrink_buffers(&mut self) {
+        fn shrink<T>(buffer: &mut VecDeque<T>) {
+            if buffer.capacity() > BUFFER_SHRINK_MIN && buffer.len() <= buffer.capacity() / 4 {
+                buffer.shrink_to(buffer.len() * 2);
+            }
+        }
+        shrink(&mut self.ready);
+        shrink(&mut self.returns);
+        let unacked = &mut self.unacked;
+        if unacked.capacity() > BUFFER_SHRINK_MIN && unacked.len() <= unacked.capacity() / 4 {
+            unacked.shrink_to(unacked.len() * 2);
+        }
     }
 
     // ---- output ---------------------------------------------------------------------------
