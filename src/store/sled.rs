@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -94,7 +95,8 @@ impl Default for SledOptions {
 /// [`StoreError::Corrupt`] and does not poison: nothing was written wrongly by this process.
 #[derive(Debug)]
 pub struct SledStore {
-    db: ::sled::Db,
+    /// Closed by `Drop` on a thread of its own, with a bounded wait (see "Closing").
+    db: ManuallyDrop<::sled::Db>,
     path: PathBuf,
     poison: Poison,
     /// Serialises applies so a `DeleteQueue`'s scan of the queue's messages and the removal it
@@ -102,18 +104,63 @@ pub struct SledStore {
     apply_lock: Mutex<()>,
     /// What [`Store::flush`] syncs after sled's own flush.
     files: DurableFiles,
-    /// Declared after `db`, so dropped after it: waits until sled's own threads have let go of
-    /// the directory's lock, so the directory can be opened again as soon as the store is gone.
+    /// Dropped after `db` is closed: waits until sled's own threads have let go of the
+    /// directory's lock, so the directory can be opened again as soon as the store is gone.
     _release: LockRelease,
 }
 
-/// Waits, when dropped, until the sled directory's lock file can be locked (bounded).
+/// Closes the sled database: sled's own drop flushes what it holds and waits until that is
+/// written. After a write failure (a full disk) that wait never ends in sled 0.34 (its log
+/// buffer is never marked stable), so the drop runs on a thread of its own and the store waits
+/// for it at most [`CLOSE_WAIT`] ([`CLOSE_WAIT_POISONED`] once poisoned). If it does not
+/// finish, that thread is left behind, holding the directory's lock until the process ends:
+/// nothing it could still write was confirmed, and the store returns.
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // SAFETY: `db` is taken once, here, and never used again.
+        let db = unsafe { ManuallyDrop::take(&mut self.db) };
+        let wait = if self.poison.is_poisoned() {
+            CLOSE_WAIT_POISONED
+        } else {
+            CLOSE_WAIT
+        };
+        let (closed_tx, closed) = mpsc::channel();
+        let spawned = thread::Builder::new()
+            .name("coney-sled-close".into())
+            .spawn(move || {
+                drop(db);
+                let _ = closed_tx.send(());
+            });
+        let finished = spawned.is_ok() && closed.recv_timeout(wait).is_ok();
+        if !finished {
+            tracing::error!(
+                path = %self.path.display(),
+                "closing the store did not finish in time; its directory stays locked until the                  process ends"
+            );
+            self._release.wait = false;
+        }
+    }
+}
+
+/// How long dropping a healthy store waits for sled to close at most.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+/// How long dropping a poisoned store waits for sled to close at most.
+const CLOSE_WAIT_POISONED: Duration = Duration::from_secs(2);
+
+/// Waits, when dropped, until the sled directory's lock file can be locked (bounded), unless
+/// closing the database was given up.
 #[derive(Debug)]
-struct LockRelease(PathBuf);
+struct LockRelease {
+    dir: PathBuf,
+    wait: bool,
+}
 
 impl Drop for LockRelease {
     fn drop(&mut self) {
-        let lock_file = self.0.join("db");
+        if !self.wait {
+            return;
+        }
+        let lock_file = self.dir.join("db");
         let deadline = Instant::now() + LOCK_RELEASE_WAIT;
         while Instant::now() < deadline {
             let Ok(file) = std::fs::File::open(&lock_file) else {
@@ -165,9 +212,12 @@ impl SledStore {
             .and_then(|files| files.sync_all_known().map(|()| files))
             .map_err(|e| StoreError::Storage(format!("cannot sync {}: {e}", path.display())))?;
         Ok(SledStore {
-            db,
+            db: ManuallyDrop::new(db),
             files,
-            _release: LockRelease(path.clone()),
+            _release: LockRelease {
+                dir: path.clone(),
+                wait: true,
+            },
             path,
             poison: Poison::default(),
             apply_lock: Mutex::new(()),
