@@ -3,10 +3,12 @@
 //! Groups (each `Throughput::Elements`, messages per iteration in the id):
 //! - `publish_confirm_64B`: one publisher, persistent messages to a durable queue, confirm mode,
 //!   waiting for all confirms at the end; coney in group-commit and periodic modes, the
-//!   in-memory broker, and the raw sled baseline inserting the same number of 100-byte records
-//!   flushing every 1,000.
+//!   in-memory broker, and the raw sled baselines inserting the same number of 100-byte records
+//!   flushing every 1,000, with and without an `fdatasync` of sled's log after each flush (coney's
+//!   flush ends with one, since sled's own stops at `sync_file_range`).
 //! - `per_message_flush_64B`: a publisher waiting for each confirm (flush per message mode)
-//!   beside a raw sled loop inserting then flushing each record.
+//!   beside raw sled loops inserting then flushing each record, with and without the
+//!   `fdatasync`.
 //! - `spsc_persistent_{64B,4KiB}`: a producer thread publishing persistent messages with
 //!   confirms to a durable queue, the bench thread consuming with manual ack (each message);
 //!   durable (group commit) beside in-memory.
@@ -51,6 +53,22 @@ fn open_raw(path: &Path) -> sled::Db {
                 thread::sleep(Duration::from_millis(20));
             }
             Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    }
+}
+
+/// sled's log file, for baselines that bring sled's flush to stable storage as coney's store
+/// does (`sled::Db::flush` stops at `sync_file_range`): an `fdatasync` after each flush.
+struct LogFile(Option<std::fs::File>);
+
+impl LogFile {
+    fn open(sled_dir: &Path, fsync: bool) -> Self {
+        Self(fsync.then(|| std::fs::File::open(sled_dir.join("db")).unwrap()))
+    }
+
+    fn sync(&self) {
+        if let Some(file) = &self.0 {
+            file.sync_data().unwrap();
         }
     }
 }
@@ -102,11 +120,16 @@ fn publish_confirm(c: &mut Criterion) {
     let mut g = c.benchmark_group("publish_confirm_64B");
     g.throughput(Throughput::Elements(PUBLISH_N));
     g.sample_size(10);
-    g.bench_function(
-        BenchmarkId::new("raw_sled_insert_flush_every_1000", PUBLISH_N),
-        |b| {
-            let path = dir("raw-batch");
+    for fsync in [false, true] {
+        let name = if fsync {
+            "raw_sled_insert_flush_fdatasync_every_1000"
+        } else {
+            "raw_sled_insert_flush_every_1000"
+        };
+        g.bench_function(BenchmarkId::new(name, PUBLISH_N), |b| {
+            let path = dir(name);
             let db = sled::open(&path).unwrap();
+            let log = LogFile::open(&path, fsync);
             let value = vec![0x5Au8; 100];
             let mut key = 0u64;
             b.iter_custom(|iters| {
@@ -117,16 +140,18 @@ fn publish_confirm(c: &mut Criterion) {
                         key += 1;
                         if (i + 1) % 1000 == 0 {
                             db.flush().unwrap();
+                            log.sync();
                         }
                     }
                     db.flush().unwrap();
+                    log.sync();
                 }
                 start.elapsed()
             });
             drop(db);
             let _ = std::fs::remove_dir_all(&path);
-        },
-    );
+        });
+    }
     let modes = [
         ("coney_group_commit", Some(Durability::GroupCommit)),
         (
@@ -169,24 +194,30 @@ fn per_message_flush(c: &mut Criterion) {
     let mut g = c.benchmark_group("per_message_flush_64B");
     g.throughput(Throughput::Elements(PER_MESSAGE_N));
     g.sample_size(10);
-    g.bench_function(
-        BenchmarkId::new("raw_sled_insert_flush_each", PER_MESSAGE_N),
-        |b| {
-            let path = dir("raw-each");
+    for fsync in [false, true] {
+        let name = if fsync {
+            "raw_sled_insert_flush_fdatasync_each"
+        } else {
+            "raw_sled_insert_flush_each"
+        };
+        g.bench_function(BenchmarkId::new(name, PER_MESSAGE_N), |b| {
+            let path = dir(name);
             let db = sled::open(&path).unwrap();
+            let log = LogFile::open(&path, fsync);
             let value = vec![0x5Au8; 100];
             let mut key = 0u64;
             b.iter(|| {
                 for _ in 0..PER_MESSAGE_N {
                     db.insert(key.to_be_bytes(), value.as_slice()).unwrap();
                     db.flush().unwrap();
+                    log.sync();
                     key += 1;
                 }
             });
             drop(db);
             let _ = std::fs::remove_dir_all(&path);
-        },
-    );
+        });
+    }
     g.bench_function(BenchmarkId::new("coney_per_message", PER_MESSAGE_N), |b| {
         let path = dir("per-message");
         let rig = Rig::new(durable_broker(&path, Durability::PerMessage));

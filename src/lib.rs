@@ -58,6 +58,43 @@
 //! # Ok::<(), coney::Error>(())
 //! ```
 //!
+//! # Durability, limits and flow control
+//! A durable broker ([`Broker::open`]) keeps durable exchanges, queues, bindings and persistent
+//! messages in sled. A publisher confirm, [`Broker::sync`] and a per-message publish are
+//! answered only once what they cover is on stable storage (`fdatasync`/`fsync`, not only the
+//! page cache), and `sync` also covers acks that another thread's hold on a queue delayed.
+//! The first storage failure poisons the store: later durable calls fail with it, and
+//! [`Broker::health`] reports it. Properties and argument tables that cannot be carried (a
+//! content header over [`Limits::frame_max`], headers nested deeper than
+//! [`FIELD_DEPTH_MAX`](types::field::FIELD_DEPTH_MAX), a short string over 255 bytes) are
+//! refused at the call with [`Error::InvalidInput`], alone.
+//!
+//! Publish never waits for a consumer. It waits for flow control, as RabbitMQ blocks
+//! publishing connections: while the queued messages are over
+//! [`Limits::memory_high_watermark_bytes`] or the store's backlog is over
+//! [`Limits::store_backlog_max_bytes`]; [`Connection::set_blocked_handler`] hears each change and
+//! [`Channel::basic_publish_timeout`] gives up after a while. Queues that drain give their
+//! memory back.
+//!
+//! ```
+//! use std::time::Duration;
+//! use coney::*;
+//!
+//! let limits = Limits { memory_high_watermark_bytes: 64 * 1024, ..Limits::default() };
+//! let broker = Broker::builder().limits(limits).in_memory();
+//! let conn = broker.connect();
+//! conn.set_blocked_handler(|notice| println!("{notice:?}"));
+//! let ch = conn.channel()?;
+//! ch.queue_declare("backlog", QueueDeclareOptions::default(), FieldTable::new())?;
+//! let publish = |ch: &Channel| ch.basic_publish_timeout("", "backlog", Default::default(),
+//!     vec![0u8; 1024], Default::default(), Duration::from_millis(10));
+//! while publish(&ch).is_ok() {}                      // until the watermark blocks it
+//! assert!(broker.health().publishers_blocked);
+//! ch.queue_purge("backlog", Default::default())?;    // the memory goes: publishing resumes
+//! publish(&ch)?;
+//! # Ok::<(), coney::Error>(())
+//! ```
+//!
 //! # Layout
 //! - [`core`]: the broker as pure state machines (topology and routing, queues, channels):
 //!   commands in through `handle_*`, output through `poll_*`, time passed in. No threads,
@@ -68,6 +105,7 @@
 //! - [`types`]: field tables, message properties, per-method option structs.
 //! - [`error`]: [`Error`] with AMQP reply codes.
 //! - [`clock`]: the system clock and a manual clock for tests.
+//! - [`store`]: the `Store` trait, the sled, memory and fault-injecting stores, record format.
 //! - [`retry`]: a retry topology with back-off delays.
 
 pub mod clock;
