@@ -359,9 +359,14 @@ impl Channel {
         body: impl Into<Bytes>,
         properties: BasicProperties,
     ) -> Result<()> {
-        self.inner.wait_for_flow(None)?;
-        self.inner
-            .publish(exchange, routing_key, options, body.into(), properties)
+        self.inner.publish(
+            exchange,
+            routing_key,
+            options,
+            body.into(),
+            properties,
+            None,
+        )
     }
 
     /// [`Channel::basic_publish`], waiting for flow control at most `timeout`: if publishers
@@ -376,10 +381,15 @@ impl Channel {
         properties: BasicProperties,
         timeout: Duration,
     ) -> Result<()> {
-        self.inner
-            .wait_for_flow(Some(std::time::Instant::now() + timeout))?;
-        self.inner
-            .publish(exchange, routing_key, options, body.into(), properties)
+        let deadline = Some(std::time::Instant::now() + timeout);
+        self.inner.publish(
+            exchange,
+            routing_key,
+            options,
+            body.into(),
+            properties,
+            deadline,
+        )
     }
 
     // ---- publisher confirms ---------------------------------------------------------------
@@ -881,11 +891,18 @@ impl ChannelInner {
 
     /// Waits while flow control blocks publishers (see `basic_publish`), at most until
     /// `deadline`.
+    #[inline]
     fn wait_for_flow(&self, deadline: Option<std::time::Instant>) -> Result<()> {
-        let flow = &self.broker.flow;
-        if !flow.is_blocked() {
-            return Ok(());
+        if self.broker.flow.is_blocked() {
+            self.wait_for_flow_slow(deadline)
+        } else {
+            Ok(())
         }
+    }
+
+    #[cold]
+    fn wait_for_flow_slow(&self, deadline: Option<std::time::Instant>) -> Result<()> {
+        let flow = &self.broker.flow;
         self.check_open()?;
         if flow.wait(deadline) {
             Ok(())
@@ -900,12 +917,18 @@ impl ChannelInner {
         routing_key: &str,
         options: BasicPublishOptions,
         body: Bytes,
-        properties: BasicProperties,
+        mut properties: BasicProperties,
+        flow_deadline: Option<std::time::Instant>,
     ) -> Result<()> {
+        self.wait_for_flow(flow_deadline)?;
         self.check_open()?;
         let exchange = name_arg("exchange", exchange)?;
         let routing_key = key_arg(routing_key)?;
-        let mut properties = content_header_arg(properties, &self.broker.limits)?;
+        if let Some(refusal) = content_header_refusal(&properties, &self.broker.limits) {
+            // Without recursion: the headers may nest deep enough to overflow an ordinary drop.
+            properties.dismantle();
+            return Err(Error::InvalidInput(refusal));
+        }
         if options.immediate {
             return Err(self.fail(AmqpError::new(ReplyCode::NotImplemented, "immediate=true")));
         }
@@ -1092,20 +1115,18 @@ const CONTENT_HEADER_FIXED_BYTES: u64 = 12;
 
 /// Checks that a message's properties can be encoded in one content-header frame (short
 /// strings, header keys, headers nesting, size), as a client library would before sending
-/// them. Refused properties are dismantled without recursion: their headers may nest deep
-/// enough to overflow the stack of an ordinary drop.
-fn content_header_arg(properties: BasicProperties, limits: &Limits) -> Result<BasicProperties> {
+/// them; the refusal's text if not. Takes them by reference: the publish path must not move
+/// them (they are a few hundred bytes).
+fn content_header_refusal(properties: &BasicProperties, limits: &Limits) -> Option<String> {
     let max = limits.frame_payload_max();
-    let refusal = match properties.wire_size() {
-        Ok(size) if size + CONTENT_HEADER_FIXED_BYTES <= max => return Ok(properties),
-        Ok(size) => format!(
+    match properties.wire_size() {
+        Ok(size) if size + CONTENT_HEADER_FIXED_BYTES <= max => None,
+        Ok(size) => Some(format!(
             "content header is {} bytes, over the frame payload limit of {max} bytes",
             size + CONTENT_HEADER_FIXED_BYTES
-        ),
-        Err(reason) => reason,
-    };
-    properties.dismantle();
-    Err(Error::InvalidInput(refusal))
+        )),
+        Err(reason) => Some(reason),
+    }
 }
 
 /// Checks that a method's argument table can be encoded in one frame (keys, nesting, size);

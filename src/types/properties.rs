@@ -95,28 +95,13 @@ impl BasicProperties {
     /// encoded (see [`FieldTable::wire_size`]). Bounded whatever the headers hold.
     pub(crate) fn wire_size(&self) -> Result<u64, String> {
         let mut size = 2;
-        let short_strings = [
-            ("content-type", &self.content_type),
-            ("content-encoding", &self.content_encoding),
-            ("correlation-id", &self.correlation_id),
-            ("reply-to", &self.reply_to),
-            ("expiration", &self.expiration),
-            ("message-id", &self.message_id),
-            ("type", &self.kind),
-            ("user-id", &self.user_id),
-            ("app-id", &self.app_id),
-            ("cluster-id", &self.cluster_id),
-        ];
-        for (name, value) in short_strings {
-            if let Some(value) = value {
-                if value.len() > 255 {
-                    return Err(format!(
-                        "property {name} is {} bytes; at most 255 allowed",
-                        value.len()
-                    ));
-                }
-                size += 1 + value.len() as u64;
-            }
+        let mut longest = 0;
+        for value in self.short_strings().into_iter().flatten() {
+            size += 1 + value.len() as u64;
+            longest = longest.max(value.len());
+        }
+        if longest > 255 {
+            return Err(self.short_string_refusal());
         }
         if let Some(headers) = &self.headers {
             size += headers
@@ -126,6 +111,50 @@ impl BasicProperties {
         size += u64::from(self.delivery_mode.is_some()) + u64::from(self.priority.is_some());
         size += 8 * u64::from(self.timestamp.is_some());
         Ok(size)
+    }
+
+    /// The short-string properties, in flag order.
+    #[inline]
+    fn short_strings(&self) -> [&Option<String>; 10] {
+        [
+            &self.content_type,
+            &self.content_encoding,
+            &self.correlation_id,
+            &self.reply_to,
+            &self.expiration,
+            &self.message_id,
+            &self.kind,
+            &self.user_id,
+            &self.app_id,
+            &self.cluster_id,
+        ]
+    }
+
+    #[cold]
+    fn short_string_refusal(&self) -> String {
+        const NAMES: [&str; 10] = [
+            "content-type",
+            "content-encoding",
+            "correlation-id",
+            "reply-to",
+            "expiration",
+            "message-id",
+            "type",
+            "user-id",
+            "app-id",
+            "cluster-id",
+        ];
+        let (name, len) = NAMES
+            .iter()
+            .zip(self.short_strings())
+            .find_map(|(name, value)| {
+                value
+                    .as_ref()
+                    .filter(|v| v.len() > 255)
+                    .map(|v| (name, v.len()))
+            })
+            .expect("called only when a short string is over 255 bytes");
+        format!("property {name} is {len} bytes; at most 255 allowed")
     }
 
     /// Drops the properties without recursing into the headers (see

@@ -403,13 +403,19 @@ impl Queue {
         }
         self.expire_head(now_ms, false);
         self.arriving.clear();
-        self.shrink_buffers();
+        if self.ready.capacity() > BUFFER_SHRINK_MIN
+            || self.returns.capacity() > BUFFER_SHRINK_MIN
+            || self.unacked.capacity() > BUFFER_SHRINK_MIN
+        {
+            self.shrink_buffers();
+        }
     }
 
     /// Gives back the memory of buffers that a backlog grew and a drain left mostly empty:
     /// one over [`BUFFER_SHRINK_MIN`] slots and at most a quarter used shrinks to twice its
     /// length, so the copy is paid once per halving and a queue that fills again regrows
     /// without churn.
+    #[cold]
     fn shrink_buffers(&mut self) {
         fn shrink<T>(buffer: &mut VecDeque<T>) {
             if buffer.capacity() > BUFFER_SHRINK_MIN && buffer.len() <= buffer.capacity() / 4 {
