@@ -31,10 +31,12 @@
 //!   queue id, each queue's messages by ascending sequence number.
 
 pub mod codec;
+mod commit_file;
 mod faulty;
 mod memory;
 mod sled;
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -302,6 +304,12 @@ impl RecoverySink for Recovered {
 }
 
 /// A failure of a store operation.
+///
+/// Damage found on disk comes in two variants, by what can be named: [`StoreError::Corrupt`]
+/// for one record (its key), [`StoreError::CorruptStore`] for the store as a whole (a file, or
+/// writes the log lost). Whoever handles one handles the other the same way (the data on disk
+/// cannot be trusted: restore it, or move it aside and start empty), so
+/// [`StoreError::is_corrupt`] covers both.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// An I/O or sled failure. The store is now poisoned.
@@ -310,7 +318,7 @@ pub enum StoreError {
     /// A call after the first storage failure; carries the first failure's text.
     #[error("store poisoned by an earlier failure: {0}")]
     Poisoned(String),
-    /// A stored record failed to decode.
+    /// A stored record failed to decode (a checksum, the format, or key and value disagree).
     #[error("corrupt record at key {}: {reason}", codec::hex(.key))]
     Corrupt {
         /// The record's key.
@@ -318,13 +326,36 @@ pub enum StoreError {
         /// What was wrong with it.
         reason: String,
     },
+    /// The store as a whole is damaged: a file is missing or unreadable, the storage engine
+    /// failed (or panicked) reading its own files, or the log lost writes that a flush had
+    /// made durable (see "Lost writes" on [`SledStore`]). Found on open or recovery; nothing
+    /// was changed and the store is not poisoned.
+    #[error("corrupt store at {}: {reason}", .path.display())]
+    CorruptStore {
+        /// The file at fault, or the store's directory when no one file is.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The directory is in use by another process (or another open store in this one).
     #[error("store directory is locked: {0}")]
     Locked(String),
-    /// A record was rejected before anything was written (a name too long, headers nested too
-    /// deep, ...). Nothing of the batch was applied and the store is not poisoned.
-    #[error("invalid record: {0}")]
+    /// A record or an argument was rejected before anything was written (a name too long,
+    /// headers nested too deep, an empty store path, ...). Nothing of the batch was applied and
+    /// the store is not poisoned.
+    #[error("invalid: {0}")]
     Invalid(String),
+}
+
+impl StoreError {
+    /// Whether the error reports damage on disk ([`StoreError::Corrupt`] or
+    /// [`StoreError::CorruptStore`]).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. } | StoreError::CorruptStore { .. }
+        )
+    }
 }
 
 /// The poisoned flag shared by the implementations: the first failure's text, set once.
