@@ -913,7 +913,7 @@ fn memory_corrupt_key_is_named_in_the_error() {
         err,
         StoreError::Corrupt {
             key: key.to_vec(),
-            reason: "unknown format version 254 (this build reads 1)".into()
+            reason: "unknown format version 253 (this build reads 1 to 2)".into()
         }
     );
     assert!(

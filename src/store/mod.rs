@@ -14,10 +14,20 @@
 //! # Records and keys
 //! [`codec`] defines the key layout (one prefix byte per record kind, big-endian integers, so a
 //! queue's messages are one contiguous range in FIFO order) and the value format: one
-//! format-version byte, then bincode 2. Every record is checked when encoded (name lengths,
-//! field-table nesting, encoded size) and when decoded (version, the same checks, no trailing
-//! bytes, key and value agree). A record that fails to decode is [`StoreError::Corrupt`] naming
-//! its key; recovery never panics and never skips a record silently.
+//! format-version byte, a CRC-32 of key and value (format 2), then bincode 2. Every record is
+//! checked when encoded (name lengths, field-table nesting, encoded size) and when decoded
+//! (version, checksum, the same checks, no trailing bytes, key and value agree). A record that
+//! fails to decode is [`StoreError::Corrupt`] naming its key; recovery never panics and never
+//! skips a record silently.
+//!
+//! # Damage
+//! A checksum per record cannot see a record that is missing, or one that is back after its
+//! deletion: sled recovers a damaged log as if a crash had torn it at the damage, which yields
+//! an older store, consistent in itself. [`SledStore`] therefore also records a commit counter
+//! in a file of its own after every flush and refuses, on open, a log whose counter is behind
+//! it ("Lost writes" there). Damage to the store as a whole (that, a missing or damaged file, a
+//! panic or a corruption error inside sled) is [`StoreError::CorruptStore`] naming the file;
+//! opening never panics. `tests/corruption.rs` damages a store at random to check it.
 //!
 //! # Invariants
 //! - A batch is all or nothing: after a failed [`Store::apply`] nothing of it is visible.
@@ -25,8 +35,11 @@
 //!   queue in one batch leaves no message.
 //! - The first storage failure poisons the store: every later call returns
 //!   [`StoreError::Poisoned`] with the first failure's text, so nothing pretends to be durable
-//!   after the disk said no. Invalid records (rejected before any write) and corrupt records
-//!   (found on read) do not poison.
+//!   after the disk said no. Invalid records (rejected before any write) and corruption (found
+//!   on read) do not poison.
+//! - A damaged store opens to exactly what it held or fails with [`StoreError::Corrupt`] or
+//!   [`StoreError::CorruptStore`] (for the damage `tests/corruption.rs` and the `store_open`
+//!   fuzz target try; what [`SledStore`] cannot see is listed there).
 //! - [`Recovered`] is deterministic: definitions in key order, queues' messages by ascending
 //!   queue id, each queue's messages by ascending sequence number.
 
