@@ -56,7 +56,7 @@ fn a_flipped_bit_is_a_typed_error_or_changes_nothing() {
         let offset = rng.below(len);
         let bit = rng.below(8) as u8;
         let damage = Damage::Flip { file, offset, bit };
-        tally.add(&base, seed, index, damage);
+        tally.add(base, seed, index, damage);
     }
     tally.finish("flip one bit");
 }
@@ -79,7 +79,7 @@ fn a_cut_log_is_a_typed_error_or_changes_nothing() {
         let damage = Damage::Cut {
             len: rng.below(db_len),
         };
-        tally.add(&base, seed ^ 0xc07, index, damage);
+        tally.add(base, seed ^ 0xc07, index, damage);
     }
     tally.finish("cut db");
 }
@@ -91,7 +91,7 @@ fn a_deleted_file_is_a_typed_error_or_changes_nothing() {
     let mut tally = Tally::default();
     for (index, (file, _)) in base.files.iter().enumerate() {
         let damage = Damage::Delete { file: file.clone() };
-        tally.add(&base, 0, len_u64(index), damage);
+        tally.add(base, 0, len_u64(index), damage);
     }
     tally.finish("delete a file");
 }

@@ -298,7 +298,7 @@ impl SledStore {
         }
         let counter = commits.next;
         self.db
-            .insert(&codec::COMMIT_KEY, codec::encode_commit(counter))
+            .insert(codec::COMMIT_KEY, codec::encode_commit(counter))
             .map_err(|e| self.poison.fail(format!("write the commit counter: {e}")))?;
         commits.next += 1;
         commits.applied = false;
