@@ -13,6 +13,11 @@
 //!   ops (100-byte bodies) then `flush()`: the raw baseline plus encoding. The ops are built
 //!   outside the timed region.
 //!
+//! - `codec/encode_message_{64B,4KiB}`, `codec/decode_message_{64B,4KiB}`: encoding a message
+//!   record's value (what the flusher does for every persistent message it writes) and decoding
+//!   it back (what recovery does for every stored message), default properties plus a message
+//!   id, bodies copied out on decode.
+//!
 //! Raw sled is opened with the store's default options (64 MiB cache, flusher every 500 ms).
 //!
 //! `main` also prints, once: the time of the first open + recover after writing the recovery
@@ -278,8 +283,33 @@ fn writes(c: &mut Criterion) {
     group.finish();
 }
 
+fn codec_group(c: &mut Criterion) {
+    let mut group = c.benchmark_group("codec");
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(1));
+    for (name, len) in [("64B", 64), ("4KiB", 4096)] {
+        let mut record = MessageRecord::clone(&message(&Bytes::from(vec![0x5Au8; len])));
+        record.properties = record.properties.with_message_id("order-1234567");
+        group.bench_function(format!("encode_message_{name}"), |b| {
+            b.iter(|| codec::encode_message(QUEUE, 42, black_box(&record)).expect("encode"))
+        });
+        let (key, value) = codec::encode_message(QUEUE, 42, &record).expect("encode");
+        group.bench_function(format!("decode_message_{name}"), |b| {
+            b.iter(|| {
+                codec::decode_message_with(black_box(&key), black_box(&value), |range| {
+                    Bytes::copy_from_slice(&value[range])
+                })
+                .expect("decode")
+            })
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
+    codec_group(&mut criterion);
 
     // The recovery directory is written first, in a quiet process, as a broker's would be.
     let recover_dir = BenchDir::new("recover");

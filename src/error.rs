@@ -146,8 +146,10 @@ pub enum Error {
     /// The call waited longer than its timeout.
     #[error("timed out")]
     Timeout,
-    /// The durable store failed (or failed earlier and is poisoned), or holds a record that
-    /// does not decode. Nothing was made durable by the call.
+    /// The durable store failed (or failed earlier and is poisoned), or is damaged: a record
+    /// that does not decode, or a store that lost writes or files
+    /// ([`StoreError::is_corrupt`](crate::store::StoreError::is_corrupt)). Nothing was made
+    /// durable by the call.
     #[error("storage: {0}")]
     Storage(#[from] crate::store::StoreError),
 }

@@ -148,3 +148,315 @@ pub fn record_decode(data: &[u8]) {
         "encode(decode(encode(record))) changed the bytes"
     );
 }
+
+/// Most edits taken from one `store_open` input.
+const STORE_EDITS_MAX: usize = 8;
+/// Bytes of one `store_open` edit: op, file, offset (3 bytes, little-endian), value.
+const STORE_EDIT_LEN: usize = 6;
+
+/// Fuzz target `store_open`: a small valid sled store, damaged as the input says, must open
+/// and recover to exactly what it held, or fail with a typed error ([`StoreError`]); never
+/// panic, and never come back with other data.
+///
+/// The store (built once per process, deterministically: definitions, messages, some deleted)
+/// is kept in memory as its files and written to a fresh directory for each input. The input
+/// is a list of 6-byte edits, at most 8: `op, file, offset (u24 little-endian), value`. The
+/// first edit's `file` picks the file every edit damages (one of the store's files, sorted by
+/// path, modulo their count; the other edits' `file` bytes are ignored) and `offset` a byte in
+/// it (modulo its length); `op % 4` is 0 or 1 to xor the byte with `value` (0 counts as 1), 2
+/// to cut the file there, 3 to delete it.
+///
+/// One file at a time: damage to both the log and the commit file can hide a loss (the log cut
+/// back to an older commit and the commit file's newer slot destroyed reads as an older store
+/// that is complete), which no check inside the store can tell from a store that never had the
+/// lost writes.
+///
+/// sled panics on some damaged files; [`SledStore`] catches those on the thread that opens it
+/// and on its recovery reader, and reports them as typed errors, so panics on those threads
+/// are not findings by themselves (a panic that escapes the store is). A panic on any other
+/// thread is: the first call installs a panic hook that tells them apart, and hands only the
+/// latter (and panics outside this target) on to the hook it replaced.
+///
+/// [`StoreError`]: crate::store::StoreError
+/// [`SledStore`]: crate::store::SledStore
+pub fn store_open(data: &[u8]) {
+    use crate::store::{SledOptions, SledStore, Store};
+    let base = store_base();
+    let file = data.get(1).copied().unwrap_or(0);
+    let edits: Vec<StoreEdit> = data
+        .chunks_exact(STORE_EDIT_LEN)
+        .take(STORE_EDITS_MAX)
+        .map(|edit| StoreEdit::parse(edit, file, &base.files))
+        .collect();
+    let dir = scratch_dir("store-open");
+    base.write_to(&dir);
+    for edit in &edits {
+        edit.apply(&dir, &base.files);
+    }
+    let unguarded = UNGUARDED_PANICS.load(std::sync::atomic::Ordering::SeqCst);
+    let guard = Guarded::enter();
+    let outcome = SledStore::open(&dir, SledOptions::default()).and_then(|store| {
+        let recovered = store.recover();
+        drop(store);
+        recovered
+    });
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        UNGUARDED_PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        unguarded,
+        "a thread the store does not guard panicked; edits {edits:?}"
+    );
+    if let Ok(recovered) = outcome {
+        assert!(
+            recovered == base.expected,
+            "the damaged store opened with other data; edits {edits:?} of files {:?}",
+            base.files
+                .iter()
+                .map(|(path, bytes)| (path, bytes.len()))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// One edit of a `store_open` input, resolved against the store's files.
+#[derive(Debug)]
+enum StoreEdit {
+    /// Xor the byte at `offset` of file `file` with `value`.
+    Xor { file: usize, offset: u64, value: u8 },
+    /// Cut file `file` to `len` bytes.
+    Cut { file: usize, len: u64 },
+    /// Delete file `file`.
+    Delete { file: usize },
+}
+
+impl StoreEdit {
+    fn parse(edit: &[u8], file: u8, files: &[(std::path::PathBuf, Vec<u8>)]) -> StoreEdit {
+        let file = usize::from(file) % files.len();
+        let offset = u64::from(u32::from_le_bytes([edit[2], edit[3], edit[4], 0]));
+        let len = u64::try_from(files[file].1.len()).expect("a file's length fits in u64");
+        let offset = offset % len.max(1);
+        match edit[0] % 4 {
+            0 | 1 => StoreEdit::Xor {
+                file,
+                offset,
+                value: edit[5].max(1),
+            },
+            2 => StoreEdit::Cut { file, len: offset },
+            _ => StoreEdit::Delete { file },
+        }
+    }
+
+    /// Applies the edit to the store in `dir` (an earlier edit may have cut or deleted the
+    /// file: then there is less or nothing to edit).
+    fn apply(&self, dir: &std::path::Path, files: &[(std::path::PathBuf, Vec<u8>)]) {
+        let path = |file: usize| dir.join(&files[file].0);
+        match *self {
+            StoreEdit::Xor {
+                file,
+                offset,
+                value,
+            } => {
+                let Ok(mut bytes) = std::fs::read(path(file)) else {
+                    return;
+                };
+                if let Some(byte) = usize::try_from(offset)
+                    .ok()
+                    .and_then(|offset| bytes.get_mut(offset))
+                {
+                    *byte ^= value;
+                    std::fs::write(path(file), bytes).expect("writing a scratch file");
+                }
+            }
+            StoreEdit::Cut { file, len } => {
+                if let Ok(handle) = std::fs::OpenOptions::new().write(true).open(path(file)) {
+                    let current = handle.metadata().map_or(0, |m| m.len());
+                    handle
+                        .set_len(len.min(current))
+                        .expect("cutting a scratch file");
+                }
+            }
+            StoreEdit::Delete { file } => {
+                let _ = std::fs::remove_file(path(file));
+            }
+        }
+    }
+}
+
+/// The undamaged store of `store_open`: its files and what it recovers to.
+struct StoreBase {
+    /// (path relative to the store directory, bytes), sorted by path.
+    files: Vec<(std::path::PathBuf, Vec<u8>)>,
+    expected: crate::store::Recovered,
+}
+
+impl StoreBase {
+    fn write_to(&self, dir: &std::path::Path) {
+        for (rel, bytes) in &self.files {
+            let path = dir.join(rel);
+            std::fs::create_dir_all(path.parent().expect("a file in a directory"))
+                .expect("creating a scratch directory");
+            std::fs::write(path, bytes).expect("writing a scratch file");
+        }
+    }
+}
+
+thread_local! {
+    /// Whether this thread is opening a store in `store_open` (its panics are the store's to
+    /// catch).
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as opening a store until dropped (also when a panic unwinds through).
+struct Guarded;
+
+impl Guarded {
+    fn enter() -> Guarded {
+        GUARDED.with(|guarded| guarded.set(true));
+        Guarded
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        GUARDED.with(|guarded| guarded.set(false));
+    }
+}
+
+/// Panics seen on threads the store does not guard, since the hook was installed.
+static UNGUARDED_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Builds the base store once, and installs the panic hook (see [`store_open`]).
+fn store_base() -> &'static StoreBase {
+    static BASE: std::sync::OnceLock<StoreBase> = std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let guarded = GUARDED.with(std::cell::Cell::get)
+                || std::thread::current().name() == Some("coney-recover");
+            if !guarded {
+                UNGUARDED_PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                previous(info);
+            }
+        }));
+        build_store_base()
+    })
+}
+
+fn build_store_base() -> StoreBase {
+    use std::sync::Arc;
+
+    use crate::store::{
+        Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord,
+        SledOptions, SledStore, Store,
+    };
+    use crate::types::{BasicProperties, FieldTable};
+
+    let dir = scratch_dir("store-open-base");
+    // No sled flusher thread: the files depend on the ops alone, so a corpus replays the same.
+    let options = SledOptions {
+        flush_every_ms: None,
+        ..SledOptions::default()
+    };
+    {
+        let store = SledStore::open(&dir, options).expect("a fresh store opens");
+        let mut batch = Batch::new();
+        batch.push(Op::PutExchange(ExchangeRecord {
+            name: "orders".into(),
+            kind: "topic".into(),
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::new(),
+        }));
+        for (id, name) in [(1, "created"), (2, "all")] {
+            batch.push(Op::PutQueue(QueueRecord {
+                id,
+                name: name.into(),
+                auto_delete: false,
+                arguments: FieldTable::new(),
+            }));
+        }
+        batch.push(Op::PutBinding(BindingRecord {
+            source: "orders".into(),
+            destination: DestinationRecord::Queue("all".into()),
+            routing_key: "order.#".into(),
+            arguments: FieldTable::new(),
+        }));
+        store.apply(&batch).expect("applying definitions");
+        store.flush().expect("flushing definitions");
+        for seq in 0..24u64 {
+            let record = Arc::new(MessageRecord {
+                exchange: "orders".into(),
+                routing_key: "order.created".into(),
+                properties: BasicProperties::default().with_delivery_mode(2),
+                body: bytes::Bytes::from(vec![u8::try_from(seq).expect("small"); 40]),
+                delivery_count: 0,
+                delivered: false,
+                enqueued_at_ms: 1_700_000_000_000 + seq,
+                dead_lettered: false,
+            });
+            let batch = Batch::from(vec![Op::PutMessage {
+                queue: 1 + seq % 2,
+                seq,
+                record,
+            }]);
+            store.apply(&batch).expect("applying a message");
+            if seq % 4 == 3 {
+                store.flush().expect("flushing messages");
+            }
+        }
+        let acks: Vec<Op> = (0..24u64)
+            .step_by(3)
+            .map(|seq| Op::DeleteMessage {
+                queue: 1 + seq % 2,
+                seq,
+            })
+            .collect();
+        store.apply(&Batch::from(acks)).expect("applying acks");
+        store.flush().expect("flushing acks");
+    }
+    let mut files = Vec::new();
+    collect_files(&dir, std::path::Path::new(""), &mut files);
+    files.sort();
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = StoreBase {
+        files,
+        expected: crate::store::Recovered::default(),
+    };
+    let check = scratch_dir("store-open-expected");
+    base.write_to(&check);
+    let expected = SledStore::open(&check, SledOptions::default())
+        .and_then(|store| store.recover())
+        .expect("the undamaged store recovers");
+    let _ = std::fs::remove_dir_all(&check);
+    assert_eq!(expected.messages.len(), 2, "both queues hold messages");
+    StoreBase { expected, ..base }
+}
+
+/// Appends every file under `root.join(rel)` to `out`, as (path relative to `root`, bytes).
+fn collect_files(
+    root: &std::path::Path,
+    rel: &std::path::Path,
+    out: &mut Vec<(std::path::PathBuf, Vec<u8>)>,
+) {
+    for entry in std::fs::read_dir(root.join(rel)).expect("listing the base store") {
+        let entry = entry.expect("listing the base store");
+        let rel = rel.join(entry.file_name());
+        if entry.file_type().expect("a file type").is_dir() {
+            collect_files(root, &rel, out);
+        } else {
+            let bytes = std::fs::read(root.join(&rel)).expect("reading the base store");
+            out.push((rel, bytes));
+        }
+    }
+}
+
+/// A fresh, empty directory under the system temp dir, unique in this process.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("coney-fuzz-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
+}

@@ -68,3 +68,21 @@ fn record_decode_corpus_and_regressions_pass() {
         files.len()
     );
 }
+
+#[test]
+fn store_open_corpus_and_regressions_pass() {
+    let corpus = inputs("corpus", "store_open");
+    assert!(
+        !corpus.is_empty(),
+        "fuzz/corpus/store_open is empty or missing: nothing would be checked"
+    );
+    let mut files = corpus;
+    files.extend(inputs("regressions", "store_open"));
+    let failed = panicking(&files, coney::fuzzing::store_open);
+    assert!(
+        failed.is_empty(),
+        "store_open panicked on {} of {} inputs: {failed:#?}",
+        failed.len(),
+        files.len()
+    );
+}

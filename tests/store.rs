@@ -418,6 +418,117 @@ fn sled_data_survives_reopen() {
     assert_eq!(recovered.messages[0].messages, vec![(0, m)]);
 }
 
+/// Copies the files of a closed store directory (one level of subdirectories: `blobs/`).
+fn copy_store(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_store(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// A log that lost flushed writes (here: the `db` of an earlier moment put back, as sled's
+/// recovery makes of a damaged log) is refused, naming `db` and both commit counters; the
+/// store it came from, complete, opens.
+#[test]
+fn sled_log_that_lost_flushed_writes_is_refused() {
+    let dir = TempDir::new("lost-writes");
+    let old = TempDir::new("lost-writes-old");
+    {
+        let store = open_sled(&dir);
+        apply(
+            &store,
+            vec![Op::PutQueue(queue(1, "q")), put(1, 0, message("a"))],
+        );
+        store.flush().unwrap();
+    }
+    copy_store(dir.path(), old.path());
+    {
+        let store = open_sled(&dir);
+        apply(&store, vec![Op::DeleteMessage { queue: 1, seq: 0 }]);
+        store.flush().unwrap();
+    }
+    let complete = TempDir::new("lost-writes-complete");
+    copy_store(dir.path(), &complete.0);
+    std::fs::copy(old.path().join("db"), dir.path().join("db")).unwrap();
+    match SledStore::open(dir.path(), SledOptions::default()) {
+        Err(err @ StoreError::CorruptStore { .. }) => {
+            let StoreError::CorruptStore { path, reason } = &err else {
+                unreachable!()
+            };
+            assert_eq!(path, &dir.path().join("db"), "{err}");
+            assert!(reason.contains("lost writes"), "{err}");
+            assert!(err.is_corrupt());
+        }
+        Err(other) => panic!("expected CorruptStore, got {other}"),
+        Ok(_) => panic!("a log that lost flushed writes opened"),
+    }
+    let store = SledStore::open(complete.path(), SledOptions::default()).unwrap();
+    assert!(store.recover().unwrap().messages.is_empty());
+}
+
+/// A missing `db` next to the commit file is corruption, not a new empty store; a missing
+/// commit file next to a log that has commit counters too.
+#[test]
+fn sled_missing_log_or_commit_file_is_refused() {
+    let dir = TempDir::new("missing-log");
+    {
+        let store = open_sled(&dir);
+        apply(&store, vec![Op::PutQueue(queue(1, "q"))]);
+        store.flush().unwrap();
+    }
+    let copy = TempDir::new("missing-commit-file");
+    copy_store(dir.path(), copy.path());
+    std::fs::remove_file(dir.path().join("db")).unwrap();
+    let err = SledStore::open(dir.path(), SledOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::CorruptStore { path, reason } if path.ends_with("db") && reason.contains("missing")),
+        "{err}"
+    );
+    assert!(!dir.path().join("db").exists(), "nothing was created");
+    std::fs::remove_file(copy.path().join("coney.commit")).unwrap();
+    let err = SledStore::open(copy.path(), SledOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::CorruptStore { path, .. } if path.ends_with("coney.commit")),
+        "{err}"
+    );
+}
+
+/// A store written before commit counters existed (records in the tree, no counter key, no
+/// commit file) opens, recovers, and gets both from then on.
+#[test]
+fn sled_store_without_commit_counters_opens() {
+    let dir = TempDir::new("no-counters");
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let (key, value) = codec::encode_queue(&queue(1, "q")).unwrap();
+        db.insert(key, value).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let store = open_sled(&dir);
+        assert_eq!(store.recover().unwrap().queues, vec![queue(1, "q")]);
+        apply(&store, vec![put(1, 0, message("a"))]);
+        store.flush().unwrap();
+    }
+    assert!(dir.path().join("coney.commit").exists());
+    let store = open_sled(&dir);
+    assert_eq!(message_ids(&store.recover().unwrap()), vec![(1, vec![0])]);
+}
+
+/// An empty path is refused instead of naming the current directory.
+#[test]
+fn sled_empty_path_is_invalid() {
+    assert!(matches!(
+        SledStore::open("", SledOptions::default()),
+        Err(StoreError::Invalid(_))
+    ));
+}
+
 /// A snapshot file sled was still writing when its process was killed (found by the SIGKILL
 /// test: sled 0.34.7 then takes the torn `snap.<lsn>.generating` file as the latest snapshot
 /// and refuses to open): the store removes it and opens with what the finished snapshot and the
@@ -802,7 +913,7 @@ fn memory_corrupt_key_is_named_in_the_error() {
         err,
         StoreError::Corrupt {
             key: key.to_vec(),
-            reason: "unknown format version 254 (this build reads 1)".into()
+            reason: "unknown format version 253 (this build reads 1 to 2)".into()
         }
     );
     assert!(
@@ -912,9 +1023,10 @@ fn corrupt_records_do_not_poison_a_faulty_store() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fixtures: records written by format version 1 keep decoding.
+// Fixtures: records written by every format version keep decoding.
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/store/v1");
+/// One directory per format version, `v1`, `v2`, ...
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/store");
 /// Set to write missing fixture files (once, when a format version is introduced).
 const WRITE_FIXTURES_ENV: &str = "CONEY_WRITE_STORE_FIXTURES";
 
@@ -1053,14 +1165,25 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
 
 #[test]
 fn v1_fixtures_keep_decoding() {
-    let dir = Path::new(FIXTURES);
-    let write = std::env::var_os(WRITE_FIXTURES_ENV).is_some();
+    fixtures_keep_decoding(1);
+}
+
+#[test]
+fn v2_fixtures_keep_decoding() {
+    fixtures_keep_decoding(2);
+}
+
+/// Decodes every fixture of format `version` (and writes missing ones of the current format
+/// when asked to).
+fn fixtures_keep_decoding(version: u8) {
+    let dir = Path::new(FIXTURES).join(format!("v{version}"));
+    let write = version == codec::FORMAT_VERSION && std::env::var_os(WRITE_FIXTURES_ENV).is_some();
     for (name, expected) in fixture_records() {
         let key_path = dir.join(format!("{name}.key"));
         let value_path = dir.join(format!("{name}.value"));
         if write && !key_path.exists() {
             let (key, value) = codec::encode_record(&expected).unwrap();
-            std::fs::create_dir_all(dir).unwrap();
+            std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(&key_path, key).unwrap();
             std::fs::write(&value_path, value).unwrap();
         }
@@ -1071,16 +1194,16 @@ fn v1_fixtures_keep_decoding() {
             )
         });
         let value = std::fs::read(&value_path).unwrap();
-        assert_eq!(value[0], 1, "{name}: a v1 fixture");
+        assert_eq!(value[0], version, "{name}: a v{version} fixture");
         let decoded = codec::decode_record(&key, &value)
-            .unwrap_or_else(|e| panic!("fixture {name} no longer decodes: {e}"));
-        assert_eq!(decoded, expected, "fixture {name}");
-        if codec::FORMAT_VERSION == 1 {
-            // While v1 is the current format, encoding must reproduce the fixture exactly.
+            .unwrap_or_else(|e| panic!("v{version} fixture {name} no longer decodes: {e}"));
+        assert_eq!(decoded, expected, "v{version} fixture {name}");
+        if codec::FORMAT_VERSION == version {
+            // While this is the current format, encoding must reproduce the fixture exactly.
             assert_eq!(
                 codec::encode_record(&expected).unwrap(),
                 (key, value),
-                "fixture {name}: the v1 encoding changed"
+                "fixture {name}: the v{version} encoding changed"
             );
         }
     }

@@ -221,7 +221,11 @@ impl BrokerBuilder {
     /// A durable broker whose durable exchanges, queues, bindings and persistent messages live
     /// in a sled database at `path`, recovered from it if it exists. A directory another
     /// process has open is refused
-    /// ([`StoreError::Locked`](crate::store::StoreError::Locked)).
+    /// ([`StoreError::Locked`](crate::store::StoreError::Locked)), and so is a damaged one
+    /// ([`StoreError::Corrupt`](crate::store::StoreError::Corrupt) naming a record,
+    /// [`StoreError::CorruptStore`](crate::store::StoreError::CorruptStore) naming a file or
+    /// lost writes) or an empty path
+    /// ([`StoreError::Invalid`](crate::store::StoreError::Invalid)).
     pub fn open(self, path: impl AsRef<Path>) -> Result<Broker> {
         // sled cleans segments of long-lived records only on its own flusher thread, so it runs
         // in every mode; confirms still wait for the broker's explicit flush, except in

@@ -10,29 +10,44 @@
 //! | queue | `b'Q'` ++ id (u64 BE) |
 //! | binding | `b'B'` ++ bincode(record) (deterministic: field tables are sorted maps) |
 //! | message | `b'M'` ++ queue id (u64 BE) ++ seq (u64 BE) |
+//! | commit counter (sled only, not a record) | `b'C'` |
 //!
-//! A queue's messages are therefore one contiguous key range, iterated in FIFO order.
+//! A queue's messages are therefore one contiguous key range, iterated in FIFO order. The
+//! commit counter is [`SledStore`](super::SledStore)'s own bookkeeping (see "Lost writes"
+//! there): one key, rewritten by every flush, skipped by recovery.
 //!
 //! # Values
-//! One format-version byte ([`FORMAT_VERSION`]), then a bincode 2 payload
-//! (`bincode::config::standard()`, serde API):
+//! One format-version byte ([`FORMAT_VERSION`]), a checksum (from version 2), then a bincode 2
+//! payload (`bincode::config::standard()`, serde API):
 //! - exchange, queue, binding: bincode(record);
 //! - message: bincode(head) ++ raw body. The head holds every field but the body, plus the
 //!   body's length; it is written and read by hand (module `head` documents the layout) because
 //!   recovery decodes millions of them. The body stays out of bincode so recovery takes it as
 //!   one slice.
 //!
+//! Version 2 (written now): `2` ++ CRC-32 (IEEE, 4 bytes little-endian) ++ payload. The CRC
+//! covers the key, the version byte and the payload, so a value moved to another key fails as
+//! surely as a flipped bit. It sits in front of the payload so a message body stays the value's
+//! tail. Version 1 (no checksum): `1` ++ payload; still decoded, never written.
+//!
+//! The commit counter's value has the same frame: `2` ++ CRC-32 ++ the counter (u64
+//! little-endian).
+//!
 //! # Checks
 //! Encoding rejects, as [`StoreError::Invalid`], names and routing keys over
 //! [`NAME_BYTES_MAX`], field tables nested deeper than [`FIELD_DEPTH_MAX`], and encoded
 //! non-body parts over [`RECORD_HEAD_BYTES_MAX`]. Decoding applies the same checks, plus: known
-//! version, bincode decodes (with a byte limit and a nesting limit, so a corrupt length or a
+//! version, checksum (version 2), bincode decodes (with a byte limit and a nesting limit, so a corrupt length or a
 //! corrupt nesting cannot exhaust memory or the stack), no trailing bytes, and key and value
 //! agree (an exchange's key is its name, a queue's its id, a binding's its encoding). Any
 //! failure is [`StoreError::Corrupt`] naming the key.
 //!
 //! A future format bumps [`FORMAT_VERSION`] and keeps a decoder for every older version; the
-//! fixtures under `tests/fixtures/store/v1/` must keep decoding.
+//! fixtures under `tests/fixtures/store/v1/` and `v2/` must keep decoding.
+//!
+//! The checksum costs the hot path one CRC pass over each value the flusher encodes (with the
+//! hand-written head, `benches/store.rs` group `codec` measures it) and recovery one pass per
+//! value it decodes.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -48,7 +63,13 @@ use super::{
 use crate::types::{FieldTable, FieldValue};
 
 /// The format version written in front of every value.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+/// The first format version, without a checksum; still decoded.
+const VERSION_1: u8 = 1;
+/// Bytes of the checksum that follows the version byte (version 2).
+const CHECKSUM_BYTES: usize = 4;
+/// Where a version 2 payload starts: after the version byte and the checksum.
+const PAYLOAD_START: usize = 1 + CHECKSUM_BYTES;
 /// Longest exchange name, queue name, exchange kind or routing key, in bytes (AMQP shortstr).
 pub const NAME_BYTES_MAX: u64 = 255;
 /// Deepest nesting of field tables and arrays (a plain table is depth 1). RabbitMQ's own
@@ -65,6 +86,8 @@ pub const QUEUE_PREFIX: u8 = b'Q';
 pub const BINDING_PREFIX: u8 = b'B';
 /// Key prefix of message records.
 pub const MESSAGE_PREFIX: u8 = b'M';
+/// The key of the commit counter ([`SledStore`](super::SledStore) only; not a record).
+pub const COMMIT_KEY: [u8; 1] = [b'C'];
 
 /// Upper bound of what bincode may allocate while decoding one record, so a corrupt length
 /// prefix fails instead of allocating. Generous: bincode counts in-memory element sizes, and a
@@ -143,18 +166,10 @@ pub fn binding_key(binding: &BindingRecord) -> Result<Vec<u8>, StoreError> {
 /// Encodes any record as its `(key, value)`.
 pub fn encode_record(record: &Record) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
     match record {
-        Record::Exchange(exchange) => {
-            Ok((exchange_key(&exchange.name), encode_exchange(exchange)?))
-        }
-        Record::Queue(queue) => Ok((queue_key(queue.id).to_vec(), encode_queue(queue)?)),
-        Record::Binding(binding) => {
-            let key = binding_key(binding)?;
-            let value = encode_binding(binding)?;
-            Ok((key, value))
-        }
-        Record::Message { queue, seq, record } => {
-            Ok((message_key(*queue, *seq).to_vec(), encode_message(record)?))
-        }
+        Record::Exchange(exchange) => encode_exchange(exchange),
+        Record::Queue(queue) => encode_queue(queue),
+        Record::Binding(binding) => encode_binding(binding),
+        Record::Message { queue, seq, record } => encode_message(*queue, *seq, record),
     }
 }
 
@@ -174,33 +189,73 @@ pub fn decode_record(key: &[u8], value: &[u8]) -> Result<Record, StoreError> {
     }
 }
 
-/// Encodes an exchange record's value.
-pub fn encode_exchange(exchange: &ExchangeRecord) -> Result<Vec<u8>, StoreError> {
+/// Encodes an exchange record as its `(key, value)`.
+pub fn encode_exchange(exchange: &ExchangeRecord) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
     check_exchange(exchange).map_err(StoreError::Invalid)?;
-    encode_value(exchange)
+    let key = exchange_key(&exchange.name);
+    let value = encode_value(&key, exchange)?;
+    Ok((key, value))
 }
 
-/// Encodes a queue record's value.
-pub fn encode_queue(queue: &QueueRecord) -> Result<Vec<u8>, StoreError> {
+/// Encodes a queue record as its `(key, value)`.
+pub fn encode_queue(queue: &QueueRecord) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
     check_queue(queue).map_err(StoreError::Invalid)?;
-    encode_value(queue)
+    let key = queue_key(queue.id).to_vec();
+    let value = encode_value(&key, queue)?;
+    Ok((key, value))
 }
 
-/// Encodes a binding record's value.
-pub fn encode_binding(binding: &BindingRecord) -> Result<Vec<u8>, StoreError> {
-    check_binding(binding).map_err(StoreError::Invalid)?;
-    encode_value(binding)
+/// Encodes a binding record as its `(key, value)`.
+pub fn encode_binding(binding: &BindingRecord) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    let key = binding_key(binding)?;
+    let value = encode_value(&key, binding)?;
+    Ok((key, value))
 }
 
-/// Encodes a message record's value: version, head, raw body.
-pub fn encode_message(message: &MessageRecord) -> Result<Vec<u8>, StoreError> {
+/// Encodes message `seq` of queue `queue` as its `(key, value)`; the value is version,
+/// checksum, head, raw body.
+pub fn encode_message(
+    queue: u64,
+    seq: u64,
+    message: &MessageRecord,
+) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
     check_message(message).map_err(StoreError::Invalid)?;
-    let mut value = Vec::with_capacity(32 + message.body.len());
-    value.push(FORMAT_VERSION);
+    let key = message_key(queue, seq);
+    let mut value = Vec::with_capacity(PAYLOAD_START + 32 + message.body.len());
+    value.extend_from_slice(&[FORMAT_VERSION, 0, 0, 0, 0]);
     head::encode(message, &mut value)?;
-    check_head_len(value.len() - 1).map_err(StoreError::Invalid)?;
+    check_head_len(value.len() - PAYLOAD_START).map_err(StoreError::Invalid)?;
     value.extend_from_slice(&message.body);
-    Ok(value)
+    seal(&key, &mut value);
+    Ok((key.to_vec(), value))
+}
+
+/// Encodes the commit counter's value (see [`COMMIT_KEY`]).
+pub(crate) fn encode_commit(counter: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(PAYLOAD_START + 8);
+    value.extend_from_slice(&[FORMAT_VERSION, 0, 0, 0, 0]);
+    value.extend_from_slice(&counter.to_le_bytes());
+    seal(&COMMIT_KEY, &mut value);
+    value
+}
+
+/// Decodes the commit counter's value, checking its version and checksum.
+pub(crate) fn decode_commit(value: &[u8]) -> Result<u64, StoreError> {
+    let key = &COMMIT_KEY[..];
+    if value.first() != Some(&FORMAT_VERSION) {
+        return Err(corrupt(
+            key,
+            format!("commit counter is not in format {FORMAT_VERSION}"),
+        ));
+    }
+    let (payload, _) = payload(key, value)?;
+    let counter: [u8; 8] = payload.try_into().map_err(|_| {
+        corrupt(
+            key,
+            format!("commit counter is {} bytes, not 8", payload.len()),
+        )
+    })?;
+    Ok(u64::from_le_bytes(counter))
 }
 
 /// Decodes an exchange record, checking that the key is its name.
@@ -248,7 +303,7 @@ pub fn decode_message_with(
     body: impl FnOnce(Range<usize>) -> Bytes,
 ) -> Result<(u64, u64, MessageRecord), StoreError> {
     let (queue, seq) = parse_message_key(key)?;
-    let payload = payload(key, value)?;
+    let (payload, start) = payload(key, value)?;
     let (mut record, body_len, head_len) =
         head::decode(payload).map_err(|reason| corrupt(key, reason))?;
     check_head_len(head_len).map_err(|reason| corrupt(key, reason))?;
@@ -259,8 +314,8 @@ pub fn decode_message_with(
             format!("body is {actual_len} bytes, its head says {body_len}"),
         ));
     }
-    // The payload starts after the version byte, the body after the head.
-    record.body = body(1 + head_len..value.len());
+    // The payload starts at `start`, the body after the head.
+    record.body = body(start + head_len..value.len());
     check_message(&record).map_err(|reason| corrupt(key, reason))?;
     Ok((queue, seq, record))
 }
@@ -294,32 +349,32 @@ pub(crate) fn encode_batch(batch: &Batch) -> Result<Vec<Write>, StoreError> {
 
 fn encode_op(op: &Op) -> Result<Write, StoreError> {
     Ok(match op {
-        Op::PutExchange(exchange) => Write::Put {
-            key: exchange_key(&exchange.name),
-            value: encode_exchange(exchange)?,
-        },
+        Op::PutExchange(exchange) => {
+            let (key, value) = encode_exchange(exchange)?;
+            Write::Put { key, value }
+        }
         Op::DeleteExchange(name) => {
             check_name("exchange name", name).map_err(StoreError::Invalid)?;
             Write::Remove {
                 key: exchange_key(name),
             }
         }
-        Op::PutQueue(queue) => Write::Put {
-            key: queue_key(queue.id).to_vec(),
-            value: encode_queue(queue)?,
-        },
+        Op::PutQueue(queue) => {
+            let (key, value) = encode_queue(queue)?;
+            Write::Put { key, value }
+        }
         Op::DeleteQueue(id) => Write::RemoveQueue { id: *id },
-        Op::PutBinding(binding) => Write::Put {
-            key: binding_key(binding)?,
-            value: encode_binding(binding)?,
-        },
+        Op::PutBinding(binding) => {
+            let (key, value) = encode_binding(binding)?;
+            Write::Put { key, value }
+        }
         Op::DeleteBinding(binding) => Write::Remove {
             key: binding_key(binding)?,
         },
-        Op::PutMessage { queue, seq, record } => Write::Put {
-            key: message_key(*queue, *seq).to_vec(),
-            value: encode_message(record)?,
-        },
+        Op::PutMessage { queue, seq, record } => {
+            let (key, value) = encode_message(*queue, *seq, record)?;
+            Write::Put { key, value }
+        }
         Op::DeleteMessage { queue, seq } => Write::Remove {
             key: message_key(*queue, *seq).to_vec(),
         },
@@ -346,11 +401,29 @@ pub(crate) fn feed(
     }
 }
 
-fn encode_value<T: Serialize>(record: &T) -> Result<Vec<u8>, StoreError> {
-    let mut value = vec![FORMAT_VERSION];
+/// Encodes a non-message value for `key`: version, checksum, bincode payload.
+fn encode_value<T: Serialize>(key: &[u8], record: &T) -> Result<Vec<u8>, StoreError> {
+    let mut value = vec![FORMAT_VERSION, 0, 0, 0, 0];
     encode_payload(record, &mut value)?;
-    check_head_len(value.len() - 1).map_err(StoreError::Invalid)?;
+    check_head_len(value.len() - PAYLOAD_START).map_err(StoreError::Invalid)?;
+    seal(key, &mut value);
     Ok(value)
+}
+
+/// Fills in the checksum of a version 2 `value` (written with zeros there) for `key`.
+fn seal(key: &[u8], value: &mut [u8]) {
+    let crc = checksum(key, value);
+    value[1..PAYLOAD_START].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The CRC-32 of `key`, the version byte and the payload of a version 2 `value` (at least
+/// [`PAYLOAD_START`] bytes long).
+fn checksum(key: &[u8], value: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(key);
+    crc.update(&value[..1]);
+    crc.update(&value[PAYLOAD_START..]);
+    crc.finalize()
 }
 
 fn encode_payload<T: Serialize>(record: &T, out: &mut Vec<u8>) -> Result<(), StoreError> {
@@ -361,7 +434,7 @@ fn encode_payload<T: Serialize>(record: &T, out: &mut Vec<u8>) -> Result<(), Sto
 
 /// Checks the version and decodes a whole non-message value (no trailing bytes).
 fn decode_value<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
-    let payload = payload(key, value)?;
+    let (payload, _) = payload(key, value)?;
     let (record, read) = decode_payload::<T>(payload).map_err(|reason| corrupt(key, reason))?;
     if read != payload.len() {
         return Err(corrupt(
@@ -372,13 +445,32 @@ fn decode_value<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, Stor
     Ok(record)
 }
 
-/// The payload after a checked version byte.
-fn payload<'v>(key: &[u8], value: &'v [u8]) -> Result<&'v [u8], StoreError> {
-    match value.split_first() {
-        Some((&FORMAT_VERSION, payload)) => Ok(payload),
-        Some((version, _)) => Err(corrupt(
+/// The payload of a value and where it starts, after checking the version byte and (version
+/// 2) the checksum.
+#[inline]
+fn payload<'v>(key: &[u8], value: &'v [u8]) -> Result<(&'v [u8], usize), StoreError> {
+    match value.first() {
+        Some(&FORMAT_VERSION) => {
+            let Some(stored) = value.get(1..PAYLOAD_START) else {
+                return Err(corrupt(key, "value ends inside its checksum".to_string()));
+            };
+            let stored = u32::from_le_bytes(stored.try_into().expect("a 4-byte range"));
+            let computed = checksum(key, value);
+            if stored != computed {
+                return Err(corrupt(
+                    key,
+                    format!("checksum mismatch: stored {stored:08x}, computed {computed:08x}"),
+                ));
+            }
+            Ok((&value[PAYLOAD_START..], PAYLOAD_START))
+        }
+        Some(&VERSION_1) => Ok((&value[1..], 1)),
+        Some(version) => Err(corrupt(
             key,
-            format!("unknown format version {version} (this build reads {FORMAT_VERSION})"),
+            format!(
+                "unknown format version {version} (this build reads {VERSION_1} to \
+                 {FORMAT_VERSION})"
+            ),
         )),
         None => Err(corrupt(key, "empty value".to_string())),
     }
@@ -1155,16 +1247,14 @@ mod tests {
                 enqueued_at_ms: m.enqueued_at_ms,
                 body_len: len_u64(m.body.len()),
             };
-            let mut expected = vec![FORMAT_VERSION];
-            expected
-                .extend(bincode::serde::encode_to_vec(&head, bincode::config::standard()).unwrap());
+            let mut expected =
+                bincode::serde::encode_to_vec(&head, bincode::config::standard()).unwrap();
             expected.extend_from_slice(&m.body);
-            let value = encode_message(&m).unwrap();
-            assert_eq!(value, expected);
-            let (_, _, decoded) = decode_message_with(&message_key(1, 2), &value, |r| {
-                Bytes::copy_from_slice(&value[r])
-            })
-            .unwrap();
+            let (key, value) = encode_message(1, 2, &m).unwrap();
+            assert_eq!(value[0], FORMAT_VERSION);
+            assert_eq!(value[PAYLOAD_START..], expected);
+            let (_, _, decoded) =
+                decode_message_with(&key, &value, |r| Bytes::copy_from_slice(&value[r])).unwrap();
             assert_eq!(decoded, m);
         }
     }
@@ -1172,8 +1262,7 @@ mod tests {
     #[test]
     fn truncated_or_extended_message_values_are_corrupt() {
         let m = boundary_messages().swap_remove(1);
-        let value = encode_message(&m).unwrap();
-        let key = message_key(1, 2);
+        let (key, value) = encode_message(1, 2, &m).unwrap();
         for cut in 0..value.len() {
             let err = decode_record(&key, &value[..cut]).unwrap_err();
             assert!(
@@ -1192,10 +1281,9 @@ mod tests {
     #[test]
     fn message_round_trips_and_body_is_raw_tail() {
         let m = message(Some(FieldTable::new().with("a", FieldValue::Bool(true))));
-        let value = encode_message(&m).unwrap();
+        let (key, value) = encode_message(3, 4, &m).unwrap();
         assert_eq!(value[0], FORMAT_VERSION);
         assert!(value.ends_with(b"hello"));
-        let key = message_key(3, 4);
         assert_eq!(
             decode_record(&key, &value).unwrap(),
             Record::Message {
@@ -1209,10 +1297,13 @@ mod tests {
     #[test]
     fn nesting_at_the_limit_passes_and_beyond_is_invalid() {
         let ok = message(Some(deep_headers(FIELD_DEPTH_MAX)));
-        let value = encode_message(&ok).unwrap();
-        decode_record(&message_key(0, 0), &value).unwrap();
+        let (key, value) = encode_message(0, 0, &ok).unwrap();
+        decode_record(&key, &value).unwrap();
         let deep = message(Some(deep_headers(FIELD_DEPTH_MAX + 1)));
-        assert!(matches!(encode_message(&deep), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            encode_message(0, 0, &deep),
+            Err(StoreError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -1223,7 +1314,10 @@ mod tests {
         }
         // The table is level 1, then FIELD_DEPTH_MAX arrays: one too many.
         let m = message(Some(FieldTable::new().with("a", value)));
-        assert!(matches!(encode_message(&m), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            encode_message(0, 0, &m),
+            Err(StoreError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -1237,9 +1331,9 @@ mod tests {
         for _ in 0..100_000 {
             payload.extend([1, 0, 15]);
         }
-        let mut value = vec![FORMAT_VERSION];
-        value.extend(payload);
-        let err = decode_record(&exchange_key("x"), &value).unwrap_err();
+        let key = exchange_key("x");
+        let value = sealed(&key, &payload);
+        let err = decode_record(&key, &value).unwrap_err();
         assert!(
             matches!(err, StoreError::Corrupt { ref reason, .. } if reason.contains("deep")),
             "{err}"
@@ -1254,12 +1348,12 @@ mod tests {
             auto_delete: false,
             arguments: FieldTable::new(),
         };
-        let mut value = encode_queue(&queue).unwrap();
+        let (key, value) = encode_queue(&queue).unwrap();
         // id 1 is one varint byte; then the name's length: claim u64::MAX - 1 bytes.
-        value.truncate(2);
-        value.push(253);
-        value.extend((u64::MAX - 1).to_le_bytes());
-        let err = decode_record(&queue_key(1), &value).unwrap_err();
+        let mut payload = value[PAYLOAD_START..PAYLOAD_START + 1].to_vec();
+        payload.push(253);
+        payload.extend((u64::MAX - 1).to_le_bytes());
+        let err = decode_record(&key, &sealed(&key, &payload)).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     }
 
@@ -1271,11 +1365,19 @@ mod tests {
             auto_delete: false,
             arguments: FieldTable::new(),
         };
-        let value = encode_queue(&queue).unwrap();
-        let err = decode_record(&queue_key(2), &value).unwrap_err();
+        let (key, value) = encode_queue(&queue).unwrap();
+        // Under another key the checksum fails first; resealed, the check of the id does.
+        let other = queue_key(2);
+        let err = decode_record(&other, &value).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Corrupt { ref reason, .. } if reason.contains("checksum")),
+            "{err}"
+        );
+        let err = decode_record(&other, &sealed(&other, &value[PAYLOAD_START..])).unwrap_err();
         assert!(
             matches!(err, StoreError::Corrupt { ref reason, .. } if reason.contains("queue id"))
         );
+        assert_eq!(key, queue_key(1));
     }
 
     #[test]
@@ -1287,17 +1389,18 @@ mod tests {
             internal: false,
             arguments: FieldTable::new(),
         };
-        let mut value = encode_exchange(&exchange).unwrap();
-        value.push(0);
-        let err = decode_record(&exchange_key("x"), &value).unwrap_err();
+        let (key, value) = encode_exchange(&exchange).unwrap();
+        let mut longer = value[PAYLOAD_START..].to_vec();
+        longer.push(0);
+        let err = decode_record(&key, &sealed(&key, &longer)).unwrap_err();
         assert!(
             matches!(err, StoreError::Corrupt { ref reason, .. } if reason.contains("trailing"))
         );
-        value.pop();
-        value[0] = 2;
-        let err = decode_record(&exchange_key("x"), &value).unwrap_err();
+        let mut future = value.clone();
+        future[0] = 3;
+        let err = decode_record(&key, &future).unwrap_err();
         assert!(
-            matches!(err, StoreError::Corrupt { ref reason, .. } if reason.contains("version 2"))
+            matches!(err, StoreError::Corrupt { ref reason, .. } if reason.contains("version 3"))
         );
     }
 
@@ -1314,5 +1417,68 @@ mod tests {
             encode_exchange(&exchange),
             Err(StoreError::Invalid(_))
         ));
+    }
+
+    /// A version 2 value of `payload` for `key`, with a right checksum.
+    fn sealed(key: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut value = vec![FORMAT_VERSION, 0, 0, 0, 0];
+        value.extend_from_slice(payload);
+        seal(key, &mut value);
+        value
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_value_or_key_is_corrupt() {
+        let m = boundary_messages().swap_remove(1);
+        let (key, value) = encode_message(1, 2, &m).unwrap();
+        for bit in 0..value.len() * 8 {
+            let mut flipped = value.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let err = decode_record(&key, &flipped).unwrap_err();
+            assert!(
+                matches!(err, StoreError::Corrupt { .. }),
+                "bit {bit}: {err}"
+            );
+        }
+        for bit in 8..key.len() * 8 {
+            let mut flipped = key.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let err = decode_record(&flipped, &value).unwrap_err();
+            assert!(
+                matches!(err, StoreError::Corrupt { ref reason, .. } if reason.contains("checksum")),
+                "key bit {bit}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn version_1_values_still_decode() {
+        let m = message(None);
+        let (key, value) = encode_message(1, 2, &m).unwrap();
+        let mut v1 = vec![VERSION_1];
+        v1.extend_from_slice(&value[PAYLOAD_START..]);
+        assert_eq!(
+            decode_record(&key, &v1).unwrap(),
+            Record::Message {
+                queue: 1,
+                seq: 2,
+                record: m
+            }
+        );
+    }
+
+    #[test]
+    fn commit_counter_round_trips_and_is_checked() {
+        let value = encode_commit(0x0102_0304_0506_0708);
+        assert_eq!(decode_commit(&value), Ok(0x0102_0304_0506_0708));
+        for bit in 0..value.len() * 8 {
+            let mut flipped = value.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                matches!(decode_commit(&flipped), Err(StoreError::Corrupt { ref key, .. }) if key == &COMMIT_KEY),
+                "bit {bit}"
+            );
+        }
+        assert!(decode_commit(&value[..value.len() - 1]).is_err());
     }
 }

@@ -14,10 +14,20 @@
 //! # Records and keys
 //! [`codec`] defines the key layout (one prefix byte per record kind, big-endian integers, so a
 //! queue's messages are one contiguous range in FIFO order) and the value format: one
-//! format-version byte, then bincode 2. Every record is checked when encoded (name lengths,
-//! field-table nesting, encoded size) and when decoded (version, the same checks, no trailing
-//! bytes, key and value agree). A record that fails to decode is [`StoreError::Corrupt`] naming
-//! its key; recovery never panics and never skips a record silently.
+//! format-version byte, a CRC-32 of key and value (format 2), then bincode 2. Every record is
+//! checked when encoded (name lengths, field-table nesting, encoded size) and when decoded
+//! (version, checksum, the same checks, no trailing bytes, key and value agree). A record that
+//! fails to decode is [`StoreError::Corrupt`] naming its key; recovery never panics and never
+//! skips a record silently.
+//!
+//! # Damage
+//! A checksum per record cannot see a record that is missing, or one that is back after its
+//! deletion: sled recovers a damaged log as if a crash had torn it at the damage, which yields
+//! an older store, consistent in itself. [`SledStore`] therefore also records a commit counter
+//! in a file of its own after every flush and refuses, on open, a log whose counter is behind
+//! it ("Lost writes" there). Damage to the store as a whole (that, a missing or damaged file, a
+//! panic or a corruption error inside sled) is [`StoreError::CorruptStore`] naming the file;
+//! opening never panics. `tests/corruption.rs` damages a store at random to check it.
 //!
 //! # Invariants
 //! - A batch is all or nothing: after a failed [`Store::apply`] nothing of it is visible.
@@ -25,16 +35,21 @@
 //!   queue in one batch leaves no message.
 //! - The first storage failure poisons the store: every later call returns
 //!   [`StoreError::Poisoned`] with the first failure's text, so nothing pretends to be durable
-//!   after the disk said no. Invalid records (rejected before any write) and corrupt records
-//!   (found on read) do not poison.
+//!   after the disk said no. Invalid records (rejected before any write) and corruption (found
+//!   on read) do not poison.
+//! - A damaged store opens to exactly what it held or fails with [`StoreError::Corrupt`] or
+//!   [`StoreError::CorruptStore`] (for the damage `tests/corruption.rs` and the `store_open`
+//!   fuzz target try; what [`SledStore`] cannot see is listed there).
 //! - [`Recovered`] is deterministic: definitions in key order, queues' messages by ascending
 //!   queue id, each queue's messages by ascending sequence number.
 
 pub mod codec;
+mod commit_file;
 mod faulty;
 mod memory;
 mod sled;
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -302,6 +317,12 @@ impl RecoverySink for Recovered {
 }
 
 /// A failure of a store operation.
+///
+/// Damage found on disk comes in two variants, by what can be named: [`StoreError::Corrupt`]
+/// for one record (its key), [`StoreError::CorruptStore`] for the store as a whole (a file, or
+/// writes the log lost). Whoever handles one handles the other the same way (the data on disk
+/// cannot be trusted: restore it, or move it aside and start empty), so
+/// [`StoreError::is_corrupt`] covers both.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// An I/O or sled failure. The store is now poisoned.
@@ -310,7 +331,7 @@ pub enum StoreError {
     /// A call after the first storage failure; carries the first failure's text.
     #[error("store poisoned by an earlier failure: {0}")]
     Poisoned(String),
-    /// A stored record failed to decode.
+    /// A stored record failed to decode (a checksum, the format, or key and value disagree).
     #[error("corrupt record at key {}: {reason}", codec::hex(.key))]
     Corrupt {
         /// The record's key.
@@ -318,13 +339,36 @@ pub enum StoreError {
         /// What was wrong with it.
         reason: String,
     },
+    /// The store as a whole is damaged: a file is missing or unreadable, the storage engine
+    /// failed (or panicked) reading its own files, or the log lost writes that a flush had
+    /// made durable (see "Lost writes" on [`SledStore`]). Found on open or recovery; nothing
+    /// was changed and the store is not poisoned.
+    #[error("corrupt store at {}: {reason}", .path.display())]
+    CorruptStore {
+        /// The file at fault, or the store's directory when no one file is.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The directory is in use by another process (or another open store in this one).
     #[error("store directory is locked: {0}")]
     Locked(String),
-    /// A record was rejected before anything was written (a name too long, headers nested too
-    /// deep, ...). Nothing of the batch was applied and the store is not poisoned.
-    #[error("invalid record: {0}")]
+    /// A record or an argument was rejected before anything was written (a name too long,
+    /// headers nested too deep, an empty store path, ...). Nothing of the batch was applied and
+    /// the store is not poisoned.
+    #[error("invalid: {0}")]
     Invalid(String),
+}
+
+impl StoreError {
+    /// Whether the error reports damage on disk ([`StoreError::Corrupt`] or
+    /// [`StoreError::CorruptStore`]).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. } | StoreError::CorruptStore { .. }
+        )
+    }
 }
 
 /// The poisoned flag shared by the implementations: the first failure's text, set once.

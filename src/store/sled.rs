@@ -1,10 +1,12 @@
 //! The durable store: sled 0.34, every record in one tree, one `sled::Batch` per [`Batch`].
 
+use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::mem::ManuallyDrop;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -14,6 +16,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::codec::{self, Write};
+use super::commit_file::{self, CommitFile};
 use super::{Batch, Poison, RecoverySink, Store, StoreError};
 
 /// Options of [`SledStore::open`].
@@ -89,37 +92,81 @@ impl Default for SledOptions {
 /// bytes, which `Broker::size_on_disk` reports) is for monitoring, and a write that fails for
 /// lack of space poisons the store like any other storage failure.
 ///
+/// # Lost writes
+/// sled 0.34 recovers its log up to the first message that fails its checksum and treats that
+/// as the torn end of a crash: a flipped bit in the middle of the log, a damaged blob file or a
+/// cut `db` file opens as an older store that is consistent in itself (acked messages back,
+/// confirmed ones gone), and no record checksum can see it. So every [`Store::flush`] that
+/// follows an apply also writes a commit counter into the tree ([`codec::COMMIT_KEY`], one
+/// more than the last), and once the flush is on stable storage records that counter in a
+/// small file of the store's own (`coney.commit`, two checksummed slots written in turn, so
+/// that a torn write leaves the other one valid). On open, a tree whose counter is below the
+/// file's lost writes a flush had made durable: [`StoreError::CorruptStore`]. The file is
+/// written after the flush, so after a kill or a power cut it can lag the tree, never lead it
+/// (no false alarm); it is fsynced when the store closes and at most every
+/// [`COMMIT_FILE_SYNC_INTERVAL`] by a flush, so a power cut can leave it up to that much
+/// behind, which weakens the check and never fails it. A store without either (written before
+/// the counter existed) opens and gets them.
+///
+/// What it cannot see: a loss that later writes hide, because sled went on replaying past it
+/// (a damaged message in a segment below the unstable tail skips the rest of that segment
+/// only, and a deleted blob file is read as an outdated one); the crate's corruption tests
+/// (`tests/corruption.rs`) measure what remains.
+///
+/// # Damage
+/// Opening never panics on damaged files: a panic inside sled while opening or recovering is
+/// caught and reported as [`StoreError::CorruptStore`], as is sled's own corruption error,
+/// a missing `db` next to files only an existing store has (`coney.commit`, `snap.*`, blob
+/// files), and a commit file that is missing, damaged or ahead of the tree. sled still prints
+/// the panic's message through the process's panic hook.
+///
 /// # Errors
 /// The first sled or I/O failure poisons the store (every later call returns
 /// [`StoreError::Poisoned`]). A record that fails to decode during [`Store::recover`] is
-/// [`StoreError::Corrupt`] and does not poison: nothing was written wrongly by this process.
+/// [`StoreError::Corrupt`], damage to the store as a whole [`StoreError::CorruptStore`]; neither
+/// poisons: nothing was written wrongly by this process.
 #[derive(Debug)]
 pub struct SledStore {
-    /// Closed by `Drop` on a thread of its own, with a bounded wait (see "Closing").
-    db: ManuallyDrop<::sled::Db>,
-    path: PathBuf,
-    poison: Poison,
-    /// Serialises applies so a `DeleteQueue`'s scan of the queue's messages and the removal it
-    /// applies are not interleaved with another batch's writes to the same queue.
-    apply_lock: Mutex<()>,
-    /// What [`Store::flush`] syncs after sled's own flush.
-    files: DurableFiles,
-    /// Dropped after `db` is closed: waits until sled's own threads have let go of the
+    /// Everything but the lock release; closed by `Drop` on a thread of its own, with a
+    /// bounded wait (see [`SledStore`]'s `Drop`).
+    inner: ManuallyDrop<SledInner>,
+    /// Dropped after `inner` is closed: waits until sled's own threads have let go of the
     /// directory's lock, so the directory can be opened again as soon as the store is gone.
     _release: LockRelease,
 }
 
-/// Closes the sled database: sled's own drop flushes what it holds and waits until that is
-/// written. After a write failure (a full disk) that wait never ends in sled 0.34 (its log
-/// buffer is never marked stable), so the drop runs on a thread of its own and the store waits
-/// for it at most [`CLOSE_WAIT`] ([`CLOSE_WAIT_POISONED`] once poisoned). If it does not
-/// finish, that thread is left behind, holding the directory's lock until the process ends:
-/// nothing it could still write was confirmed, and the store returns.
+/// The open store: what [`SledStore`] delegates to, moved to a closing thread when dropped.
+#[derive(Debug)]
+struct SledInner {
+    db: ::sled::Db,
+    path: PathBuf,
+    poison: Poison,
+    /// Serialises applies so a `DeleteQueue`'s scan of the queue's messages and the removal it
+    /// applies are not interleaved with another batch's writes to the same queue; holds the
+    /// commit counter, which flushes write under it.
+    apply_lock: Mutex<Commits>,
+    /// Serialises flushes, so commit counters reach the commit file in order.
+    flush_lock: Mutex<CommitFileSync>,
+    /// What [`Store::flush`] syncs after sled's own flush.
+    files: DurableFiles,
+    /// Where flushes record their commit counter.
+    commit_file: CommitFile,
+}
+
+/// Closes the store: records the last commit and syncs the commit file (closing is where that
+/// file is brought up to date on stable storage, see "Lost writes"), then closes sled, whose own
+/// drop flushes what it holds and waits until that is written. After a write failure (a full
+/// disk) that wait never ends in sled 0.34 (its log buffer is never marked stable), so all of
+/// it runs on a thread of its own and the store waits for it at most [`CLOSE_WAIT`]
+/// ([`CLOSE_WAIT_POISONED`] once poisoned). If it does not finish, that thread is left behind,
+/// holding the directory's lock until the process ends: nothing it could still write was
+/// confirmed, and the store returns.
 impl Drop for SledStore {
     fn drop(&mut self) {
-        // SAFETY: `db` is taken once, here, and never used again.
-        let db = unsafe { ManuallyDrop::take(&mut self.db) };
-        let wait = if self.poison.is_poisoned() {
+        // SAFETY: `inner` is taken once, here, and never used again.
+        let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
+        let path = inner.path.clone();
+        let wait = if inner.poison.is_poisoned() {
             CLOSE_WAIT_POISONED
         } else {
             CLOSE_WAIT
@@ -128,14 +175,15 @@ impl Drop for SledStore {
         let spawned = thread::Builder::new()
             .name("coney-sled-close".into())
             .spawn(move || {
-                drop(db);
+                inner.close();
                 let _ = closed_tx.send(());
             });
         let finished = spawned.is_ok() && closed.recv_timeout(wait).is_ok();
         if !finished {
             tracing::error!(
-                path = %self.path.display(),
-                "closing the store did not finish in time; its directory stays locked until the                  process ends"
+                path = %path.display(),
+                "closing the store did not finish in time; its directory stays locked until the \
+                 process ends"
             );
             self._release.wait = false;
         }
@@ -178,70 +226,190 @@ impl Drop for LockRelease {
 /// How long dropping a store waits for sled to release the directory at most.
 const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
+/// Longest time a flush leaves the commit file unsynced after writing it (see "Lost writes" on
+/// [`SledStore`]). Syncing it on every flush adds a second `fdatasync` to each one: measured
+/// through the broker, per-message confirms fell tenfold (`benches/durable.rs`); once a second
+/// costs nothing measurable.
+pub const COMMIT_FILE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The commit counter, kept under the apply lock.
+#[derive(Debug)]
+struct Commits {
+    /// The counter the next flush writes.
+    next: u64,
+    /// Whether anything was applied since the last counter was written.
+    applied: bool,
+}
+
+/// When the commit file was last synced, kept under the flush lock.
+#[derive(Debug)]
+struct CommitFileSync {
+    synced_at: Instant,
+    /// Whether a counter was written since.
+    pending: bool,
+}
+
 impl SledStore {
     /// Opens (or creates) the store in directory `path`.
     ///
     /// Fails with [`StoreError::Locked`] if another process (or another open store in this
-    /// one) has the directory open, and [`StoreError::Storage`] on any other failure.
+    /// one) has the directory open, [`StoreError::Invalid`] for an empty path,
+    /// [`StoreError::CorruptStore`] if the files are damaged or the log lost flushed writes
+    /// (see "Lost writes" and "Damage" above), and [`StoreError::Storage`] on any other failure.
     ///
     /// A snapshot file sled was still writing when its process died (`snap.*.generating`) is
     /// removed if sled refuses to open because of it (see [`remove_unfinished_snapshots`]).
     pub fn open(path: impl AsRef<Path>, options: SledOptions) -> Result<SledStore, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let open = || {
-            ::sled::Config::new()
-                .path(&path)
-                .cache_capacity(options.cache_capacity_bytes)
-                .flush_every_ms(options.flush_every_ms)
-                .open()
-        };
-        let db = match open() {
-            Err(::sled::Error::Corruption { .. })
-                if remove_unfinished_snapshots(&path)
-                    .map_err(|e| open_error(&path, e.into()))?
-                    > 0 =>
-            {
-                open()
-            }
-            other => other,
+        if path.as_os_str().is_empty() {
+            return Err(StoreError::Invalid(
+                "an empty path names no store directory".to_string(),
+            ));
         }
-        .map_err(|e| open_error(&path, e))?;
-        // Everything sled created or wrote while opening is made durable before the store is
-        // used: the files, and their entries in the directory.
-        let files = DurableFiles::open(&path)
-            .and_then(|files| files.sync_all_known().map(|()| files))
-            .map_err(|e| StoreError::Storage(format!("cannot sync {}: {e}", path.display())))?;
+        check_log_present(&path)?;
+        // Declared before `db`, so dropped after it on every early return too.
+        let release = LockRelease {
+            dir: path.clone(),
+            wait: true,
+        };
+        let db = open_sled(&path, options)?;
+        let opened = check_commits(&db, &path).and_then(|next_commit| {
+            // Everything sled created or wrote while opening, and the commit file, are made
+            // durable before the store is used: the files, and their entries in the directory.
+            let files = DurableFiles::open(&path)
+                .and_then(|files| files.sync_all_known().map(|()| files))
+                .map_err(|e| StoreError::Storage(format!("cannot sync {}: {e}", path.display())))?;
+            let commit_file = CommitFile::open(&path).map_err(|e| {
+                StoreError::Storage(format!(
+                    "cannot open {}: {e}",
+                    CommitFile::path(&path).display()
+                ))
+            })?;
+            Ok((next_commit, files, commit_file))
+        });
+        let (next_commit, files, commit_file) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                // sled flushes when dropped, which may meet the damage again.
+                let _ = catch_unwind(AssertUnwindSafe(|| drop(db)));
+                return Err(e);
+            }
+        };
         Ok(SledStore {
-            db: ManuallyDrop::new(db),
-            files,
-            _release: LockRelease {
-                dir: path.clone(),
-                wait: true,
-            },
-            path,
-            poison: Poison::default(),
-            apply_lock: Mutex::new(()),
+            inner: ManuallyDrop::new(SledInner {
+                db,
+                files,
+                commit_file,
+                path,
+                poison: Poison::default(),
+                apply_lock: Mutex::new(Commits {
+                    next: next_commit,
+                    applied: false,
+                }),
+                flush_lock: Mutex::new(CommitFileSync {
+                    synced_at: Instant::now(),
+                    pending: false,
+                }),
+            }),
+            _release: release,
         })
     }
 
     /// The directory the store lives in.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
     /// Whether a storage failure poisoned the store.
     pub fn is_poisoned(&self) -> bool {
-        self.poison.is_poisoned()
+        self.inner.poison.is_poisoned()
     }
 
     /// Writes raw bytes under a key, bypassing the codec: for tests that plant corrupt records.
     #[doc(hidden)]
     pub fn raw_insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.inner.raw_insert(key, value)
+    }
+}
+
+impl SledInner {
+    fn raw_insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.poison.check()?;
+        let mut commits = self.apply_lock.lock();
         self.db
             .insert(key, value)
             .map_err(|e| self.poison.fail(format!("insert: {e}")))?;
+        commits.applied = true;
+        drop(commits);
         collect_sled_garbage(1);
+        Ok(())
+    }
+
+    /// Records the last commit (unless poisoned: nothing more may be written), then drops
+    /// sled, which flushes.
+    fn close(self) {
+        if !self.poison.is_poisoned()
+            && let Err(e) = self.flush_and_commit(true)
+        {
+            tracing::warn!(path = %self.path.display(), "closing the store: {e}");
+        }
+        drop(self);
+    }
+
+    /// Writes the next commit counter into the tree if anything was applied since the last
+    /// one; returns it.
+    fn write_commit(&self) -> Result<Option<u64>, StoreError> {
+        let mut commits = self.apply_lock.lock();
+        if !commits.applied {
+            return Ok(None);
+        }
+        let counter = commits.next;
+        self.db
+            .insert(codec::COMMIT_KEY, codec::encode_commit(counter))
+            .map_err(|e| self.poison.fail(format!("write the commit counter: {e}")))?;
+        commits.next += 1;
+        commits.applied = false;
+        Ok(Some(counter))
+    }
+
+    /// Records `counter`, now on stable storage in the tree, in the commit file; syncs the
+    /// file if `sync_now` or if it was last synced [`COMMIT_FILE_SYNC_INTERVAL`] ago.
+    fn record_commit(
+        &self,
+        sync: &mut CommitFileSync,
+        counter: Option<u64>,
+        sync_now: bool,
+    ) -> Result<(), StoreError> {
+        if let Some(counter) = counter {
+            self.commit_file
+                .write(counter)
+                .map_err(|e| self.poison.fail(format!("write the commit file: {e}")))?;
+            sync.pending = true;
+        }
+        if sync.pending && (sync_now || sync.synced_at.elapsed() >= COMMIT_FILE_SYNC_INTERVAL) {
+            self.commit_file
+                .sync()
+                .map_err(|e| self.poison.fail(format!("fsync the commit file: {e}")))?;
+            sync.synced_at = Instant::now();
+            sync.pending = false;
+        }
+        Ok(())
+    }
+
+    /// [`Store::flush`], syncing the commit file too when `sync_commit_file`.
+    fn flush_and_commit(&self, sync_commit_file: bool) -> Result<(), StoreError> {
+        self.poison.check()?;
+        let mut sync = self.flush_lock.lock();
+        let counter = self.write_commit()?;
+        self.db
+            .flush()
+            .map_err(|e| self.poison.fail(format!("flush: {e}")))?;
+        self.files
+            .sync()
+            .map_err(|e| self.poison.fail(format!("fsync: {e}")))?;
+        self.record_commit(&mut sync, counter, sync_commit_file)?;
+        drop(sync);
+        collect_sled_garbage(usize::from(counter.is_some()));
         Ok(())
     }
 
@@ -302,9 +470,29 @@ impl SledStore {
 
 impl Store for SledStore {
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.inner.apply(batch)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+
+    /// Reads the tree on a helper thread and decodes on the caller's, so with two cores free
+    /// recovery takes little more than sled's own iteration (`benches/store.rs` compares them).
+    fn recover_into(&self, sink: &mut dyn RecoverySink) -> Result<(), StoreError> {
+        self.inner.recover_into(sink)
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.inner.size_on_disk()
+    }
+}
+
+impl SledInner {
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         self.poison.check()?;
         let writes = codec::encode_batch(batch)?;
-        let serialised = self.apply_lock.lock();
+        let mut serialised = self.apply_lock.lock();
         // One key is atomic on its own: skip the batch's log manifest (the per-message mode
         // writes one record per flush).
         let single = match writes.as_slice() {
@@ -314,6 +502,7 @@ impl Store for SledStore {
         };
         if let Some(done) = single {
             done.map_err(|e| self.poison.fail(format!("apply: {e}")))?;
+            serialised.applied = true;
             drop(serialised);
             collect_sled_garbage(1);
             return Ok(());
@@ -324,25 +513,20 @@ impl Store for SledStore {
         self.db
             .apply_batch(batch)
             .map_err(|e| self.poison.fail(format!("apply: {e}")))?;
+        serialised.applied = true;
         drop(serialised);
         collect_sled_garbage(keys);
         Ok(())
     }
 
+    /// sled's flush with the commit counter (see "Lost writes" on [`SledStore`]).
     fn flush(&self) -> Result<(), StoreError> {
-        self.poison.check()?;
-        self.db
-            .flush()
-            .map_err(|e| self.poison.fail(format!("flush: {e}")))?;
-        self.files
-            .sync()
-            .map_err(|e| self.poison.fail(format!("fsync: {e}")))?;
-        collect_sled_garbage(0);
-        Ok(())
+        self.flush_and_commit(false)
     }
 
     /// Reads the tree on a helper thread and decodes on the caller's, so with two cores free
     /// recovery takes little more than sled's own iteration (`benches/store.rs` compares them).
+    /// The commit counter is skipped (it was checked on open).
     fn recover_into(&self, sink: &mut dyn RecoverySink) -> Result<(), StoreError> {
         self.poison.check()?;
         let (chunks_tx, chunks_rx) = mpsc::sync_channel(RECOVER_CHUNKS_IN_FLIGHT);
@@ -353,8 +537,20 @@ impl Store for SledStore {
                 .map_err(|e| self.poison.fail(format!("spawn the recovery reader: {e}")))?;
             // On an early return `chunks_rx` drops, the reader's next send fails and it stops.
             for chunk in chunks_rx {
-                let chunk = chunk.map_err(|e| self.poison.fail(format!("read: {e}")))?;
+                let chunk = chunk.map_err(|failure| match failure {
+                    ReadFailure::Sled(e @ ::sled::Error::Corruption { .. }) => {
+                        corrupt_store(&self.path, format!("sled found its log corrupt: {e}"))
+                    }
+                    ReadFailure::Sled(e) => self.poison.fail(format!("read: {e}")),
+                    ReadFailure::Panicked(text) => corrupt_store(
+                        &self.path,
+                        format!("sled panicked while reading its log: {text}"),
+                    ),
+                })?;
                 for (key, value) in &chunk {
+                    if key[..] == codec::COMMIT_KEY {
+                        continue;
+                    }
                     codec::feed(sink, key, value, |body| {
                         Bytes::copy_from_slice(&value[body])
                     })?;
@@ -491,15 +687,29 @@ const RECOVER_CHUNKS_IN_FLIGHT: usize = 4;
 
 type Chunk = Vec<(::sled::IVec, ::sled::IVec)>;
 
-/// Sends every record of `db`, in key order, in chunks; stops at the first error (sent on) or
-/// when the receiver is gone.
-fn read_chunks(db: &::sled::Db, chunks: mpsc::SyncSender<Result<Chunk, ::sled::Error>>) {
+/// Why the recovery reader stopped early.
+enum ReadFailure {
+    /// sled returned an error.
+    Sled(::sled::Error),
+    /// sled panicked (the panic's message).
+    Panicked(String),
+}
+
+/// Sends every record of `db`, in key order, in chunks; stops at the first error or panic
+/// (sent on) or when the receiver is gone.
+fn read_chunks(db: &::sled::Db, chunks: mpsc::SyncSender<Result<Chunk, ReadFailure>>) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| send_chunks(db, &chunks))) {
+        let _ = chunks.send(Err(ReadFailure::Panicked(panic_text(&*panic))));
+    }
+}
+
+fn send_chunks(db: &::sled::Db, chunks: &mpsc::SyncSender<Result<Chunk, ReadFailure>>) {
     let mut chunk = Vec::with_capacity(RECOVER_CHUNK_LEN);
     for item in db.iter() {
         match item {
             Ok(pair) => chunk.push(pair),
             Err(e) => {
-                let _ = chunks.send(Err(e));
+                let _ = chunks.send(Err(ReadFailure::Sled(e)));
                 return;
             }
         }
@@ -515,7 +725,6 @@ fn read_chunks(db: &::sled::Db, chunks: mpsc::SyncSender<Result<Chunk, ::sled::E
     }
 }
 
-/// Maps an open failure: sled reports a held file lock as an `Other` I/O error with this text.
 /// Removes the snapshot files sled had not finished writing (`snap.<lsn>.generating`) from
 /// directory `path`; returns how many.
 ///
@@ -541,6 +750,8 @@ fn remove_unfinished_snapshots(path: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
+/// Maps an open failure: sled reports a held file lock as an `Other` I/O error with this text,
+/// and damage it found as a corruption error.
 fn open_error(path: &Path, error: ::sled::Error) -> StoreError {
     match error {
         ::sled::Error::Io(e)
@@ -552,6 +763,145 @@ fn open_error(path: &Path, error: ::sled::Error) -> StoreError {
                 path.display()
             ))
         }
+        e @ ::sled::Error::Corruption { .. } => {
+            corrupt_store(path, format!("sled found its files corrupt: {e}"))
+        }
         other => StoreError::Storage(format!("cannot open {}: {other}", path.display())),
+    }
+}
+
+/// Opens sled in `path`, once more after removing unfinished snapshots if sled refused
+/// because of one; a panic inside sled is [`StoreError::CorruptStore`].
+fn open_sled(path: &Path, options: SledOptions) -> Result<::sled::Db, StoreError> {
+    let open = || {
+        catch_sled_panic(path, "opening", || {
+            ::sled::Config::new()
+                .path(path)
+                .cache_capacity(options.cache_capacity_bytes)
+                .flush_every_ms(options.flush_every_ms)
+                .open()
+        })
+    };
+    match open()? {
+        Err(::sled::Error::Corruption { .. })
+            if remove_unfinished_snapshots(path).map_err(|e| open_error(path, e.into()))? > 0 =>
+        {
+            open()?
+        }
+        other => other,
+    }
+    .map_err(|e| open_error(path, e))
+}
+
+/// Runs `f` (a call into sled on files the world controls), turning a panic into
+/// [`StoreError::CorruptStore`] of directory `path`.
+fn catch_sled_panic<T>(path: &Path, doing: &str, f: impl FnOnce() -> T) -> Result<T, StoreError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+        corrupt_store(
+            path,
+            format!("sled panicked while {doing}: {}", panic_text(&*panic)),
+        )
+    })
+}
+
+/// A panic's message, when it is text.
+fn panic_text(panic: &(dyn Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => (*text).to_string(),
+        (_, Some(text)) => text.clone(),
+        _ => "(no message)".to_string(),
+    }
+}
+
+fn corrupt_store(path: &Path, reason: String) -> StoreError {
+    StoreError::CorruptStore {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Refuses a directory that has lost its log: `db` missing next to any file of a store (`conf`,
+/// `blobs/`, a snapshot, the commit file). Without this check sled would create an empty log
+/// and open an empty store. sled itself creates `blobs/` and `conf` before `db` when it creates
+/// a store, so a process killed in between would leave them without one: for a directory
+/// without `db` and without those, `db` is created here first (and the directory synced),
+/// before sled runs. (A store created before this check, by a process killed in that window
+/// and never opened since, is refused too.)
+fn check_log_present(dir: &Path) -> Result<(), StoreError> {
+    let storage = |doing: &str, e: io::Error| {
+        StoreError::Storage(format!("cannot {doing} {}: {e}", dir.display()))
+    };
+    let names = match entries(dir) {
+        Ok(names) => names,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| storage("create", e))?;
+            BTreeSet::new()
+        }
+        Err(e) => return Err(storage("list", e)),
+    };
+    if names.contains(&OsString::from("db")) {
+        return Ok(());
+    }
+    let found: Vec<String> = names
+        .iter()
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| {
+            name == "conf"
+                || name == "blobs"
+                || name == commit_file::NAME
+                || name.starts_with("snap.")
+        })
+        .collect();
+    if !found.is_empty() {
+        return Err(corrupt_store(
+            &dir.join("db"),
+            format!(
+                "the log file is missing, but the directory holds {}",
+                found.join(", ")
+            ),
+        ));
+    }
+    File::create_new(dir.join("db")).map_err(|e| storage("create the log in", e))?;
+    sync_file(dir).map_err(|e| storage("sync", e))
+}
+
+/// Checks the tree's commit counter against the commit file (creating the file for a store
+/// that has none yet); returns the counter the next flush writes.
+fn check_commits(db: &::sled::Db, dir: &Path) -> Result<u64, StoreError> {
+    let stored = catch_sled_panic(dir, "reading the commit counter", || {
+        db.get(codec::COMMIT_KEY)
+    })?
+    .map_err(|e| match e {
+        e @ ::sled::Error::Corruption { .. } => {
+            corrupt_store(dir, format!("sled found its log corrupt: {e}"))
+        }
+        other => StoreError::Storage(format!("cannot read {}: {other}", dir.display())),
+    })?;
+    let in_tree = stored
+        .map(|value| codec::decode_commit(&value))
+        .transpose()?;
+    let in_file = CommitFile::read(dir)?;
+    let file_path = || CommitFile::path(dir);
+    match (in_tree, in_file) {
+        (Some(tree), None) => Err(corrupt_store(
+            &file_path(),
+            format!("the commit file is missing, while the log holds commit {tree}"),
+        )),
+        (tree, Some(file)) if tree.map_or(file > 0, |tree| tree < file) => Err(corrupt_store(
+            &dir.join("db"),
+            format!(
+                "the log lost writes that a flush had made durable: it ends at commit {}, the \
+                 commit file says commit {file} was flushed",
+                tree.map_or_else(|| "none".to_string(), |tree| tree.to_string())
+            ),
+        )),
+        (tree, Some(_)) => Ok(tree.map_or(1, |tree| tree + 1)),
+        (None, None) => {
+            // A new store, or one written before commit counters: start them.
+            CommitFile::create(dir, 0).map_err(|e| {
+                StoreError::Storage(format!("cannot create {}: {e}", file_path().display()))
+            })?;
+            Ok(1)
+        }
     }
 }
