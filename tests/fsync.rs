@@ -148,7 +148,7 @@ fn parse(trace: &str) -> Vec<(usize, usize, Call)> {
             };
             let tail = resumed.split_once("resumed>").map_or("", |(_, t)| t);
             call.args.push_str(tail);
-            call.result = tail.rsplit_once(") = ").map(|(_, r)| r.to_owned());
+            call.result = result_of(tail);
             calls.push((start, index, call));
             continue;
         }
@@ -170,7 +170,7 @@ fn parse(trace: &str) -> Vec<(usize, usize, Call)> {
             );
             continue;
         }
-        let result = args.rsplit_once(") = ").map(|(_, r)| r.to_owned());
+        let result = result_of(args);
         calls.push((
             index,
             index,
@@ -184,6 +184,16 @@ fn parse(trace: &str) -> Vec<(usize, usize, Call)> {
     }
     calls.sort_by_key(|(start, _, _)| *start);
     calls
+}
+
+/// What a call returned: the text after its closing parenthesis and `=`, which strace pads
+/// with spaces to align short lines (`) = 0`, `)          = 0`).
+fn result_of(text: &str) -> Option<String> {
+    let at = text.rfind(" = ")?;
+    text[..at]
+        .trim_end()
+        .ends_with(')')
+        .then(|| text[at + 3..].trim().to_owned())
 }
 
 /// The path strace -y printed for the first (fd) argument: `5</tmp/x/db>` gives `/tmp/x/db`.
@@ -382,7 +392,7 @@ fn the_checker_sees_a_write_left_unsynced() {
     // The same with an fdatasync, on another descriptor of the file, in between passes.
     let synced = trace.replace(
         "10 write(1",
-        "11 fdatasync(7</s/db> <unfinished ...>\n11 <... fdatasync resumed>) = 0\n10 write(1",
+        "11 fdatasync(7</s/db> <unfinished ...>\n11 <... fdatasync resumed>)          = 0\n10 write(1",
     );
     assert_eq!(check(&synced, Path::new("/s")), (1, 1, 2));
 }
