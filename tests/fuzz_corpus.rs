@@ -86,3 +86,21 @@ fn store_open_corpus_and_regressions_pass() {
         files.len()
     );
 }
+
+#[test]
+fn publish_properties_corpus_and_regressions_pass() {
+    let corpus = inputs("corpus", "publish_properties");
+    assert!(
+        !corpus.is_empty(),
+        "fuzz/corpus/publish_properties is empty or missing: nothing would be checked"
+    );
+    let mut files = corpus;
+    files.extend(inputs("regressions", "publish_properties"));
+    let failed = panicking(&files, coney::fuzzing::publish_properties);
+    assert!(
+        failed.is_empty(),
+        "publish_properties panicked on {} of {} inputs: {failed:#?}",
+        failed.len(),
+        files.len()
+    );
+}

@@ -169,6 +169,8 @@ pub struct BrokerBuilder {
     limits: Limits,
     seed: u64,
     durability: Durability,
+    /// sled's page cache for [`BrokerBuilder::open`]; `None`: [`SledOptions`]' default.
+    store_cache_bytes: Option<u64>,
 }
 
 impl Default for BrokerBuilder {
@@ -179,6 +181,7 @@ impl Default for BrokerBuilder {
             limits: Limits::default(),
             seed,
             durability: Durability::default(),
+            store_cache_bytes: None,
         }
     }
 }
@@ -208,6 +211,15 @@ impl BrokerBuilder {
         self
     }
 
+    /// The memory sled may use as its page cache in [`BrokerBuilder::open`] (default 64 MiB,
+    /// where sled's own default of 1 GiB would be a lot for an embedded library). It holds
+    /// recently used records; messages the queues hold are counted by the memory high
+    /// watermark instead.
+    pub fn store_cache_bytes(mut self, bytes: u64) -> Self {
+        self.store_cache_bytes = Some(bytes);
+        self
+    }
+
     /// An in-memory broker: nothing touches disk.
     pub fn in_memory(self) -> Broker {
         let snapshot = Snapshot {
@@ -234,9 +246,12 @@ impl BrokerBuilder {
             Durability::Periodic { every_ms } => every_ms,
             _ => SLED_FLUSH_EVERY_MS,
         };
+        let defaults = SledOptions::default();
         let options = SledOptions {
             flush_every_ms: Some(every_ms),
-            ..SledOptions::default()
+            cache_capacity_bytes: self
+                .store_cache_bytes
+                .unwrap_or(defaults.cache_capacity_bytes),
         };
         let store = SledStore::open(path, options)?;
         self.open_store(store)
