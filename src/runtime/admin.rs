@@ -41,6 +41,10 @@ impl BrokerInner {
             (!ops.is_empty()).then(|| p.write_definitions(ops))
         });
         self.snapshot.store(Arc::new(next));
+        // The next change may start while this one's records are flushed: the flusher writes
+        // them in the order they were queued, so concurrent declares share one flush (group
+        // commit) and the store still sees the changes in admin-lock order.
+        drop(admin);
         // The change stands in memory either way; a store failure is reported, not hidden.
         match written {
             Some(w) => w.wait().map(|()| r).map_err(Failure::Storage),
