@@ -28,6 +28,11 @@ CASES = [
     ("a.b.c.a.b.c", ["#.#.#.#.#", "#.a.#.c", "a.#.c.#", "*.#.*"]),
     ("a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a", ["#.#", "#.a", "a.#.a.#.a", "*.*.#.*.*"]),
     ("c.c.c", ["c.#", "c.*", "#.c.#.c.#.c.#"]),
+    # As many `#` words as 255 bytes hold, alone and with words between, against a long key.
+    (".".join(["a"] * 127), [".".join(["#"] * 128),
+                             ".".join("#" if i % 2 == 0 else "a" for i in range(127)),
+                             ".".join(["#"] * 126 + ["b"]),
+                             ".".join("#" if i % 2 == 0 else "*" for i in range(127))]),
 ]
 
 

@@ -31,7 +31,8 @@ const TOPIC_SEPARATOR: u8 = 0xFF;
 /// trie's invariants after each phase (not after each change: a broken structure persists
 /// within a phase, and a walk per change made runs several times slower): each pattern's
 /// destination is routed exactly when `naive_match` says so, and once; the same after removing
-/// every other pattern; the trie is empty after removing the rest.
+/// every other pattern; the trie is empty after removing the rest; and a clone taken before
+/// the removals (the trie is persistent: clones share nodes) still routes as before them.
 pub fn topic_match(data: &[u8]) {
     let (key, patterns) = topic_input(data);
     let mut trie = TopicTrie::new();
@@ -44,6 +45,7 @@ pub fn topic_match(data: &[u8]) {
     trie.check_invariants();
     assert_eq!(trie.len(), patterns.len());
     check_route(&trie, &key, &patterns, |_| true);
+    let snapshot = trie.clone();
 
     for (dest, pattern) in patterns.iter().enumerate().step_by(2) {
         assert!(
@@ -69,6 +71,9 @@ pub fn topic_match(data: &[u8]) {
         trie.is_empty(),
         "trie not empty after removing every pattern"
     );
+    snapshot.check_invariants();
+    assert_eq!(snapshot.len(), patterns.len());
+    check_route(&snapshot, &key, &patterns, |_| true);
 }
 
 /// Asserts that routing `key` yields exactly the destinations `dest` (indexes into `patterns`)

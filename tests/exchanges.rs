@@ -455,6 +455,46 @@ fn topic_binding_with_three_hashes_is_accepted_under_the_4_2_profile() {
     broker.check_invariants().unwrap();
 }
 
+/// §2.5 with the most `#` words a binding key holds (128 in 255 bytes): each binding matches as
+/// the rules say, and routing stays cheap (no backtracking over the ways the `#` words could
+/// split the key; this runs in milliseconds in a debug build).
+#[test]
+fn topic_binding_of_128_hashes_matches_by_the_rules() {
+    let (broker, _conn, ch) = setup();
+    let hashes = vec!["#"; 128].join(".");
+    let between = (0..127)
+        .map(|i| if i % 2 == 0 { "#" } else { "k" })
+        .collect::<Vec<_>>()
+        .join(".");
+    let tail = format!("{}.x", vec!["#"; 126].join("."));
+    assert!(hashes.len() == 255 && between.len() == 253 && tail.len() == 253);
+    for (q, binding) in [("all", &hashes), ("between", &between), ("tail", &tail)] {
+        declare(&ch, q);
+        bind(&ch, q, "amq.topic", binding);
+    }
+    let k = |n: usize| vec!["k"; n].join(".");
+    let keys = [
+        String::new(),
+        k(1),
+        k(62),
+        k(63),
+        k(127),
+        format!("{}.x", k(126)),
+    ];
+    for key in &keys {
+        publish(&ch, "amq.topic", key, key);
+    }
+    // `#` x 128 matches every key; 64 `#` with `k` between need at least 63 `k`s (the last
+    // `#` takes the `x`); the tail binding needs a last word `x`.
+    assert_eq!(get_all(&ch, "all"), keys);
+    assert_eq!(
+        get_all(&ch, "between"),
+        [k(63), k(127), format!("{}.x", k(126))]
+    );
+    assert_eq!(get_all(&ch, "tail"), [format!("{}.x", k(126))]);
+    broker.check_invariants().unwrap();
+}
+
 /// Binds `queue` to amq.headers with `args`.
 fn bind_headers(ch: &coney::Channel, queue: &str, args: FieldTable) {
     declare(ch, queue);

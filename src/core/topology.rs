@@ -1,17 +1,31 @@
 //! Exchanges, queue definitions and bindings: the declare / bind / delete rules of RabbitMQ
 //! (SEMANTICS.md §1-§2) and routing. Pure: no locks, the runtime publishes snapshots of it.
 //!
+//! # Costs
+//! The runtime clones the topology for every change and publishes the clone while publishers
+//! still route through the old one. Every collection here is persistent (see
+//! [`crate::core::shared`]), so that clone is O(1), and declare, bind, unbind and delete cost
+//! O(log n) in the number of queues and bindings (deleting a queue or exchange also pays for
+//! each binding it takes with it). Two indexes keep deletes from scanning: the exchanges that
+//! bind to each destination, and the exclusive queues of each connection.
+//!
+//! # Durable changes
+//! Each change to a durable definition is recorded as a [`DurableChange`] as it is made, and
+//! the runtime takes them with [`Topology::poll_durable_changes`] to write to the store: the
+//! records of a change come from the change itself, never from comparing two topologies.
+//!
 //! # Invariants (checked by [`Topology::check_invariants`])
 //! - every binding's destination exists (queue id or exchange name);
 //! - the pre-declared exchanges exist;
-//! - queue ids are unique and below the id counter.
+//! - queue ids are unique and below the id counter;
+//! - the by-id, exclusive-owner and binding-source indexes agree with the queues and bindings.
 
-use rustc_hash::FxHashMap as HashMap;
 use smallvec::SmallVec;
 use std::sync::Arc;
 
 use crate::core::channel::QueueId;
-use crate::core::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::core::exchange::{Binding, BindingRef, Destination, Exchange, ExchangeKind};
+use crate::core::shared::{Map, OrdSet, SharedSet};
 use crate::error::{AmqpError, ReplyCode};
 use crate::types::{ExchangeDeclareOptions, FieldTable, FieldValue, QueueDeclareOptions};
 
@@ -109,14 +123,68 @@ const OTHER_TYPE_ARGS: [&str; 6] = [
 /// Ten years in milliseconds: the largest TTL RabbitMQ accepts.
 pub const TTL_MAX_MS: i64 = 315_360_000_000;
 
+/// A change to the durable definitions, for the store; taken with
+/// [`Topology::poll_durable_changes`].
+///
+/// Durable are: durable exchanges (the pre-declared ones always exist and are never recorded),
+/// durable queues (never exclusive ones), and bindings whose source and destination are both
+/// durable. Changes come in the order they were made; a deleted queue or exchange is preceded
+/// by the removal of each durable binding it took with it.
+#[derive(Clone, Debug)]
+pub enum DurableChange {
+    /// A durable exchange was declared.
+    ExchangeDeclared(Arc<Exchange>),
+    /// A durable exchange was deleted.
+    ExchangeDeleted(Arc<str>),
+    /// A durable queue was declared.
+    QueueDeclared(Arc<QueueMeta>),
+    /// A durable queue was deleted (its messages go with it).
+    QueueDeleted(Arc<QueueMeta>),
+    /// A binding between durable ends was made.
+    Bound(DurableBinding),
+    /// A binding between durable ends was removed.
+    Unbound(DurableBinding),
+}
+
+/// A binding between durable ends, its destination by name as the store keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DurableBinding {
+    /// The source exchange.
+    pub source: Arc<str>,
+    /// The destination.
+    pub destination: NamedDestination,
+    /// The binding key.
+    pub routing_key: Arc<str>,
+    /// The binding arguments.
+    pub arguments: FieldTable,
+}
+
+/// A binding's destination by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamedDestination {
+    /// A queue.
+    Queue(Arc<str>),
+    /// An exchange.
+    Exchange(Arc<str>),
+}
+
 /// The exchanges, queues and bindings of a broker.
 #[derive(Clone, Debug)]
 pub struct Topology {
-    exchanges: HashMap<Arc<str>, Arc<Exchange>>,
+    exchanges: Map<Arc<str>, Arc<Exchange>>,
     /// The default exchange, also in `exchanges`: looked up without hashing an empty name.
     default_exchange: Arc<Exchange>,
-    queues: HashMap<Arc<str>, Arc<QueueMeta>>,
+    queues: Map<Arc<str>, Arc<QueueMeta>>,
+    /// The same queues by id.
+    queues_by_id: Map<QueueId, Arc<QueueMeta>>,
+    /// The exchanges holding at least one binding to each destination, so that deleting a
+    /// queue or exchange visits only those.
+    sources: Map<Destination, SharedSet<Arc<str>>>,
+    /// Exclusive queues by owner, so that closing a connection visits only its own.
+    exclusive: OrdSet<(ConnectionId, QueueId)>,
     next_queue_id: u64,
+    /// Durable changes not yet polled.
+    durable_changes: Vec<DurableChange>,
 }
 
 impl Default for Topology {
@@ -128,7 +196,7 @@ impl Default for Topology {
 impl Topology {
     /// A topology holding only the pre-declared exchanges.
     pub fn new() -> Self {
-        let mut exchanges = HashMap::default();
+        let mut exchanges = Map::default();
         for (name, kind) in PREDECLARED {
             let internal = name == "amq.rabbitmq.trace";
             let ex = Exchange::new(name, kind, true, false, internal, FieldTable::new());
@@ -138,9 +206,24 @@ impl Topology {
         Self {
             exchanges,
             default_exchange,
-            queues: HashMap::default(),
+            queues: Map::default(),
+            queues_by_id: Map::default(),
+            sources: Map::default(),
+            exclusive: OrdSet::new(),
             next_queue_id: 1,
+            durable_changes: Vec::new(),
         }
+    }
+
+    /// Whether `self` and `other` hold the very same exchange map (not a copy).
+    #[cfg(test)]
+    pub(crate) fn shares_exchanges_with(&self, other: &Topology) -> bool {
+        self.exchanges.ptr_eq(&other.exchanges)
+    }
+
+    /// The durable changes made since the last call, in order (see [`DurableChange`]).
+    pub fn poll_durable_changes(&mut self) -> Vec<DurableChange> {
+        std::mem::take(&mut self.durable_changes)
     }
 
     // ---- queries --------------------------------------------------------------------------
@@ -161,6 +244,18 @@ impl Topology {
     /// Every queue, in no particular order.
     pub fn queues(&self) -> impl Iterator<Item = &Arc<QueueMeta>> {
         self.queues.values()
+    }
+
+    /// The queue with id `id`.
+    pub fn queue_by_id(&self, id: QueueId) -> Option<&Arc<QueueMeta>> {
+        self.queues_by_id.get(&id)
+    }
+
+    /// The exclusive queues `owner` declared, by id.
+    pub fn exclusive_queues(&self, owner: ConnectionId) -> impl Iterator<Item = &Arc<QueueMeta>> {
+        self.exclusive
+            .range((owner, QueueId(0))..=(owner, QueueId(u64::MAX)))
+            .filter_map(|(_, id)| self.queues_by_id.get(id))
     }
 
     /// Every exchange, in no particular order.
@@ -225,15 +320,19 @@ impl Topology {
                 format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
             ));
         }
-        let ex = Exchange::new(
+        let ex = Arc::new(Exchange::new(
             name,
             kind,
             options.durable,
             options.auto_delete,
             options.internal,
             arguments,
-        );
-        self.exchanges.insert(Arc::from(name), Arc::new(ex));
+        ));
+        if ex.durable {
+            self.durable_changes
+                .push(DurableChange::ExchangeDeclared(ex.clone()));
+        }
+        self.exchanges.insert(ex.name.clone(), ex);
         Ok(true)
     }
 
@@ -252,7 +351,7 @@ impl Topology {
         let Some(ex) = self.exchanges.get(name) else {
             return Ok(false);
         };
-        if if_unused && !ex.bindings().is_empty() {
+        if if_unused && ex.binding_count() > 0 {
             return Err(AmqpError::new(
                 ReplyCode::PreconditionFailed,
                 format!("exchange '{name}' in vhost '/' in use"),
@@ -330,7 +429,11 @@ impl Topology {
             arguments,
         });
         self.next_queue_id += 1;
-        self.queues.insert(name, meta.clone());
+        if meta.durable {
+            self.durable_changes
+                .push(DurableChange::QueueDeclared(meta.clone()));
+        }
+        self.insert_queue(meta.clone());
         Ok(QueueDeclared {
             meta,
             created: true,
@@ -345,7 +448,7 @@ impl Topology {
         auto_delete: bool,
         arguments: FieldTable,
     ) -> Result<Arc<QueueMeta>, AmqpError> {
-        if self.queues.contains_key(name) || self.queues.values().any(|q| q.id == id) {
+        if self.queues.contains_key(name) || self.queues_by_id.contains_key(&id) {
             return Err(AmqpError::new(
                 ReplyCode::PreconditionFailed,
                 format!("queue '{name}' (id {}) recovered twice", id.0),
@@ -361,7 +464,7 @@ impl Topology {
             arguments,
         });
         self.next_queue_id = self.next_queue_id.max(id.0 + 1);
-        self.queues.insert(meta.name.clone(), meta.clone());
+        self.insert_queue(meta.clone());
         Ok(meta)
     }
 
@@ -369,7 +472,18 @@ impl Topology {
     /// §2.2). Returns its definition if it existed.
     pub fn remove_queue(&mut self, name: &str) -> Option<Arc<QueueMeta>> {
         let meta = self.queues.remove(name)?;
-        self.remove_bindings_to(&Destination::Queue(meta.id));
+        self.queues_by_id.remove(&meta.id);
+        if let Some(owner) = meta.exclusive_owner {
+            self.exclusive.remove(&(owner, meta.id));
+        }
+        let named = meta
+            .durable
+            .then(|| NamedDestination::Queue(meta.name.clone()));
+        self.remove_bindings_to(&Destination::Queue(meta.id), named);
+        if meta.durable {
+            self.durable_changes
+                .push(DurableChange::QueueDeleted(meta.clone()));
+        }
         Some(meta)
     }
 
@@ -387,15 +501,42 @@ impl Topology {
         let dest = self.resolve_destination(source, destination, conn)?;
         let ex = self
             .exchanges
-            .get_mut(source)
+            .get(source)
             .ok_or_else(|| no_exchange(source))?;
         ex.validate_binding(routing_key, &arguments)
             .map_err(|e| AmqpError::new(ReplyCode::PreconditionFailed, e))?;
-        Ok(Arc::make_mut(ex).bind(Binding {
+        let binding = Binding {
             destination: dest,
             routing_key: routing_key.to_owned(),
             arguments,
-        }))
+        };
+        if ex.contains(&binding) {
+            return Ok(false); // checked first, so a duplicate copies nothing
+        }
+        let durable = self.durable_binding(ex, &binding);
+        let first_to_destination = !ex.has_bindings_to(&binding.destination);
+        let source = ex.name.clone();
+        let dest = binding.destination.clone();
+        let ex = self
+            .exchanges
+            .get_mut(&source)
+            .expect("the source exchange was found just above");
+        Arc::make_mut(ex).bind(binding);
+        if first_to_destination {
+            match self.sources.get_mut(&dest) {
+                Some(names) => {
+                    names.insert(source);
+                }
+                None => {
+                    let mut names = SharedSet::new();
+                    names.insert(source);
+                    self.sources.insert(dest, names);
+                }
+            }
+        }
+        self.durable_changes
+            .extend(durable.map(DurableChange::Bound));
+        Ok(true)
     }
 
     /// `queue.unbind` / `exchange.unbind` (§2.3): idempotent. Returns whether a binding went.
@@ -412,7 +553,7 @@ impl Topology {
             Err(e) if e.code == ReplyCode::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
-        let Some(ex) = self.exchanges.get_mut(source) else {
+        let Some(ex) = self.exchanges.get(source) else {
             return Ok(false);
         };
         let binding = Binding {
@@ -420,11 +561,24 @@ impl Topology {
             routing_key: routing_key.to_owned(),
             arguments,
         };
-        if !ex.bindings().contains(&binding) {
+        if !ex.contains(&binding) {
             return Ok(false);
         }
-        Arc::make_mut(ex).unbind(&binding);
-        self.auto_delete_exchanges(vec![Arc::from(source)]);
+        let durable = self.durable_binding(ex, &binding);
+        let source = ex.name.clone();
+        let ex = self
+            .exchanges
+            .get_mut(&source)
+            .expect("the source exchange was found just above");
+        let ex = Arc::make_mut(ex);
+        ex.unbind(&binding);
+        let last_to_destination = !ex.has_bindings_to(&binding.destination);
+        if last_to_destination {
+            self.forget_source(&binding.destination, &source);
+        }
+        self.durable_changes
+            .extend(durable.map(DurableChange::Unbound));
+        self.auto_delete_exchanges(vec![source]);
         Ok(true)
     }
 
@@ -502,17 +656,17 @@ impl Topology {
                 return Err(format!("pre-declared exchange '{name}' missing"));
             }
         }
-        let ids: std::collections::HashSet<QueueId> = self.queues.values().map(|q| q.id).collect();
-        if ids.len() != self.queues.len() || ids.iter().any(|id| id.0 >= self.next_queue_id) {
-            return Err("queue ids not unique or from the future".into());
-        }
+        self.check_queue_indexes()?;
+        let mut sources = 0;
         for (name, ex) in &self.exchanges {
             if **name != *ex.name {
                 return Err(format!("exchange '{name}' stored under another name"));
             }
+            ex.check_invariants()?;
+            let mut last: Option<&Destination> = None;
             for b in ex.bindings() {
-                let ok = match &b.destination {
-                    Destination::Queue(id) => ids.contains(id),
+                let ok = match b.destination {
+                    Destination::Queue(id) => self.queues_by_id.contains_key(id),
                     Destination::Exchange(e) => self.exchanges.contains_key(e),
                 };
                 if !ok {
@@ -521,7 +675,60 @@ impl Topology {
                         b.destination
                     ));
                 }
+                if last != Some(b.destination) {
+                    last = Some(b.destination);
+                    sources += 1;
+                    if !self
+                        .sources
+                        .get(b.destination)
+                        .is_some_and(|s| s.contains(name))
+                    {
+                        return Err(format!(
+                            "'{name}' binds to {:?} but is not indexed as its source",
+                            b.destination
+                        ));
+                    }
+                }
             }
+        }
+        let indexed: usize = self.sources.values().map(SharedSet::len).sum();
+        if indexed != sources {
+            return Err(format!(
+                "{indexed} (destination, source) pairs indexed, {sources} bound"
+            ));
+        }
+        if !self.durable_changes.is_empty() {
+            return Err("durable changes left unpolled".into());
+        }
+        Ok(())
+    }
+
+    /// The by-name, by-id and exclusive-owner views of the queues agree.
+    fn check_queue_indexes(&self) -> Result<(), String> {
+        if self.queues_by_id.len() != self.queues.len() {
+            return Err("queue ids not unique".into());
+        }
+        let mut exclusive = 0;
+        for (name, q) in &self.queues {
+            if **name != *q.name || q.id.0 >= self.next_queue_id {
+                return Err(format!("queue '{name}' misfiled or from the future"));
+            }
+            if !self
+                .queues_by_id
+                .get(&q.id)
+                .is_some_and(|by_id| Arc::ptr_eq(by_id, q))
+            {
+                return Err(format!("queue '{name}' missing from the id index"));
+            }
+            if let Some(owner) = q.exclusive_owner {
+                exclusive += 1;
+                if !self.exclusive.contains(&(owner, q.id)) {
+                    return Err(format!("exclusive queue '{name}' not indexed by owner"));
+                }
+            }
+        }
+        if exclusive != self.exclusive.len() {
+            return Err("exclusive-owner index holds queues that are gone".into());
         }
         Ok(())
     }
@@ -553,22 +760,116 @@ impl Topology {
         Ok(dest)
     }
 
-    fn remove_exchange(&mut self, name: &str) {
-        if let Some(ex) = self.exchanges.remove(name) {
-            self.remove_bindings_to(&Destination::Exchange(ex.name.clone()));
+    fn insert_queue(&mut self, meta: Arc<QueueMeta>) {
+        if let Some(owner) = meta.exclusive_owner {
+            self.exclusive.insert((owner, meta.id));
+        }
+        self.queues_by_id.insert(meta.id, meta.clone());
+        self.queues.insert(meta.name.clone(), meta);
+    }
+
+    /// `binding` from `ex` as a store record, if both its ends are durable.
+    fn durable_binding(&self, ex: &Exchange, binding: &Binding) -> Option<DurableBinding> {
+        if !ex.durable {
+            return None;
+        }
+        let destination = self.durable_destination(&binding.destination)?;
+        Some(DurableBinding {
+            source: ex.name.clone(),
+            destination,
+            routing_key: Arc::from(binding.routing_key.as_str()),
+            arguments: binding.arguments.clone(),
+        })
+    }
+
+    /// `dest` by name, if it exists and is durable.
+    fn durable_destination(&self, dest: &Destination) -> Option<NamedDestination> {
+        match dest {
+            Destination::Queue(id) => self
+                .queues_by_id
+                .get(id)
+                .filter(|q| q.durable)
+                .map(|q| NamedDestination::Queue(q.name.clone())),
+            Destination::Exchange(name) => self
+                .exchanges
+                .get(name)
+                .filter(|e| e.durable)
+                .map(|e| NamedDestination::Exchange(e.name.clone())),
         }
     }
 
-    fn remove_bindings_to(&mut self, dest: &Destination) {
-        let mut touched = Vec::new();
-        for (name, ex) in self.exchanges.iter_mut() {
-            if ex.bindings().iter().any(|b| &b.destination == dest) {
-                Arc::make_mut(ex).unbind_destination(dest);
-                touched.push(name.clone());
+    /// Removes exchange `name` with its own bindings and every binding to it.
+    fn remove_exchange(&mut self, name: &str) {
+        let Some(ex) = self.exchanges.get(name).cloned() else {
+            return;
+        };
+        // Its own bindings go with it; their records are found while it is still there (it
+        // may be bound to itself).
+        let mut last: Option<&Destination> = None;
+        for b in ex.bindings() {
+            if ex.durable
+                && let Some(destination) = self.durable_destination(b.destination)
+            {
+                self.durable_changes
+                    .push(DurableChange::Unbound(durable_record(
+                        &ex.name,
+                        destination,
+                        b,
+                    )));
+            }
+            if last != Some(b.destination) {
+                last = Some(b.destination);
+                self.forget_source(b.destination, &ex.name);
             }
         }
-        touched.sort();
-        self.auto_delete_exchanges(touched);
+        self.exchanges.remove(name);
+        let named = ex
+            .durable
+            .then(|| NamedDestination::Exchange(ex.name.clone()));
+        self.remove_bindings_to(&Destination::Exchange(ex.name.clone()), named);
+        if ex.durable {
+            self.durable_changes
+                .push(DurableChange::ExchangeDeleted(ex.name.clone()));
+        }
+    }
+
+    /// Removes every binding to `dest` (named when it is durable, so that bindings from durable
+    /// exchanges are recorded as removed), then auto-deletes the exchanges it left without
+    /// bindings. Visits only the exchanges that bind to `dest`.
+    fn remove_bindings_to(&mut self, dest: &Destination, named: Option<NamedDestination>) {
+        let Some(sources) = self.sources.remove(dest) else {
+            return;
+        };
+        let names: Vec<Arc<str>> = sources.iter().cloned().collect();
+        for name in &names {
+            let Some(ex) = self.exchanges.get_mut(name) else {
+                continue;
+            };
+            let ex = Arc::make_mut(ex);
+            let journal = &mut self.durable_changes;
+            let durable = named.as_ref().filter(|_| ex.durable);
+            let source = ex.name.clone();
+            ex.unbind_destination(dest, |b| {
+                if let Some(destination) = durable {
+                    journal.push(DurableChange::Unbound(durable_record(
+                        &source,
+                        destination.clone(),
+                        b,
+                    )));
+                }
+            });
+        }
+        self.auto_delete_exchanges(names);
+    }
+
+    /// `name` no longer binds to `dest`.
+    fn forget_source(&mut self, dest: &Destination, name: &Arc<str>) {
+        if let Some(names) = self.sources.get_mut(dest) {
+            names.remove(name);
+            if names.is_empty() {
+                self.sources.remove(dest);
+            }
+        }
     }
 
     /// Deletes auto-delete exchanges among `candidates` that lost their last binding (§2.2).
@@ -577,11 +878,25 @@ impl Topology {
             let gone = self
                 .exchanges
                 .get(&name)
-                .is_some_and(|e| e.auto_delete && e.bindings().is_empty());
+                .is_some_and(|e| e.auto_delete && e.binding_count() == 0);
             if gone {
                 self.remove_exchange(&name);
             }
         }
+    }
+}
+
+/// The store record of binding `b` from `source` to the durable `destination`.
+fn durable_record(
+    source: &Arc<str>,
+    destination: NamedDestination,
+    b: BindingRef<'_>,
+) -> DurableBinding {
+    DurableBinding {
+        source: source.clone(),
+        destination,
+        routing_key: b.routing_key.clone(),
+        arguments: b.arguments.clone(),
     }
 }
 
@@ -831,4 +1146,190 @@ fn default_exchange_refused() -> AmqpError {
         ReplyCode::AccessRefused,
         "operation not permitted on the default exchange",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONN: ConnectionId = ConnectionId(1);
+
+    fn declare(t: &mut Topology, name: &str, durable: bool) -> Arc<QueueMeta> {
+        let options = QueueDeclareOptions {
+            durable,
+            ..Default::default()
+        };
+        let declared = t
+            .declare_queue(name, options, FieldTable::new(), CONN, || unreachable!())
+            .expect("a valid declare");
+        assert!(declared.created);
+        declared.meta
+    }
+
+    fn exchange(t: &mut Topology, name: &str, kind: &str, durable: bool) {
+        let options = ExchangeDeclareOptions {
+            durable,
+            ..Default::default()
+        };
+        assert!(
+            t.declare_exchange(name, kind, options, FieldTable::new())
+                .expect("a valid declare")
+        );
+    }
+
+    fn bind(t: &mut Topology, source: &str, queue: &str, key: &str) -> bool {
+        t.bind(
+            source,
+            DestinationName::Queue(queue),
+            key,
+            FieldTable::new(),
+            CONN,
+        )
+        .expect("a valid bind")
+    }
+
+    /// A topology with `n` queues, each bound to a topic and a fanout exchange.
+    fn populated(n: usize) -> Topology {
+        let mut t = Topology::new();
+        exchange(&mut t, "t", "topic", false);
+        exchange(&mut t, "f", "fanout", false);
+        for i in 0..n {
+            let q = format!("q{i}");
+            declare(&mut t, &q, false);
+            assert!(bind(&mut t, "t", &q, &format!("k.{i}.#")));
+            assert!(bind(&mut t, "f", &q, ""));
+        }
+        t.check_invariants().expect("invariants");
+        t
+    }
+
+    #[test]
+    fn a_declare_leaves_every_exchange_shared_with_the_previous_snapshot() {
+        let before = populated(200);
+        let mut after = before.clone();
+        declare(&mut after, "new", true);
+        assert_eq!(after.poll_durable_changes().len(), 1);
+        after.check_invariants().expect("invariants");
+        // The default exchange's bindings are implicit: a declare touches no exchange at all.
+        assert!(after.exchanges.ptr_eq(&before.exchanges));
+        assert!(Arc::ptr_eq(
+            &after.default_exchange,
+            &before.default_exchange
+        ));
+        for name in ["t", "f", ""] {
+            let (a, b) = (after.exchange(name), before.exchange(name));
+            assert!(
+                Arc::ptr_eq(a.expect("exists"), b.expect("exists")),
+                "'{name}' copied"
+            );
+        }
+        assert!(before.queue("new").is_none());
+        assert_eq!(after.queues().count(), before.queues().count() + 1);
+    }
+
+    #[test]
+    fn a_bind_copies_its_exchange_only() {
+        let before = populated(200);
+        let mut after = before.clone();
+        declare(&mut after, "new", false);
+        assert!(bind(&mut after, "t", "new", "x.y"));
+        after.check_invariants().expect("invariants");
+        assert!(!Arc::ptr_eq(&after.exchanges["t"], &before.exchanges["t"]));
+        assert!(Arc::ptr_eq(&after.exchanges["f"], &before.exchanges["f"]));
+        assert_eq!(after.exchanges["t"].binding_count(), 201);
+        assert_eq!(before.exchanges["t"].binding_count(), 200);
+        assert!(
+            !bind(&mut after, "t", "new", "x.y"),
+            "a duplicate is no change"
+        );
+    }
+
+    #[test]
+    fn deleting_a_queue_removes_its_bindings_and_leaves_the_old_snapshot_whole() {
+        let before = populated(50);
+        let mut after = before.clone();
+        let meta = after.remove_queue("q7").expect("q7 exists");
+        after.check_invariants().expect("invariants");
+        before.check_invariants().expect("invariants");
+        let dest = Destination::Queue(meta.id);
+        assert!(!after.exchanges["t"].has_bindings_to(&dest));
+        assert!(!after.exchanges["f"].has_bindings_to(&dest));
+        assert!(before.exchanges["t"].has_bindings_to(&dest));
+        let mut routed = Targets::new();
+        after.route(&after.exchanges["t"], &["k.7.z"], None, &mut routed);
+        assert!(routed.is_empty());
+        before.route(&before.exchanges["t"], &["k.7.z"], None, &mut routed);
+        assert_eq!(routed.as_slice(), &[meta.id]);
+    }
+
+    #[test]
+    fn exclusive_queues_are_found_by_owner() {
+        let mut t = Topology::new();
+        let exclusive = QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        };
+        for (name, conn) in [("a", 1), ("b", 2), ("c", 1)] {
+            t.declare_queue(
+                name,
+                exclusive,
+                FieldTable::new(),
+                ConnectionId(conn),
+                || unreachable!(),
+            )
+            .expect("a valid declare");
+        }
+        declare(&mut t, "shared", false);
+        let owned: Vec<&str> = t
+            .exclusive_queues(ConnectionId(1))
+            .map(|q| &*q.name)
+            .collect();
+        assert_eq!(owned, ["a", "c"]);
+        t.remove_queue("a");
+        t.check_invariants().expect("invariants");
+        let owned: Vec<&str> = t
+            .exclusive_queues(ConnectionId(1))
+            .map(|q| &*q.name)
+            .collect();
+        assert_eq!(owned, ["c"]);
+    }
+
+    #[test]
+    fn durable_changes_name_what_changed_and_nothing_else() {
+        let mut t = Topology::new();
+        exchange(&mut t, "d", "direct", true);
+        exchange(&mut t, "tmp", "direct", false);
+        declare(&mut t, "dq", true);
+        declare(&mut t, "tq", false);
+        let kinds = |t: &mut Topology| -> Vec<String> {
+            t.poll_durable_changes()
+                .iter()
+                .map(|c| match c {
+                    DurableChange::ExchangeDeclared(e) => format!("+e {}", e.name),
+                    DurableChange::ExchangeDeleted(e) => format!("-e {e}"),
+                    DurableChange::QueueDeclared(q) => format!("+q {}", q.name),
+                    DurableChange::QueueDeleted(q) => format!("-q {}", q.name),
+                    DurableChange::Bound(b) => format!("+b {}>{:?}", b.source, b.destination),
+                    DurableChange::Unbound(b) => format!("-b {}>{:?}", b.source, b.destination),
+                })
+                .collect()
+        };
+        assert_eq!(kinds(&mut t), ["+e d", "+q dq"]);
+        bind(&mut t, "d", "dq", "k");
+        bind(&mut t, "d", "tq", "k"); // transient destination: not durable
+        bind(&mut t, "tmp", "dq", "k"); // transient source: not durable
+        bind(&mut t, "amq.direct", "dq", "k"); // pre-declared sources are durable
+        assert_eq!(
+            kinds(&mut t),
+            ["+b d>Queue(\"dq\")", "+b amq.direct>Queue(\"dq\")"]
+        );
+        t.remove_queue("dq");
+        assert_eq!(
+            kinds(&mut t),
+            ["-b amq.direct>Queue(\"dq\")", "-b d>Queue(\"dq\")", "-q dq"]
+        );
+        assert!(t.delete_exchange("d", false).expect("deletable"));
+        assert_eq!(kinds(&mut t), ["-e d"]);
+        t.check_invariants().expect("invariants");
+    }
 }

@@ -1,7 +1,8 @@
 //! The threaded runtime: drives the pure core from many application threads at once.
 //!
 //! Locking: the topology is a read-mostly snapshot swapped atomically ([`arc_swap`]); publish
-//! loads it without a lock. Each queue and each channel has its own mutex. Locks are only ever
+//! loads it without a lock. A change clones the snapshot in O(1) (its maps are persistent,
+//! structurally shared) and edits the clone in O(log n). Each queue and each channel has its own mutex. Locks are only ever
 //! taken in the order *admin -> queue -> channel*, so no two paths can deadlock. Deliveries are
 //! made on the thread whose call made them possible (publish, ack, consume) and reach consumers
 //! through crossbeam channels.
@@ -21,7 +22,6 @@ mod timer;
 
 use std::collections::HashMap;
 
-use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -38,6 +38,7 @@ pub use policy::Policy;
 
 use crate::clock::{Clock, SystemClock};
 use crate::core::channel::QueueId;
+use crate::core::shared::Map;
 use crate::core::topology::Topology;
 use crate::error::Result;
 use crate::store::{SledOptions, SledStore, Store};
@@ -224,7 +225,7 @@ impl BrokerBuilder {
     pub fn in_memory(self) -> Broker {
         let snapshot = Snapshot {
             topology: Topology::new(),
-            queues: FxHashMap::default(),
+            queues: Map::default(),
         };
         let flow = self.flow_control();
         self.build(snapshot, None, flow)
@@ -506,11 +507,12 @@ impl Drop for BrokerInner {
     }
 }
 
-/// What publish reads: the topology and the queue cells, swapped whole on every change.
+/// What publish reads: the topology and the queue cells. Every change publishes a new one;
+/// both parts are persistent, so the new one shares all but the changed paths with the old.
 #[derive(Clone)]
 pub(crate) struct Snapshot {
     topology: Topology,
-    queues: FxHashMap<QueueId, Arc<QueueCell>>,
+    queues: Map<QueueId, Arc<QueueCell>>,
 }
 
 /// State only touched under the admin lock (topology changes).

@@ -23,8 +23,7 @@ use smallvec::SmallVec;
 
 use super::confirm::ConfirmCell;
 use super::flow::FlowControl;
-use crate::core::exchange::Destination;
-use crate::core::topology::Topology;
+use crate::core::topology::{DurableBinding, DurableChange, NamedDestination};
 use crate::store::{
     Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord, Store,
     StoreError,
@@ -451,126 +450,45 @@ fn message_record(m: &Message, delivery_count: u32, enqueued_at_ms: u64) -> Mess
 
 // ---- definitions --------------------------------------------------------------------------
 
-/// What of a topology is durable, keyed so two topologies can be compared.
-#[derive(Default)]
-struct Durable {
-    exchanges: HashMap<String, ExchangeRecord>,
-    queues: HashMap<u64, QueueRecord>,
-    bindings: Vec<BindingRecord>,
-}
-
-fn durable_part(t: &Topology) -> Durable {
-    let mut d = Durable::default();
-    for ex in t.exchanges() {
-        // Pre-declared exchanges always exist; only user exchanges are records.
-        if ex.durable
-            && !crate::core::topology::PREDECLARED
-                .iter()
-                .any(|(n, _)| *n == &*ex.name)
-        {
-            d.exchanges.insert(
-                ex.name.to_string(),
-                ExchangeRecord {
-                    name: ex.name.to_string(),
-                    kind: ex.kind.name().to_owned(),
-                    auto_delete: ex.auto_delete,
-                    internal: ex.internal,
-                    arguments: ex.arguments.clone(),
-                },
-            );
-        }
-    }
-    let mut names = HashMap::new();
-    for q in t.queues() {
-        if q.durable {
-            names.insert(q.id, q.name.to_string());
-            d.queues.insert(
-                q.id.0,
-                QueueRecord {
-                    id: q.id.0,
-                    name: q.name.to_string(),
-                    auto_delete: q.auto_delete,
-                    arguments: q.arguments.clone(),
-                },
-            );
-        }
-    }
-    for ex in t.exchanges().filter(|e| e.durable) {
-        for b in ex.bindings() {
-            let destination = match &b.destination {
-                Destination::Queue(id) => match names.get(id) {
-                    Some(n) => DestinationRecord::Queue(n.clone()),
-                    None => continue,
-                },
-                Destination::Exchange(e) => match t.exchange(e) {
-                    Some(x) if x.durable => DestinationRecord::Exchange(e.to_string()),
-                    _ => continue,
-                },
-            };
-            d.bindings.push(BindingRecord {
-                source: ex.name.to_string(),
-                destination,
-                routing_key: b.routing_key.clone(),
-                arguments: b.arguments.clone(),
-            });
-        }
-    }
-    d
-}
-
-/// The records that turn `before`'s durable definitions into `after`'s: deletions first
-/// (bindings, then queues with their messages, then exchanges), then additions.
-pub(crate) fn definition_changes(before: &Topology, after: &Topology) -> Batch {
-    let (old, new) = (durable_part(before), durable_part(after));
+/// The store records for durable definition changes, in the order they were made. O(changes):
+/// nothing else of the topology is looked at.
+pub(crate) fn definition_ops(changes: &[DurableChange]) -> Batch {
     let mut batch = Batch::new();
-    for b in old.bindings.iter().filter(|b| !new.bindings.contains(b)) {
-        batch.push(Op::DeleteBinding(b.clone()));
-    }
-    let mut gone_queues: Vec<u64> = old
-        .queues
-        .keys()
-        .filter(|id| !new.queues.contains_key(id))
-        .copied()
-        .collect();
-    gone_queues.sort_unstable();
-    batch.extend(
-        gone_queues
-            .into_iter()
-            .map(Op::DeleteQueue)
-            .collect::<Vec<_>>()
-            .into(),
-    );
-    let mut gone_exchanges: Vec<&String> = old
-        .exchanges
-        .keys()
-        .filter(|n| !new.exchanges.contains_key(*n))
-        .collect();
-    gone_exchanges.sort();
-    for n in gone_exchanges {
-        batch.push(Op::DeleteExchange(n.clone()));
-    }
-    let mut added_exchanges: Vec<&ExchangeRecord> = new
-        .exchanges
-        .values()
-        .filter(|e| old.exchanges.get(&e.name) != Some(e))
-        .collect();
-    added_exchanges.sort_by(|a, b| a.name.cmp(&b.name));
-    for e in added_exchanges {
-        batch.push(Op::PutExchange(e.clone()));
-    }
-    let mut added_queues: Vec<&QueueRecord> = new
-        .queues
-        .values()
-        .filter(|q| old.queues.get(&q.id) != Some(q))
-        .collect();
-    added_queues.sort_by_key(|q| q.id);
-    for q in added_queues {
-        batch.push(Op::PutQueue(q.clone()));
-    }
-    for b in new.bindings.iter().filter(|b| !old.bindings.contains(b)) {
-        batch.push(Op::PutBinding(b.clone()));
+    for change in changes {
+        batch.push(match change {
+            DurableChange::ExchangeDeclared(ex) => Op::PutExchange(ExchangeRecord {
+                name: ex.name.to_string(),
+                kind: ex.kind.name().to_owned(),
+                auto_delete: ex.auto_delete,
+                internal: ex.internal,
+                arguments: ex.arguments.clone(),
+            }),
+            DurableChange::ExchangeDeleted(name) => Op::DeleteExchange(name.to_string()),
+            DurableChange::QueueDeclared(q) => Op::PutQueue(QueueRecord {
+                id: q.id.0,
+                name: q.name.to_string(),
+                auto_delete: q.auto_delete,
+                arguments: q.arguments.clone(),
+            }),
+            // Removes the queue's messages too.
+            DurableChange::QueueDeleted(q) => Op::DeleteQueue(q.id.0),
+            DurableChange::Bound(b) => Op::PutBinding(binding_record(b)),
+            DurableChange::Unbound(b) => Op::DeleteBinding(binding_record(b)),
+        });
     }
     batch
+}
+
+fn binding_record(b: &DurableBinding) -> BindingRecord {
+    BindingRecord {
+        source: b.source.to_string(),
+        destination: match &b.destination {
+            NamedDestination::Queue(q) => DestinationRecord::Queue(q.to_string()),
+            NamedDestination::Exchange(e) => DestinationRecord::Exchange(e.to_string()),
+        },
+        routing_key: b.routing_key.to_string(),
+        arguments: b.arguments.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -698,5 +616,282 @@ mod tests {
             },
         ];
         assert_eq!(kinds(&group_batch(&jobs)), ["put 7#2"]);
+    }
+
+    // ---- definition records against whole-topology snapshots --------------------------------
+
+    use crate::core::exchange::Destination;
+    use crate::core::topology::{ConnectionId, DestinationName, PREDECLARED, Topology};
+    use crate::types::{ExchangeDeclareOptions, FieldTable, QueueDeclareOptions};
+    use proptest::prelude::*;
+
+    /// The durable records a topology implies, computed from the whole of it: the oracle the
+    /// change-by-change records must keep the store equal to.
+    #[derive(Debug, Default, PartialEq)]
+    struct Records {
+        exchanges: std::collections::BTreeMap<String, String>,
+        queues: std::collections::BTreeMap<u64, String>,
+        bindings: Vec<String>,
+    }
+
+    fn binding_text(b: &BindingRecord) -> String {
+        format!("{b:?}")
+    }
+
+    fn records_of(t: &Topology) -> Records {
+        let mut r = Records::default();
+        for ex in t.exchanges() {
+            if ex.durable && !PREDECLARED.iter().any(|(n, _)| *n == &*ex.name) {
+                r.exchanges
+                    .insert(ex.name.to_string(), ex.kind.name().to_string());
+            }
+        }
+        for q in t.queues().filter(|q| q.durable) {
+            r.queues.insert(q.id.0, q.name.to_string());
+        }
+        for ex in t.exchanges().filter(|e| e.durable) {
+            for b in ex.bindings() {
+                let destination = match b.destination {
+                    Destination::Queue(id) => match t.queue_by_id(*id) {
+                        Some(q) if q.durable => DestinationRecord::Queue(q.name.to_string()),
+                        _ => continue,
+                    },
+                    Destination::Exchange(e) => match t.exchange(e) {
+                        Some(x) if x.durable => DestinationRecord::Exchange(e.to_string()),
+                        _ => continue,
+                    },
+                };
+                r.bindings.push(binding_text(&BindingRecord {
+                    source: ex.name.to_string(),
+                    destination,
+                    routing_key: b.routing_key.to_string(),
+                    arguments: b.arguments.clone(),
+                }));
+            }
+        }
+        r.bindings.sort();
+        r
+    }
+
+    /// Applies definition ops to a model of the store.
+    fn apply(store: &mut Records, batch: &Batch) {
+        for op in batch.ops() {
+            match op {
+                Op::PutExchange(e) => {
+                    store.exchanges.insert(e.name.clone(), e.kind.clone());
+                }
+                Op::DeleteExchange(n) => {
+                    store.exchanges.remove(n);
+                }
+                Op::PutQueue(q) => {
+                    store.queues.insert(q.id, q.name.clone());
+                }
+                Op::DeleteQueue(id) => {
+                    store.queues.remove(id);
+                }
+                Op::PutBinding(b) => {
+                    let text = binding_text(b);
+                    if !store.bindings.contains(&text) {
+                        store.bindings.push(text);
+                    }
+                }
+                Op::DeleteBinding(b) => {
+                    let text = binding_text(b);
+                    store.bindings.retain(|x| *x != text);
+                }
+                other => panic!("not a definition op: {other:?}"),
+            }
+        }
+        store.bindings.sort();
+    }
+
+    #[derive(Clone, Debug)]
+    enum TopologyOp {
+        DeclareExchange {
+            e: usize,
+            kind: usize,
+            durable: bool,
+            auto_delete: bool,
+        },
+        DeleteExchange {
+            e: usize,
+        },
+        DeclareQueue {
+            q: usize,
+            durable: bool,
+            exclusive: bool,
+        },
+        DeleteQueue {
+            q: usize,
+        },
+        BindQueue {
+            e: usize,
+            q: usize,
+            key: usize,
+            args: bool,
+            add: bool,
+        },
+        BindExchange {
+            e: usize,
+            to: usize,
+            key: usize,
+            add: bool,
+        },
+        CloseConnection,
+    }
+
+    /// Sources and destinations: a few user exchanges and the durable pre-declared ones.
+    const EXCHANGES: [&str; 5] = ["e0", "e1", "e2", "amq.direct", "amq.fanout"];
+    const KINDS: [&str; 4] = ["direct", "fanout", "topic", "headers"];
+    const KEYS: [&str; 3] = ["k", "#", "a.*"];
+
+    fn topology_op() -> impl Strategy<Value = TopologyOp> {
+        use TopologyOp::*;
+        prop_oneof![
+            (0..3usize, 0..4usize, any::<bool>(), any::<bool>()).prop_map(
+                |(e, kind, durable, auto_delete)| DeclareExchange {
+                    e,
+                    kind,
+                    durable,
+                    auto_delete
+                }
+            ),
+            (0..3usize).prop_map(|e| DeleteExchange { e }),
+            (0..4usize, any::<bool>(), any::<bool>()).prop_map(|(q, durable, exclusive)| {
+                DeclareQueue {
+                    q,
+                    durable,
+                    exclusive,
+                }
+            }),
+            (0..4usize).prop_map(|q| DeleteQueue { q }),
+            (
+                0..5usize,
+                0..4usize,
+                0..3usize,
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(e, q, key, args, add)| BindQueue {
+                    e,
+                    q,
+                    key,
+                    args,
+                    add
+                }),
+            (0..5usize, 0..5usize, 0..3usize, any::<bool>())
+                .prop_map(|(e, to, key, add)| BindExchange { e, to, key, add }),
+            Just(CloseConnection),
+        ]
+    }
+
+    /// Runs one operation as the runtime's admin path does; refusals change nothing.
+    fn run(t: &mut Topology, op: &TopologyOp) {
+        let conn = ConnectionId(1);
+        let _ = match *op {
+            TopologyOp::DeclareExchange {
+                e,
+                kind,
+                durable,
+                auto_delete,
+            } => {
+                let options = ExchangeDeclareOptions {
+                    durable,
+                    auto_delete,
+                    ..Default::default()
+                };
+                t.declare_exchange(EXCHANGES[e], KINDS[kind], options, FieldTable::new())
+                    .map(|_| ())
+            }
+            TopologyOp::DeleteExchange { e } => t.delete_exchange(EXCHANGES[e], false).map(|_| ()),
+            TopologyOp::DeclareQueue {
+                q,
+                durable,
+                exclusive,
+            } => {
+                let options = QueueDeclareOptions {
+                    durable,
+                    exclusive,
+                    ..Default::default()
+                };
+                t.declare_queue(
+                    &format!("q{q}"),
+                    options,
+                    FieldTable::new(),
+                    conn,
+                    String::new,
+                )
+                .map(|_| ())
+            }
+            TopologyOp::DeleteQueue { q } => {
+                t.remove_queue(&format!("q{q}"));
+                Ok(())
+            }
+            TopologyOp::BindQueue {
+                e,
+                q,
+                key,
+                args,
+                add,
+            } => {
+                let arguments: FieldTable = if args {
+                    [("x-match", "any"), ("h", "v")].into_iter().collect()
+                } else {
+                    FieldTable::new()
+                };
+                let queue = format!("q{q}");
+                let dest = DestinationName::Queue(&queue);
+                if add {
+                    t.bind(EXCHANGES[e], dest, KEYS[key], arguments, conn)
+                        .map(|_| ())
+                } else {
+                    t.unbind(EXCHANGES[e], dest, KEYS[key], arguments, conn)
+                        .map(|_| ())
+                }
+            }
+            TopologyOp::BindExchange { e, to, key, add } => {
+                let dest = DestinationName::Exchange(EXCHANGES[to]);
+                if add {
+                    t.bind(EXCHANGES[e], dest, KEYS[key], FieldTable::new(), conn)
+                        .map(|_| ())
+                } else {
+                    t.unbind(EXCHANGES[e], dest, KEYS[key], FieldTable::new(), conn)
+                        .map(|_| ())
+                }
+            }
+            TopologyOp::CloseConnection => {
+                let owned: Vec<String> = t
+                    .exclusive_queues(conn)
+                    .map(|q| q.name.to_string())
+                    .collect();
+                for name in owned {
+                    t.remove_queue(&name);
+                }
+                Ok(())
+            }
+        };
+    }
+
+    proptest! {
+        /// After every operation, the store as the change-by-change records leave it equals
+        /// the records the whole topology implies; and the snapshot taken before the operation
+        /// is unchanged by it.
+        #[test]
+        fn change_records_keep_the_store_equal_to_the_topology(
+            ops in prop::collection::vec(topology_op(), 1..60),
+        ) {
+            let mut t = Topology::new();
+            let mut store = Records::default();
+            for op in &ops {
+                let before = t.clone();
+                let before_records = records_of(&before);
+                run(&mut t, op);
+                apply(&mut store, &definition_ops(&t.poll_durable_changes()));
+                t.check_invariants().map_err(TestCaseError::fail)?;
+                prop_assert_eq!(&store, &records_of(&t), "after {:?}", op);
+                prop_assert_eq!(records_of(&before), before_records, "old snapshot changed by {:?}", op);
+                before.check_invariants().map_err(TestCaseError::fail)?;
+            }
+        }
     }
 }

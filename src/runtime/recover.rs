@@ -5,13 +5,12 @@
 
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
-
 use super::Snapshot;
 use super::persist::Persistence;
 use super::queue::QueueCell;
 use crate::core::channel::QueueId;
 use crate::core::queue::Entry;
+use crate::core::shared::Map;
 use crate::core::topology::{ConnectionId, DestinationName, Topology};
 use crate::error::{AmqpError, Result};
 use crate::store::{
@@ -52,7 +51,7 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Sna
             .declare_exchange(&e.name, &e.kind, options, e.arguments.clone())
             .map_err(|err| inconsistent(b'E', e.name.as_bytes(), &err))?;
     }
-    let mut queues = FxHashMap::default();
+    let mut queues = Map::default();
     for q in &queue_records {
         let meta = topology
             .restore_queue(QueueId(q.id), &q.name, q.auto_delete, q.arguments.clone())
@@ -77,6 +76,8 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Sna
             )
             .map_err(|err| inconsistent(b'B', b.source.as_bytes(), &err))?;
     }
+    // What was read back is already stored: nothing to write.
+    drop(topology.poll_durable_changes());
     let mut orphans = Batch::new();
     for (queue, entries) in messages {
         match queues.get(&QueueId(queue)) {

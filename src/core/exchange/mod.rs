@@ -16,7 +16,10 @@ pub mod topic;
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::core::channel::QueueId;
+use crate::core::shared::OrdMap;
 use crate::types::FieldTable;
 
 /// The kind of an exchange.
@@ -75,7 +78,37 @@ pub struct Binding {
     pub arguments: FieldTable,
 }
 
+/// A binding as its exchange holds it.
+#[derive(Clone, Copy, Debug)]
+pub struct BindingRef<'a> {
+    /// Where it leads.
+    pub destination: &'a Destination,
+    /// The binding key.
+    pub routing_key: &'a Arc<str>,
+    /// The binding arguments.
+    pub arguments: &'a FieldTable,
+}
+
+/// Bindings are kept by (destination, binding key): the bindings to one destination are one
+/// range, and those differing only in arguments share an entry.
+type BindingKey = (Destination, Arc<str>);
+
+/// The bindings sharing one destination and key, one per argument table (almost always one).
+type ArgTables = SmallVec<[Arc<BoundArgs>; 1]>;
+
+/// One binding's arguments, with the headers match mode read from them once.
+#[derive(Debug)]
+struct BoundArgs {
+    arguments: FieldTable,
+    /// [`headers::XMatch::All`] for exchanges of other kinds (never read).
+    x_match: headers::XMatch,
+}
+
 /// An exchange's definition and bindings.
+///
+/// The bindings and the routing index are persistent collections (see
+/// [`crate::core::shared`]): the topology snapshots share an exchange, and a bind or unbind
+/// copies O(log n) of it, not every binding.
 #[derive(Clone, Debug)]
 pub struct Exchange {
     /// Its name.
@@ -90,16 +123,21 @@ pub struct Exchange {
     pub internal: bool,
     /// Declared arguments (`alternate-exchange`).
     pub arguments: FieldTable,
-    bindings: Vec<Binding>,
+    bindings: OrdMap<BindingKey, ArgTables>,
+    /// The number of bindings (argument tables in `bindings`).
+    binding_count: usize,
     index: Index,
 }
 
+/// How an exchange finds its destinations for a routing key. Each holds every (key,
+/// destination) pair of the bindings once (fanout: every destination once); headers exchanges
+/// match every binding's arguments, so they route over the bindings themselves.
 #[derive(Clone, Debug)]
 enum Index {
     Direct(direct::DirectIndex),
     Fanout(fanout::FanoutIndex),
     Topic(topic::TopicTrie<Destination>),
-    Headers(Vec<(headers::XMatch, usize)>),
+    Headers,
 }
 
 impl Exchange {
@@ -116,7 +154,7 @@ impl Exchange {
             ExchangeKind::Direct => Index::Direct(Default::default()),
             ExchangeKind::Fanout => Index::Fanout(Default::default()),
             ExchangeKind::Topic => Index::Topic(Default::default()),
-            ExchangeKind::Headers => Index::Headers(Vec::new()),
+            ExchangeKind::Headers => Index::Headers,
         };
         Self {
             name: name.into(),
@@ -125,14 +163,44 @@ impl Exchange {
             auto_delete,
             internal,
             arguments,
-            bindings: Vec::new(),
+            bindings: OrdMap::new(),
+            binding_count: 0,
             index,
         }
     }
 
-    /// The exchange's bindings, in the order they were made.
-    pub fn bindings(&self) -> &[Binding] {
-        &self.bindings
+    /// The exchange's bindings, by destination, then binding key.
+    pub fn bindings(&self) -> impl Iterator<Item = BindingRef<'_>> {
+        self.bindings.iter().flat_map(binding_refs)
+    }
+
+    /// The bindings to `dest`, by binding key. O(log n) to find the first.
+    pub fn bindings_to<'a>(
+        &'a self,
+        dest: &'a Destination,
+    ) -> impl Iterator<Item = BindingRef<'a>> {
+        let first: BindingKey = (dest.clone(), Arc::from(""));
+        self.bindings
+            .range(first..)
+            .take_while(move |((d, _), _)| d == dest)
+            .flat_map(binding_refs)
+    }
+
+    /// Whether any binding leads to `dest`.
+    pub fn has_bindings_to(&self, dest: &Destination) -> bool {
+        self.bindings_to(dest).next().is_some()
+    }
+
+    /// The number of bindings.
+    pub fn binding_count(&self) -> usize {
+        self.binding_count
+    }
+
+    /// Whether the exchange holds `binding`.
+    pub fn contains(&self, binding: &Binding) -> bool {
+        self.bindings
+            .get(&binding_key(binding))
+            .is_some_and(|tables| tables.iter().any(|a| a.arguments == binding.arguments))
     }
 
     /// The alternate exchange named in the arguments.
@@ -159,55 +227,89 @@ impl Exchange {
 
     /// Adds a binding (validated by the caller); false if an identical one exists.
     pub fn bind(&mut self, binding: Binding) -> bool {
-        if self.bindings.contains(&binding) {
-            return false;
-        }
-        let dest = binding.destination.clone();
-        // The index holds each (key, destination) once; bindings differing only in arguments
-        // share it, except for headers where the arguments are the match.
-        let shared = self.kind != ExchangeKind::Headers
-            && self
-                .bindings
-                .iter()
-                .any(|b| b.destination == dest && self.same_index_key(b, &binding));
-        match &mut self.index {
-            Index::Direct(ix) if !shared => ix.insert(&binding.routing_key, dest),
-            Index::Fanout(ix) if !shared => ix.insert(dest),
-            Index::Topic(ix) if !shared => {
-                ix.insert(&binding.routing_key, dest);
+        let key = binding_key(&binding);
+        let x_match = match self.kind {
+            ExchangeKind::Headers => {
+                headers::parse_x_match(&binding.arguments).unwrap_or(headers::XMatch::All)
             }
-            Index::Headers(ix) => {
-                let x = headers::parse_x_match(&binding.arguments).unwrap_or(headers::XMatch::All);
-                ix.push((x, self.bindings.len()));
+            _ => headers::XMatch::All,
+        };
+        let bound = Arc::new(BoundArgs {
+            arguments: binding.arguments,
+            x_match,
+        });
+        if let Some(tables) = self.bindings.get(&key) {
+            // Same destination and key: the index entry is shared, only the arguments differ.
+            if tables.iter().any(|a| a.arguments == bound.arguments) {
+                return false;
             }
-            _ => {}
+            self.bindings
+                .get_mut(&key)
+                .expect("the entry was found just above")
+                .push(bound);
+        } else {
+            let first_to_destination = !self.has_bindings_to(&key.0);
+            match &mut self.index {
+                Index::Direct(ix) => ix.insert(&key.1, key.0.clone()),
+                Index::Topic(ix) => {
+                    ix.insert(&key.1, key.0.clone());
+                }
+                Index::Fanout(ix) if first_to_destination => ix.insert(key.0.clone()),
+                Index::Fanout(_) | Index::Headers => {}
+            }
+            let mut tables = ArgTables::new();
+            tables.push(bound);
+            self.bindings.insert(key, tables);
         }
-        self.bindings.push(binding);
+        self.binding_count += 1;
         true
     }
 
     /// Removes a binding; false if there was none.
     pub fn unbind(&mut self, binding: &Binding) -> bool {
-        let Some(pos) = self.bindings.iter().position(|b| b == binding) else {
+        let key = binding_key(binding);
+        let Some(tables) = self.bindings.get(&key) else {
             return false;
         };
-        self.bindings.remove(pos);
-        self.reindex_after_removal(binding, pos);
+        let Some(at) = tables.iter().position(|a| a.arguments == binding.arguments) else {
+            return false;
+        };
+        if tables.len() > 1 {
+            self.bindings
+                .get_mut(&key)
+                .expect("the entry was found just above")
+                .remove(at);
+        } else {
+            self.bindings.remove(&key);
+            self.unindex(&key);
+        }
+        self.binding_count -= 1;
         true
     }
 
-    /// Removes every binding to `dest`; returns how many.
-    pub fn unbind_destination(&mut self, dest: &Destination) -> usize {
-        let gone: Vec<Binding> = self
+    /// Removes every binding to `dest`, calling `removed` for each first; returns how many.
+    /// O(k log n) for k bindings to `dest`.
+    pub fn unbind_destination(
+        &mut self,
+        dest: &Destination,
+        mut removed: impl FnMut(BindingRef<'_>),
+    ) -> usize {
+        let first: BindingKey = (dest.clone(), Arc::from(""));
+        let gone: Vec<(BindingKey, ArgTables)> = self
             .bindings
-            .iter()
-            .filter(|b| &b.destination == dest)
-            .cloned()
+            .range(first..)
+            .take_while(|((d, _), _)| d == dest)
+            .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
-        for b in &gone {
-            self.unbind(b);
+        let mut count = 0;
+        for entry in &gone {
+            binding_refs((&entry.0, &entry.1)).for_each(&mut removed);
+            count += entry.1.len();
+            self.bindings.remove(&entry.0);
+            self.unindex(&entry.0);
         }
-        gone.len()
+        self.binding_count -= count;
+        count
     }
 
     /// Calls `out` for every destination the exchange's own bindings give for one routing key
@@ -222,43 +324,80 @@ impl Exchange {
             Index::Direct(ix) => ix.route(routing_key, out),
             Index::Fanout(ix) => ix.route(out),
             Index::Topic(ix) => ix.route(routing_key, out),
-            Index::Headers(ix) => {
-                for &(x, i) in ix {
-                    let b = &self.bindings[i];
-                    if headers::headers_match(x, &b.arguments, headers) {
-                        out(&b.destination);
+            Index::Headers => {
+                for ((dest, _), tables) in &self.bindings {
+                    let matches = |a: &Arc<BoundArgs>| {
+                        headers::headers_match(a.x_match, &a.arguments, headers)
+                    };
+                    if tables.iter().any(matches) {
+                        out(dest);
                     }
                 }
             }
         }
     }
 
-    fn same_index_key(&self, a: &Binding, b: &Binding) -> bool {
-        self.kind == ExchangeKind::Fanout || a.routing_key == b.routing_key
+    /// Checks that the binding count and the routing index agree with the bindings.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let counted: usize = self.bindings.values().map(|t| t.len()).sum();
+        if counted != self.binding_count || self.bindings.values().any(|t| t.is_empty()) {
+            return Err(format!(
+                "exchange '{}': {counted} bindings held, {} counted",
+                self.name, self.binding_count
+            ));
+        }
+        let (indexed, expected) = match &self.index {
+            Index::Direct(ix) => (ix.len(), self.bindings.len()),
+            Index::Topic(ix) => {
+                ix.check_invariants();
+                (ix.len(), self.bindings.len())
+            }
+            Index::Fanout(ix) => {
+                let mut dests: Vec<&Destination> = self.bindings.keys().map(|(d, _)| d).collect();
+                dests.dedup();
+                (ix.len(), dests.len())
+            }
+            Index::Headers => (0, 0),
+        };
+        if indexed != expected {
+            return Err(format!(
+                "exchange '{}': index holds {indexed} entries for {expected} (key, destination) pairs",
+                self.name
+            ));
+        }
+        Ok(())
     }
 
-    fn reindex_after_removal(&mut self, removed: &Binding, pos: usize) {
-        let dest = &removed.destination;
-        let still_shared = self.kind != ExchangeKind::Headers
-            && self
-                .bindings
-                .iter()
-                .any(|b| &b.destination == dest && self.same_index_key(b, removed));
+    /// Drops `key`'s routing entry (its last binding went).
+    fn unindex(&mut self, key: &BindingKey) {
+        let (dest, routing_key) = key;
+        let last_to_destination =
+            matches!(self.index, Index::Fanout(_)) && !self.has_bindings_to(dest);
         match &mut self.index {
-            Index::Direct(ix) if !still_shared => ix.remove(&removed.routing_key, dest),
-            Index::Fanout(ix) if !still_shared => ix.remove(dest),
-            Index::Topic(ix) if !still_shared => {
-                ix.remove(&removed.routing_key, dest);
+            Index::Direct(ix) => ix.remove(routing_key, dest),
+            Index::Topic(ix) => {
+                ix.remove(routing_key, dest);
             }
-            Index::Headers(ix) => {
-                ix.retain(|&(_, i)| i != pos);
-                for (_, i) in ix.iter_mut() {
-                    if *i > pos {
-                        *i -= 1;
-                    }
-                }
-            }
-            _ => {}
+            Index::Fanout(ix) if last_to_destination => ix.remove(dest),
+            Index::Fanout(_) | Index::Headers => {}
         }
     }
+}
+
+fn binding_key(binding: &Binding) -> BindingKey {
+    (
+        binding.destination.clone(),
+        Arc::from(binding.routing_key.as_str()),
+    )
+}
+
+/// The bindings of one (destination, key) entry.
+fn binding_refs<'a>(
+    (key, tables): (&'a BindingKey, &'a ArgTables),
+) -> impl Iterator<Item = BindingRef<'a>> {
+    tables.iter().map(move |a| BindingRef {
+        destination: &key.0,
+        routing_key: &key.1,
+        arguments: &a.arguments,
+    })
 }

@@ -10,11 +10,18 @@
 //! possible and serves as the oracle for unit tests, property tests and the fuzz target
 //! ([`crate::fuzzing::topic_match`]).
 //!
-//! Both are bounded: neither recurses, and routing visits each (trie node, key word) pair at
-//! most once, so `#.#.#.#.#` against a 256-word key costs nodes × words steps, not an
-//! exponential number.
+//! Both are bounded: neither recurses, and routing keeps each trie node at most once per key
+//! word, with a run of `#` words as one node, so `#.#.#.#.#` against a 256-word key costs as
+//! much as `#`, and any pattern costs at most nodes × words steps, never an exponential number.
+//! The trie is persistent (see [`TopicTrie`]): topology snapshots share it, and a binding
+//! change copies only its pattern's path.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::core::shared::{OrdMap, SharedSet};
 
 /// Whether the binding `pattern` matches the routing `key`, by the rules in the module doc.
 ///
@@ -50,8 +57,8 @@ pub fn naive_match(pattern: &str, key: &str) -> bool {
 
 /// The number of `#` words in a topic binding pattern.
 ///
-/// The broker rejects patterns with more than 2 (SEMANTICS.md §2.3, RabbitMQ 4.3.5+); the trie
-/// itself accepts any number.
+/// RabbitMQ 4.3.5+ rejects patterns with more than 2 (SEMANTICS.md §2.3); coney follows the 4.2
+/// rules by default and accepts any number, as the trie does.
 pub fn hash_wildcards(pattern: &str) -> usize {
     words(pattern).filter(|w| *w == "#").count()
 }
@@ -61,71 +68,175 @@ fn words(s: &str) -> impl Iterator<Item = &str> {
     (!s.is_empty()).then(|| s.split('.')).into_iter().flatten()
 }
 
-/// Index of a node in [`TopicTrie::nodes`].
-type NodeId = usize;
+/// One edge of the trie, as a pattern spells it: a literal word, `*`, or a run of consecutive
+/// `#` words (at least one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Edge<'a> {
+    Literal(&'a str),
+    Star,
+    Hashes(usize),
+}
 
-/// The root node: always present, never freed; holds the destinations of the pattern `""`.
-const ROOT: NodeId = 0;
+/// The edges of a pattern: its words, with each run of `#` words as one edge.
+fn edges(pattern: &str) -> Vec<Edge<'_>> {
+    let mut out = Vec::new();
+    for word in words(pattern) {
+        match (word, out.last_mut()) {
+            ("#", Some(Edge::Hashes(run))) => *run += 1,
+            ("#", _) => out.push(Edge::Hashes(1)),
+            ("*", _) => out.push(Edge::Star),
+            (literal, _) => out.push(Edge::Literal(literal)),
+        }
+    }
+    out
+}
 
 /// A set of topic binding patterns, each with its destinations, routed by walking the key's
 /// words through a trie.
 ///
-/// A pattern is a path from the root: one edge per word, literal words keyed by text, `*` and
-/// `#` on their own edges. Destinations sit in a [`BTreeSet`] at the node where their pattern
-/// ends, so iteration order is deterministic. Nodes live in an arena; [`TopicTrie::remove`]
-/// prunes nodes that no longer lead to any destination and recycles their slots.
-#[derive(Clone, Debug)]
-pub struct TopicTrie<D> {
-    /// The arena; `nodes[ROOT]` is the root. Freed slots are reset and listed in `free`.
-    nodes: Vec<Node<D>>,
-    /// Arena slots available for reuse.
-    free: Vec<NodeId>,
+/// A pattern is a path from the root: one edge per literal word (keyed by its text) or `*`, and
+/// one edge per run of consecutive `#` words, keyed by the run's length. Runs are one edge
+/// because `#.#` matches what `#` matches: a run of any length is a single routing state, so a
+/// pattern of 128 `#` costs no more to route than `#`, while the trie still tells `#` and `#.#`
+/// apart (they are different bindings). Destinations sit in a sorted set at the node where
+/// their pattern ends, so iteration order is deterministic.
+///
+/// The trie is persistent: nodes are shared (`Arc`) and copied on write, so a clone is O(1)
+/// and an insert or remove copies only the nodes on its pattern's path. The runtime keeps old
+/// versions alive in topology snapshots that publishers are still reading. [`TopicTrie::remove`]
+/// prunes nodes that no longer lead to any destination.
+#[derive(Clone)]
+pub struct TopicTrie<D: Clone + Ord> {
+    root: Arc<Node<D>>,
     /// Number of (pattern, destination) pairs.
     len: usize,
+    /// The id the next new node gets.
+    next_id: u64,
 }
 
 /// One trie node: the pattern prefix spelled by the path from the root.
-#[derive(Clone, Debug)]
-struct Node<D> {
-    /// Children by literal word (never `"*"` or `"#"`, which use the fields below).
-    literals: BTreeMap<String, NodeId>,
+#[derive(Clone)]
+struct Node<D: Clone + Ord> {
+    /// Unique within one version of the trie (a node copied on write keeps its id): routing
+    /// deduplicates and orders its states by it.
+    id: u64,
+    /// Children by literal word (never `"*"` or `"#"`).
+    literals: OrdMap<Arc<str>, Arc<Node<D>>>,
     /// Child for the `*` word.
-    star: Option<NodeId>,
-    /// Child for the `#` word.
-    hash: Option<NodeId>,
-    /// Whether the edge into this node is `#`: such a node may consume further key words
-    /// itself.
+    star: Option<Arc<Node<D>>>,
+    /// Children for runs of `#`, sorted by run length (a node rarely has more than one, and a
+    /// 255-byte binding key allows at most 128 lengths). Empty on a node whose own edge is a
+    /// run: runs are maximal.
+    hashes: SmallVec<[(usize, Arc<Node<D>>); 1]>,
+    /// Whether the edge into this node is a run of `#`: such a node may consume further key
+    /// words itself.
     is_hash: bool,
     /// Destinations of the pattern that ends here.
-    dests: BTreeSet<D>,
+    dests: SharedSet<D>,
 }
 
-impl<D> Node<D> {
-    fn new(is_hash: bool) -> Self {
+impl<D: Clone + Ord> Node<D> {
+    fn new(id: u64, is_hash: bool) -> Self {
         Node {
-            literals: BTreeMap::new(),
+            id,
+            literals: OrdMap::new(),
             star: None,
-            hash: None,
+            hashes: SmallVec::new(),
             is_hash,
-            dests: BTreeSet::new(),
+            dests: SharedSet::new(),
         }
+    }
+
+    fn child_count(&self) -> usize {
+        self.literals.len() + usize::from(self.star.is_some()) + self.hashes.len()
     }
 
     /// Whether the node leads nowhere: no destinations and no children, so it can be pruned.
     fn is_dead(&self) -> bool {
-        self.dests.is_empty()
-            && self.literals.is_empty()
-            && self.star.is_none()
-            && self.hash.is_none()
+        self.dests.is_empty() && self.child_count() == 0
     }
 
-    fn child(&self, word: &str) -> Option<NodeId> {
-        match word {
-            "*" => self.star,
-            "#" => self.hash,
-            literal => self.literals.get(literal).copied(),
+    fn child(&self, edge: Edge<'_>) -> Option<&Arc<Node<D>>> {
+        match edge {
+            Edge::Literal(word) => self.literals.get(word),
+            Edge::Star => self.star.as_ref(),
+            Edge::Hashes(run) => self
+                .hashes
+                .binary_search_by_key(&run, |(r, _)| *r)
+                .ok()
+                .map(|at| &self.hashes[at].1),
         }
     }
+
+    /// The child for `edge`, created with id `*next_id` if absent.
+    fn child_or_insert(&mut self, edge: Edge<'_>, next_id: &mut u64) -> &mut Arc<Node<D>> {
+        let mut fresh = |is_hash| {
+            *next_id += 1;
+            Arc::new(Node::new(*next_id - 1, is_hash))
+        };
+        match edge {
+            Edge::Literal(word) => {
+                if !self.literals.contains_key(word) {
+                    self.literals.insert(Arc::from(word), fresh(false));
+                }
+                self.literals
+                    .get_mut(word)
+                    .expect("the child was inserted above if it was missing")
+            }
+            Edge::Star => self.star.get_or_insert_with(|| fresh(false)),
+            Edge::Hashes(run) => {
+                let at = match self.hashes.binary_search_by_key(&run, |(r, _)| *r) {
+                    Ok(at) => at,
+                    Err(at) => {
+                        self.hashes.insert(at, (run, fresh(true)));
+                        at
+                    }
+                };
+                &mut self.hashes[at].1
+            }
+        }
+    }
+
+    /// Removes the child for `edge`.
+    fn unlink(&mut self, edge: Edge<'_>) {
+        match edge {
+            Edge::Literal(word) => {
+                self.literals.remove(word);
+            }
+            Edge::Star => self.star = None,
+            Edge::Hashes(run) => {
+                self.hashes.retain(|(r, _)| *r != run);
+            }
+        }
+    }
+}
+
+impl<D: Clone + Ord> Drop for Node<D> {
+    /// Drops the subtree without recursion (a pattern may be tens of thousands of words deep):
+    /// children this node holds the last reference to are emptied onto a stack first.
+    fn drop(&mut self) {
+        if self.child_count() == 0 {
+            return;
+        }
+        let mut stack = Vec::new();
+        take_children(self, &mut stack);
+        while let Some(child) = stack.pop() {
+            if let Some(mut node) = Arc::into_inner(child) {
+                take_children(&mut node, &mut stack);
+            }
+        }
+    }
+}
+
+/// Moves `node`'s children onto `stack`.
+fn take_children<D: Clone + Ord>(node: &mut Node<D>, stack: &mut Vec<Arc<Node<D>>>) {
+    stack.extend(
+        std::mem::take(&mut node.literals)
+            .into_iter()
+            .map(|(_, c)| c),
+    );
+    stack.extend(node.star.take());
+    stack.extend(node.hashes.drain(..).map(|(_, c)| c));
 }
 
 impl<D: Clone + Ord> Default for TopicTrie<D> {
@@ -134,60 +245,59 @@ impl<D: Clone + Ord> Default for TopicTrie<D> {
     }
 }
 
+impl<D: Clone + Ord> fmt::Debug for TopicTrie<D> {
+    /// A summary: the trie is deep and shared, so its nodes are not printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TopicTrie").field("len", &self.len).finish()
+    }
+}
+
 impl<D: Clone + Ord> TopicTrie<D> {
     /// An empty trie.
     pub fn new() -> Self {
         TopicTrie {
-            nodes: vec![Node::new(false)],
-            free: Vec::new(),
+            root: Arc::new(Node::new(0, false)),
             len: 0,
+            next_id: 1,
         }
     }
 
     /// Adds `dest` under `pattern`; returns whether the pair is new (`false` if it was already
     /// present, which leaves the trie unchanged).
     pub fn insert(&mut self, pattern: &str, dest: D) -> bool {
-        let mut id = ROOT;
-        for word in words(pattern) {
-            id = match self.nodes[id].child(word) {
-                Some(child) => child,
-                None => self.add_child(id, word),
-            };
+        let edges = edges(pattern);
+        if self.find(&edges).is_some_and(|n| n.dests.contains(&dest)) {
+            return false; // checked first, so a duplicate copies no shared node
         }
-        let added = self.nodes[id].dests.insert(dest);
-        if added {
-            self.len += 1;
+        let mut node = &mut self.root;
+        for &edge in &edges {
+            node = Arc::make_mut(node).child_or_insert(edge, &mut self.next_id);
         }
-        added
+        Arc::make_mut(node).dests.insert(dest);
+        self.len += 1;
+        true
     }
 
     /// Removes `dest` from `pattern`; returns whether it was present. Nodes left without
     /// destinations or children are pruned.
     pub fn remove(&mut self, pattern: &str, dest: &D) -> bool {
-        // The path as (parent, word) edges, so pruning can walk back up without recursion.
-        let mut path: Vec<(NodeId, &str)> = Vec::new();
-        let mut id = ROOT;
-        for word in words(pattern) {
-            match self.nodes[id].child(word) {
-                Some(child) => {
-                    path.push((id, word));
-                    id = child;
-                }
-                None => return false,
-            }
-        }
-        if !self.nodes[id].dests.remove(dest) {
+        let edges = edges(pattern);
+        let Some(cut) = self.prune_depth(&edges, dest) else {
             return false;
+        };
+        // Copy the path down to the node that changes: the parent of the highest dead node,
+        // or the pattern's end node if none dies.
+        let mut node = &mut self.root;
+        for &edge in &edges[..cut] {
+            node = Arc::make_mut(node).child_or_insert(edge, &mut self.next_id);
+        }
+        let node = Arc::make_mut(node);
+        if cut < edges.len() {
+            node.unlink(edges[cut]);
+        } else {
+            node.dests.remove(dest);
         }
         self.len -= 1;
-        while let Some((parent, word)) = path.pop() {
-            if !self.nodes[id].is_dead() {
-                break;
-            }
-            self.unlink(parent, word);
-            self.free.push(id);
-            id = parent;
-        }
         true
     }
 
@@ -204,139 +314,212 @@ impl<D: Clone + Ord> TopicTrie<D> {
     /// Calls `out` for every destination whose pattern matches `key`.
     ///
     /// A destination bound under several matching patterns is passed once per pattern; callers
-    /// that need each destination once deduplicate. Order: by pattern end node, then by `D`.
+    /// that need each destination once deduplicate. Order: by pattern end node, deterministic
+    /// for a given history of inserts and removals.
     ///
-    /// This is an NFA walk: `active` holds the nodes whose pattern prefix matches the key words
-    /// seen so far, deduplicated after every word, so each (node, word) pair is visited at most
-    /// once. The only allocations are the two node lists, reused across words.
+    /// This is an NFA walk over the trie (see `Walk` below): each step keeps each node at most
+    /// once, so it costs O(a log h) for `a` active nodes of which `h` are runs of `#`, and
+    /// routing is polynomial in the patterns and the key however many `#` they hold. Nothing
+    /// allocates while few nodes are active.
     pub fn route(&self, key: &str, out: &mut impl FnMut(&D)) {
-        let mut active: Vec<NodeId> = Vec::new();
-        let mut next: Vec<NodeId> = Vec::new();
-        self.enter(ROOT, &mut active);
+        let mut walk = Walk::new(&self.root);
         for word in words(key) {
-            if active.is_empty() {
+            if walk.is_over() {
                 return;
             }
-            next.clear();
-            for &id in &active {
-                let node = &self.nodes[id];
-                if let Some(child) = node.literals.get(word) {
-                    self.enter(*child, &mut next);
-                }
-                if let Some(star) = node.star {
-                    self.enter(star, &mut next);
-                }
-                if node.is_hash {
-                    // `#` takes this word too and stays available for more.
-                    self.enter(id, &mut next);
-                }
-            }
-            next.sort_unstable();
-            next.dedup();
-            std::mem::swap(&mut active, &mut next);
+            walk.step(word);
         }
-        for &id in &active {
-            self.nodes[id].dests.iter().for_each(&mut *out);
-        }
+        walk.emit(out);
     }
 
-    /// Checks the trie's structure, panicking on a violation (a bug in this module): every node
-    /// reachable from the root exactly once, no reachable node other than the root dead, the
-    /// `is_hash` flags match the edges, freed slots unreachable and reset, and `len` equal to
-    /// the number of stored destinations. Tests and fuzz targets call it after every change.
+    /// Checks the trie's structure, panicking on a violation (a bug in this module): node ids
+    /// unique and below the counter, no node other than the root dead, the `is_hash` flags
+    /// match the edges, runs of `#` maximal and non-empty, no literal edge spelled `*` or `#`,
+    /// and `len` equal to the number of stored destinations. Tests and fuzz targets call it
+    /// after every change.
     pub fn check_invariants(&self) {
-        let mut seen = vec![false; self.nodes.len()];
-        let mut stack = vec![ROOT];
+        let mut ids = std::collections::BTreeSet::new();
+        let mut stack: Vec<(&Node<D>, bool)> = vec![(&self.root, true)];
         let mut dests = 0;
-        seen[ROOT] = true;
-        while let Some(id) = stack.pop() {
-            let node = &self.nodes[id];
+        while let Some((node, is_root)) = stack.pop() {
+            assert!(ids.insert(node.id), "topic trie: node id {} twice", node.id);
             assert!(
-                id == ROOT || !node.is_dead(),
-                "topic trie: unpruned dead node {id}"
+                node.id < self.next_id,
+                "topic trie: node id {} not yet issued",
+                node.id
             );
+            assert!(
+                is_root || !node.is_dead(),
+                "topic trie: unpruned dead node {}",
+                node.id
+            );
+            assert!(!is_root || !node.is_hash, "topic trie: root marked `#`");
             dests += node.dests.len();
             assert!(!node.literals.contains_key("*") && !node.literals.contains_key("#"));
-            let children = node.literals.values().map(|&c| (c, false));
-            let children = children
-                .chain(node.star.map(|c| (c, false)))
-                .chain(node.hash.map(|c| (c, true)));
-            for (child, is_hash) in children {
-                assert!(!seen[child], "topic trie: node {child} reachable twice");
-                assert_eq!(
-                    self.nodes[child].is_hash, is_hash,
-                    "topic trie: is_hash of node {child}"
-                );
-                seen[child] = true;
-                stack.push(child);
+            assert!(
+                !node.is_hash || node.hashes.is_empty(),
+                "topic trie: run of `#` at node {} not maximal",
+                node.id
+            );
+            assert!(
+                node.hashes.first().is_none_or(|(run, _)| *run > 0)
+                    && node.hashes.windows(2).all(|w| w[0].0 < w[1].0),
+                "topic trie: runs of `#` at node {} empty or unsorted",
+                node.id
+            );
+            for child in node.literals.values().chain(node.star.as_ref()) {
+                assert!(!child.is_hash, "topic trie: is_hash of node {}", child.id);
+                stack.push((child, false));
+            }
+            for (_, child) in &node.hashes {
+                assert!(child.is_hash, "topic trie: is_hash of node {}", child.id);
+                stack.push((child, false));
             }
         }
         assert_eq!(
             dests, self.len,
             "topic trie: len out of step with stored destinations"
         );
-        for &id in &self.free {
-            assert!(
-                id != ROOT && !seen[id],
-                "topic trie: freed node {id} still reachable"
-            );
-            assert!(
-                self.nodes[id].is_dead(),
-                "topic trie: freed node {id} not reset"
-            );
-            seen[id] = true;
-        }
-        assert!(
-            seen.iter().all(|s| *s),
-            "topic trie: leaked node (neither reachable nor free)"
-        );
     }
 
-    /// Pushes `id` and the chain of `#` children below it: a `#` can take zero words, so
-    /// wherever a node is reached its `#` child is reached too.
-    fn enter(&self, mut id: NodeId, set: &mut Vec<NodeId>) {
-        loop {
-            set.push(id);
-            match self.nodes[id].hash {
-                Some(hash) => id = hash,
-                None => return,
-            }
+    /// The node where the pattern with `edges` ends, if the trie holds that path.
+    fn find(&self, edges: &[Edge<'_>]) -> Option<&Node<D>> {
+        let mut node = &*self.root;
+        for &edge in edges {
+            node = node.child(edge)?;
         }
+        Some(node)
     }
 
-    /// Creates the child of `parent` for `word`, reusing a freed slot if there is one.
-    fn add_child(&mut self, parent: NodeId, word: &str) -> NodeId {
-        let node = Node::new(word == "#");
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.nodes[id] = node;
-                id
+    /// For removing `dest` from the pattern with `edges`: `None` if the pair is absent, else how
+    /// many edges lead to the node that changes. That is `edges.len()` when only the end node's
+    /// destinations change; otherwise it is `i` such that the node after edge `i` and all below
+    /// it on the path die (no destinations left, no other children), so edge `i` is unlinked.
+    /// The root never dies.
+    fn prune_depth(&self, edges: &[Edge<'_>], dest: &D) -> Option<usize> {
+        let mut path: Vec<&Node<D>> = Vec::with_capacity(edges.len() + 1);
+        let mut node = &*self.root;
+        path.push(node);
+        for &edge in edges {
+            node = node.child(edge)?;
+            path.push(node);
+        }
+        if !node.dests.contains(dest) {
+            return None;
+        }
+        // The end node dies if `dest` was its only destination and it has no children; a node
+        // above dies if it has no destinations and its only child is the dying one.
+        let mut cut = edges.len();
+        let end_dies = !edges.is_empty() && node.dests.len() == 1 && node.child_count() == 0;
+        if end_dies {
+            cut -= 1;
+            while cut > 0 {
+                let above = path[cut];
+                if above.dests.is_empty() && above.child_count() == 1 {
+                    cut -= 1;
+                } else {
+                    break;
+                }
             }
-            None => {
-                self.nodes.push(node);
-                self.nodes.len() - 1
-            }
+        }
+        Some(cut)
+    }
+}
+
+/// The state of [`TopicTrie::route`]: the nodes whose pattern prefix matches the key words
+/// seen so far, kept in two parts so that neither needs deduplicating by sorting.
+///
+/// - A run of `#` takes every further word, so once reached it stays active to the end: runs
+///   are only ever added, to `runs`, kept sorted by id; a run is added when its parent is
+///   entered, unless it is already there (a binary search).
+/// - Any other node is entered from its one parent through its one edge, and each active node
+///   is held once, so `nodes` never holds a node twice.
+///
+/// Entering a node also enters its runs, since a run may take zero words; runs are maximal, so
+/// a run has no runs below it.
+struct Walk<'a, D: Clone + Ord> {
+    /// Active nodes other than runs of `#`.
+    nodes: SmallVec<[&'a Node<D>; 8]>,
+    /// `nodes` for the next word, built during a step (kept to reuse its buffer).
+    next: SmallVec<[&'a Node<D>; 8]>,
+    /// Active runs of `#` with their ids, sorted by id.
+    runs: SmallVec<[(u64, &'a Node<D>); 8]>,
+    /// Runs reached during the current step: they take words from the next one on.
+    fresh: SmallVec<[(u64, &'a Node<D>); 8]>,
+}
+
+impl<'a, D: Clone + Ord> Walk<'a, D> {
+    /// The walk before any key word: the root and its runs.
+    fn new(root: &'a Node<D>) -> Self {
+        let mut walk = Walk {
+            nodes: SmallVec::new(),
+            next: SmallVec::new(),
+            runs: SmallVec::new(),
+            fresh: SmallVec::new(),
         };
-        let parent = &mut self.nodes[parent];
-        match word {
-            "*" => parent.star = Some(id),
-            "#" => parent.hash = Some(id),
-            literal => {
-                parent.literals.insert(literal.to_owned(), id);
-            }
-        }
-        id
+        enter(root, &mut walk.nodes, &mut walk.fresh, &walk.runs);
+        walk.settle();
+        walk
     }
 
-    /// Removes the edge `word` from `parent`.
-    fn unlink(&mut self, parent: NodeId, word: &str) {
-        let parent = &mut self.nodes[parent];
-        match word {
-            "*" => parent.star = None,
-            "#" => parent.hash = None,
-            literal => {
-                parent.literals.remove(literal);
+    /// Whether no pattern can match any more.
+    fn is_over(&self) -> bool {
+        self.nodes.is_empty() && self.runs.is_empty()
+    }
+
+    /// Takes one key word: every active node (runs included) moves along its edge for `word`
+    /// and its `*` edge; runs also stay where they are.
+    fn step(&mut self, word: &str) {
+        let Walk {
+            nodes,
+            next,
+            runs,
+            fresh,
+        } = self;
+        next.clear();
+        for node in nodes.iter().chain(runs.iter().map(|(_, run)| run)) {
+            if let Some(child) = node.literals.get(word) {
+                enter(child, next, fresh, runs);
             }
+            if let Some(star) = &node.star {
+                enter(star, next, fresh, runs);
+            }
+        }
+        std::mem::swap(nodes, next);
+        self.settle();
+    }
+
+    /// Adds the runs reached during the step to `runs`.
+    fn settle(&mut self) {
+        if self.fresh.is_empty() {
+            return;
+        }
+        self.runs.extend(self.fresh.drain(..));
+        self.runs.sort_unstable_by_key(|(id, _)| *id);
+        self.runs.dedup_by_key(|(id, _)| *id);
+    }
+
+    /// Passes the destinations of every active node to `out`.
+    fn emit(&self, out: &mut impl FnMut(&D)) {
+        let runs = self.runs.iter().map(|(_, run)| run);
+        for node in self.nodes.iter().chain(runs) {
+            node.dests.for_each(&mut *out);
+        }
+    }
+}
+
+/// Makes `node` (never a run) active for the next word in `next`, and its runs not yet in
+/// `runs` in `fresh`.
+fn enter<'a, D: Clone + Ord>(
+    node: &'a Node<D>,
+    next: &mut SmallVec<[&'a Node<D>; 8]>,
+    fresh: &mut SmallVec<[(u64, &'a Node<D>); 8]>,
+    runs: &[(u64, &'a Node<D>)],
+) {
+    next.push(node);
+    for (_, run) in &node.hashes {
+        if runs.binary_search_by_key(&run.id, |(id, _)| *id).is_err() {
+            fresh.push((run.id, run));
         }
     }
 }
@@ -407,6 +590,21 @@ mod tests {
         ("#.#.#.#.#", "a.b.c", true),
         ("A", "a", false),
     ];
+
+    impl<D: Clone + Ord> TopicTrie<D> {
+        /// The nodes reachable from the root, the root included.
+        fn node_count(&self) -> usize {
+            let mut stack = vec![&*self.root];
+            let mut n = 0;
+            while let Some(node) = stack.pop() {
+                n += 1;
+                let children = node.literals.values().chain(&node.star);
+                let runs = node.hashes.iter().map(|(_, c)| c);
+                stack.extend(children.chain(runs).map(|c| &**c));
+            }
+            n
+        }
+    }
 
     /// Routes `key` through `trie`, collecting every destination passed to `out`, sorted.
     fn routed(trie: &TopicTrie<u32>, key: &str) -> Vec<u32> {
@@ -492,7 +690,6 @@ mod tests {
             trie.insert(pattern, dest);
             trie.insert(pattern, dest + 100);
         }
-        let nodes_full = trie.nodes.len();
         trie.check_invariants();
         assert!(!trie.remove("a.b.c", &5), "wrong destination");
         assert!(!trie.remove("a.x", &0), "pattern absent");
@@ -507,15 +704,9 @@ mod tests {
         }
         assert!(trie.is_empty());
         assert_eq!(trie.len(), 0);
-        assert_eq!(
-            trie.free.len(),
-            nodes_full - 1,
-            "every node but the root is free"
-        );
-        // Freed slots are reused.
+        assert_eq!(trie.node_count(), 1, "every node but the root is pruned");
         trie.insert("x.y.z", 1);
         trie.check_invariants();
-        assert_eq!(trie.nodes.len(), nodes_full);
         assert_eq!(routed(&trie, "x.y.z"), vec![1]);
     }
 
@@ -558,9 +749,78 @@ mod tests {
         trie.check_invariants();
         assert_eq!(routed(&trie, &pattern), vec![1]);
         assert!(!naive_match(&pattern, "w.w"));
+        let snapshot = trie.clone();
         assert!(trie.remove(&pattern, &1));
         trie.check_invariants();
-        assert_eq!(trie.nodes.len() - trie.free.len(), 1);
+        assert_eq!(trie.node_count(), 1);
+        assert_eq!(routed(&snapshot, &pattern), vec![1]);
+        drop(snapshot); // the last reference to the long chain: dropped without recursion
+    }
+
+    #[test]
+    fn runs_of_hashes_are_one_edge_but_distinct_patterns() {
+        let mut trie = TopicTrie::new();
+        assert!(trie.insert("#", 1u32));
+        assert!(trie.insert("#.#", 1));
+        assert!(trie.insert("a.#.#.#", 2));
+        assert!(trie.insert("a.#", 2));
+        assert!(!trie.insert("#.#", 1));
+        trie.check_invariants();
+        // root, `#`, `#.#` (run of 2), `a`, `a.#`, `a.#.#.#` (run of 3).
+        assert_eq!(trie.node_count(), 6);
+        assert_eq!(routed(&trie, "a.b"), vec![1, 1, 2, 2]);
+        assert!(trie.remove("#.#", &1));
+        assert!(!trie.remove("#.#", &1));
+        trie.check_invariants();
+        assert_eq!(routed(&trie, "a"), vec![1, 2, 2]);
+        assert!(trie.remove("a.#.#.#", &2));
+        trie.check_invariants();
+        assert_eq!(routed(&trie, "a"), vec![1, 2]);
+        assert_eq!(trie.node_count(), 4);
+    }
+
+    #[test]
+    fn many_hashes_with_words_between_match_as_the_naive_matcher() {
+        // 64 `#` with a word between each: many states, each kept once per key word.
+        let pattern = (0..127)
+            .map(|i| if i % 2 == 0 { "#" } else { "k" })
+            .collect::<Vec<_>>()
+            .join(".");
+        let mut trie = TopicTrie::new();
+        trie.insert(&pattern, 1u32);
+        for words in [62, 63, 64, 128] {
+            let key = vec!["k"; words].join(".");
+            let want: &[u32] = if naive_match(&pattern, &key) {
+                &[1]
+            } else {
+                &[]
+            };
+            assert_eq!(routed(&trie, &key), want, "{words} words");
+        }
+        assert!(naive_match(&pattern, &vec!["k"; 63].join(".")));
+        assert!(!naive_match(&pattern, &vec!["k"; 62].join(".")));
+    }
+
+    #[test]
+    fn a_change_copies_only_its_pattern_path() {
+        let mut trie = TopicTrie::new();
+        for i in 0..100u32 {
+            trie.insert(&format!("a{i}.b.c"), i);
+        }
+        let before = trie.clone();
+        trie.insert("a7.b.x", 1000);
+        trie.remove("a9.b.c", &9);
+        trie.check_invariants();
+        before.check_invariants();
+        let shared =
+            |word: &str| Arc::ptr_eq(&trie.root.literals[word], &before.root.literals[word]);
+        assert!(!shared("a7"), "the changed path is copied");
+        assert!(shared("a8"), "untouched subtrees are the same nodes");
+        assert!(!trie.root.literals.contains_key("a9"));
+        assert!(before.root.literals.contains_key("a9"));
+        assert_eq!(routed(&before, "a9.b.c"), vec![9]);
+        assert_eq!(routed(&before, "a7.b.x"), Vec::<u32>::new());
+        assert_eq!(routed(&trie, "a7.b.x"), vec![1000]);
     }
 
     #[test]
