@@ -100,8 +100,10 @@ fn resident_memory_returns_after_a_backlog_drains() {
     );
     let grown = full0 - start;
     assert!(grown > u64::from(messages) * 100, "the backlog took memory");
-    // Back within a tenth of what the backlog took (plus a little slack for the allocator).
-    let near = |rss: u64| rss <= start + grown / 10 + (8 << 20);
+    // Back within a tenth of what the backlog took, plus the last step of the give-back (the
+    // broker returns memory in steps of at least 32 MiB of its estimate, so up to that much
+    // may stay with the allocator) and a little slack.
+    let near = |rss: u64| rss <= start + grown / 10 + (40 << 20);
     assert!(
         near(drained0),
         "after the first drain: {:.1} MiB",

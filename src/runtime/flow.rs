@@ -106,7 +106,9 @@ impl FlowControl {
         }
         let now = self.memory_bytes.fetch_add(delta, Ordering::Relaxed) + delta;
         if delta > 0 {
-            self.peak_bytes.fetch_max(now, Ordering::Relaxed);
+            if now > self.peak_bytes.load(Ordering::Relaxed) {
+                self.peak_bytes.fetch_max(now, Ordering::Relaxed);
+            }
         } else {
             self.maybe_give_back(now);
         }
@@ -130,16 +132,15 @@ impl FlowControl {
         }
     }
 
-    /// After a large drain (at least [`GIVE_BACK_MIN_BYTES`], leaving at most half of the
-    /// peak) or once every queue is empty after at least [`GIVE_BACK_TAIL_BYTES`], asks the
-    /// allocator to return its free pages to the system (see [`give_back_memory`]); the peak
-    /// then starts again from here. One caller wins the race; the others go on.
+    /// After a drain of at least [`GIVE_BACK_MIN_BYTES`] from the peak that left at most half
+    /// of it, asks the allocator to return its free pages to the system (see
+    /// [`give_back_memory`]); the peak then starts again from here, so a long drain gives back
+    /// in a few steps, each at most half of the last. A queue that fills and empties by less
+    /// than that (a consumer keeping up) never triggers it: the pages are reused. One caller
+    /// wins the race; the others go on.
     fn maybe_give_back(&self, now: i64) {
         let peak = self.peak_bytes.load(Ordering::Relaxed);
-        let drained = peak.saturating_sub(now);
-        let large = drained >= GIVE_BACK_MIN_BYTES && now <= peak / 2;
-        let emptied = now == 0 && drained >= GIVE_BACK_TAIL_BYTES;
-        if !large && !emptied {
+        if peak.saturating_sub(now) < GIVE_BACK_MIN_BYTES || now > peak / 2 {
             return;
         }
         if self
@@ -255,10 +256,10 @@ impl FlowState {
     }
 }
 
-/// The least drain (in estimated bytes) after which memory is given back to the system.
-const GIVE_BACK_MIN_BYTES: i64 = 64 << 20;
-/// The least drain after which memory is given back once the queues are all empty.
-const GIVE_BACK_TAIL_BYTES: i64 = 1 << 20;
+/// The least drain (in estimated bytes) after which memory is given back to the system: far
+/// above what a consumer keeping up with its publisher holds, so a steady stream never pays
+/// for it.
+const GIVE_BACK_MIN_BYTES: i64 = 32 << 20;
 
 /// Returns free heap pages to the system. glibc's allocator keeps the pages of freed small
 /// allocations (a drained queue's messages) in its arenas, so without this a process keeps
