@@ -20,7 +20,8 @@
 //!
 //! # Invariants
 //! - `blocked` is true exactly when an alarm is raised (both change under `state`'s lock).
-//! - the memory count equals the sum of every live queue's last accounted estimate.
+//! - the memory count equals the sum of what every live queue last reported (each queue
+//!   reports its estimate in steps, see `QueueCell::account`).
 //!
 //! [`Limits::memory_high_watermark_bytes`]: super::Limits::memory_high_watermark_bytes
 //! [`Limits::store_backlog_max_bytes`]: super::Limits::store_backlog_max_bytes

@@ -140,8 +140,9 @@ pub struct Health {
     /// ([`StoreError::Poisoned`](crate::store::StoreError::Poisoned) with the first failure's
     /// text). Nothing durable succeeds after it.
     pub store_failure: Option<crate::store::StoreError>,
-    /// The estimated memory of the queued messages, in bytes (what the memory high watermark
-    /// is compared with).
+    /// The estimated memory of the queued messages, in bytes, added up over the queues now.
+    /// The watermark is compared with a running count of the same estimate that each queue
+    /// updates in steps of 64 KiB, so it may lag this figure by up to that much per queue.
     pub memory_bytes: u64,
     /// The memory high watermark, in bytes.
     pub memory_high_watermark_bytes: u64,
@@ -354,10 +355,18 @@ impl Broker {
             .as_ref()
             .and_then(|p| p.check().err());
         let flow = &self.inner.flow;
+        let memory_bytes = {
+            let snapshot = self.inner.snapshot.load();
+            snapshot
+                .queues
+                .values()
+                .map(|cell| cell.memory_bytes())
+                .sum()
+        };
         Health {
             durable: self.inner.persistence.is_some(),
             store_failure,
-            memory_bytes: flow.memory_bytes(),
+            memory_bytes,
             memory_high_watermark_bytes: self.inner.limits.memory_high_watermark_bytes,
             store_backlog_bytes: flow.backlog_bytes(),
             publishers_blocked: flow.is_blocked(),

@@ -89,9 +89,13 @@ pub(crate) struct QueueCell {
     in_flight: AtomicU64,
     /// Held while routing dead letters: one router at a time, and `quiesce` waits for it.
     routing: Mutex<()>,
-    /// The memory estimate of this queue's messages last added to the broker's flow control
-    /// (`message_memory_bytes`); brought up to date each time the lock is released.
-    accounted: AtomicU64,
+    /// The memory estimate of this queue's messages (`message_memory_bytes`), brought up to
+    /// date each time the lock is released.
+    memory_bytes: AtomicU64,
+    /// The part of `memory_bytes` added to the broker's flow control: passed on in steps of at
+    /// least [`MEMORY_REPORT_STEP_BYTES`] (and exactly when the queue empties), so publishers
+    /// and consumers on different threads do not write one shared counter per message.
+    memory_reported: AtomicU64,
     inbox: CachePadded<SegQueue<Inbound>>,
     state: CachePadded<Mutex<QueueShared>>,
 }
@@ -177,12 +181,18 @@ fn signed(n: u64) -> i64 {
 impl Drop for QueueCell {
     /// A deleted queue's messages no longer count against the memory watermark.
     fn drop(&mut self) {
-        let accounted = *self.accounted.get_mut();
+        let reported = *self.memory_reported.get_mut();
         if let Some(env) = self.env.get() {
-            env.flow.add_memory(-signed(accounted));
+            env.flow.add_memory(-signed(reported));
         }
     }
 }
+
+/// How far a queue's memory estimate may drift from what it reported to the broker's flow
+/// control before it reports again. The broker-wide count the watermark is compared with may
+/// therefore lag by up to this much per queue holding messages; `Broker::health` adds up the
+/// exact figures.
+const MEMORY_REPORT_STEP_BYTES: u64 = 64 * 1024;
 
 /// Dead letters one router takes per turn of the routing lock.
 const DEAD_LETTERS_PER_TURN: usize = 64;
@@ -272,16 +282,22 @@ impl QueueCell {
         }
     }
 
-    /// Brings the broker's memory estimate up to date with this queue's messages. Called with
-    /// the lock held, before each release.
+    /// Brings this queue's memory estimate up to date, and the broker's when it drifted far
+    /// enough. Called with the lock held, before each release.
     fn account(&self, s: &QueueShared) {
         let now = message_memory_bytes(&s.core);
-        let before = self.accounted.swap(now, Ordering::Relaxed);
-        if now != before
-            && let Some(env) = self.env.get()
-        {
-            env.flow.add_memory(signed(now) - signed(before));
+        self.memory_bytes.store(now, Ordering::Relaxed);
+        let reported = self.memory_reported.load(Ordering::Relaxed);
+        let due = now.abs_diff(reported) >= MEMORY_REPORT_STEP_BYTES || (now == 0 && reported != 0);
+        if due && let Some(env) = self.env.get() {
+            self.memory_reported.store(now, Ordering::Relaxed);
+            env.flow.add_memory(signed(now) - signed(reported));
         }
+    }
+
+    /// The memory estimate of this queue's messages as of its last lock release.
+    pub(crate) fn memory_bytes(&self) -> u64 {
+        self.memory_bytes.load(Ordering::Relaxed)
     }
 
     /// Returns once every command queued for this queue before the call (a settle or a
@@ -422,7 +438,8 @@ impl QueueCell {
             next_seq: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             routing: Mutex::new(()),
-            accounted: AtomicU64::new(0),
+            memory_bytes: AtomicU64::new(0),
+            memory_reported: AtomicU64::new(0),
             inbox: CachePadded::new(SegQueue::new()),
             state: CachePadded::new(Mutex::new(QueueShared {
                 core: Queue::with_config(config),
