@@ -572,8 +572,10 @@ impl QueueCell {
 
     fn drain_inbox(&self, s: &mut QueueShared) {
         let mut any = false;
+        let mut applied = 0;
         while let Some(command) = self.inbox.pop() {
             any = true;
+            applied += 1;
             // publishes to and settles of a deleted queue are dropped (§4.2)
             if !s.deleted {
                 match command {
@@ -581,7 +583,10 @@ impl QueueCell {
                     Inbound::Settle(seq, how) => _ = self.apply_settle(s, seq, how),
                 }
             }
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        if applied > 0 {
+            // Their records are sent: a sync no longer needs to wait for them.
+            self.in_flight.fetch_sub(applied, Ordering::SeqCst);
         }
         if any {
             self.dispatch(s);
@@ -591,8 +596,10 @@ impl QueueCell {
     /// Settles messages of this queue (in the given order) and delivers what that frees.
     pub(crate) fn settle(&self, seqs: impl Iterator<Item = u64>, how: Settle) {
         let Some(mut g) = self.state.try_lock() else {
+            let seqs: SmallVec<[u64; 8]> = seqs.collect();
+            self.in_flight
+                .fetch_add(seqs.len() as u64, Ordering::SeqCst);
             for seq in seqs {
-                self.in_flight.fetch_add(1, Ordering::SeqCst);
                 self.inbox.push(Inbound::Settle(seq, how));
             }
             self.drain_unlocked();
