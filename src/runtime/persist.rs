@@ -408,11 +408,12 @@ impl AutoCompaction {
                     size_before_bytes = stats.size_before_bytes,
                     size_after_bytes = stats.size_after_bytes,
                     records = stats.records,
+                    pause_ms = stats.pause.as_millis(),
                     took_ms = stats.took.as_millis(),
                     "compacted the store"
                 );
                 self.pending = false;
-                self.not_before = Instant::now() + COMPACT_INTERVAL_MIN.max(stats.took * 10);
+                self.not_before = Instant::now() + COMPACT_INTERVAL_MIN.max(stats.pause * 10);
             }
             Err(e) => {
                 tracing::warn!("compacting the store failed: {e}");

@@ -123,7 +123,9 @@ pub struct CompactStats {
     pub size_before_bytes: u64,
     /// [`Store::size_on_disk`] after.
     pub size_after_bytes: u64,
-    /// How long it took, from taking the locks to removing the old copy.
+    /// How long writes waited: from taking the locks to the switch to the copy.
+    pub pause: Duration,
+    /// How long it took in all, until the old copy was removed.
     pub took: Duration,
 }
 

@@ -133,6 +133,7 @@ impl SledInner {
         let size_after_bytes = self.active.read().db.size_on_disk();
         drop(commits);
         drop(sync);
+        let pause = started.elapsed();
         if let Err(e) = committed {
             // After a crash either generation may be the active one; both are complete and hold
             // the same records. Keep both: the next open removes the one CURRENT does not name.
@@ -154,6 +155,7 @@ impl SledInner {
             live_bytes: copied.bytes,
             size_before_bytes,
             size_after_bytes,
+            pause,
             took: started.elapsed(),
         })
     }
