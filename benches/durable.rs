@@ -480,7 +480,7 @@ fn disk_space() {
     eprintln!("disk: 2 s later: {:.1} MiB", mib(&rig.broker));
     let stats = rig.broker.compact_store().unwrap();
     eprintln!(
-        "disk: compacted in {:?} (writes waited {:?}): {} records, {} bytes live; {:.0} KiB \
+        "disk: compacted in {:?} (locks held {:?}): {} records, {} bytes live; {:.0} KiB \
          (directory {:.0} KiB)",
         stats.took,
         stats.pause,
@@ -498,8 +498,8 @@ fn disk_space() {
     let before = mib(&rig.broker);
     let stats = rig.broker.compact_store().unwrap();
     eprintln!(
-        "disk: backlog of {cycles} drained to {left}: {before:.1} MiB; compacted in {:?} (writes \
-         waited {:?}): {} records, {:.1} MiB live; {:.1} MiB (directory {:.1} MiB)",
+        "disk: backlog of {cycles} drained to {left}: {before:.1} MiB; compacted in {:?} (locks \
+         held {:?}): {} records, {:.1} MiB live; {:.1} MiB (directory {:.1} MiB)",
         stats.took,
         stats.pause,
         stats.records,

@@ -108,6 +108,12 @@ struct Ledger {
     next: u64,
     /// Kills that landed between a compaction's start and its end.
     kills_mid_compaction: u32,
+    /// What the kills left of a compaction, as found before reopening: a generation not
+    /// named (killed before the switch), an old generation next to the named one (after it),
+    /// a `CURRENT.tmp`.
+    left_unnamed: u32,
+    left_old: u32,
+    left_current_tmp: u32,
 }
 
 /// Runs one child for `run_ms`, kills it with SIGKILL, records what it reported.
@@ -217,13 +223,44 @@ fn check_store(dir: &Path, ledger: &Ledger, seed: u64, round: u32) {
     broker.sync().unwrap();
 }
 
+/// Counts what an interrupted compaction left in `dir` (see [`Ledger`]).
+fn note_leftovers(dir: &Path, ledger: &mut Ledger) {
+    let names = names(dir);
+    let named = std::fs::read_to_string(dir.join("CURRENT"))
+        .ok()
+        .and_then(|text| text.split(' ').next().map(str::to_owned));
+    let generations: Vec<&String> = names.iter().filter(|n| n.starts_with("gen-")).collect();
+    let unnamed = generations
+        .iter()
+        .filter(|n| Some(n.as_str()) != named.as_deref())
+        .count();
+    match &named {
+        // Generation 0 active: any generation is a copy not yet named.
+        None => ledger.left_unnamed += u32::from(unnamed > 0),
+        Some(named) => {
+            // The highest generation is the newest: above the named one, an unnamed copy;
+            // below it (or generation 0's log), the old one not yet removed.
+            let number = |n: &str| n[4..].parse::<u64>().unwrap_or(0);
+            let current = number(named);
+            ledger.left_unnamed += u32::from(generations.iter().any(|n| number(n) > current));
+            ledger.left_old +=
+                u32::from(generations.iter().any(|n| number(n) < current) || names.contains("db"));
+        }
+    }
+    ledger.left_current_tmp += u32::from(names.contains("CURRENT.tmp"));
+}
+
+fn names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// After an open: one generation (generation 0's files, or `CURRENT` and the `gen-N` it
 /// names), nothing of an interrupted compaction.
 fn check_layout(dir: &Path, seed: u64, round: u32) {
-    let names: BTreeSet<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = names(dir);
     let generations = names.iter().filter(|name| name.starts_with("gen-")).count();
     let current = names.contains("CURRENT");
     assert!(
@@ -255,6 +292,7 @@ fn sigkill_mid_stream_loses_nothing_confirmed_and_returns_nothing_acked() {
             .wrapping_add(1_442_695_040_888_963_407);
         let run_ms = 5 + (rng >> 33) % 120;
         run_child(&dir, &mut ledger, run_ms);
+        note_leftovers(&dir, &mut ledger);
         check_store(&dir, &ledger, seed, round);
     }
     assert!(
@@ -263,8 +301,9 @@ fn sigkill_mid_stream_loses_nothing_confirmed_and_returns_nothing_acked() {
     );
     assert!(!ledger.acked.is_empty(), "the children acked something");
     eprintln!(
-        "seed {seed}: {rounds} kills, {} of them during a compaction",
-        ledger.kills_mid_compaction
+        "seed {seed}: {rounds} kills, {} of them during a compaction; left behind: an unnamed \
+         generation {} times, the old generation {} times, CURRENT.tmp {} times",
+        ledger.kills_mid_compaction, ledger.left_unnamed, ledger.left_old, ledger.left_current_tmp
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

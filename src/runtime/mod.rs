@@ -379,7 +379,7 @@ impl Broker {
     /// otherwise; see "Compaction" on [`SledStore`]). No message or definition changes. Acks
     /// that wait in a queue's inbox are written first (as for [`Broker::sync`]), then the
     /// compaction runs after everything sent to the store before it; writes wait while it
-    /// runs, for a time that grows with the live data (~0.5-1 s per 100,000 small messages),
+    /// runs, for a time that grows with the live data (~1 s per 100,000 small messages),
     /// not with the space given back. Returns what it did (zeroed in memory).
     ///
     /// The broker also compacts by itself, once most of the store's space is no longer live

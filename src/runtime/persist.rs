@@ -413,7 +413,7 @@ impl AutoCompaction {
                     "compacted the store"
                 );
                 self.pending = false;
-                self.not_before = Instant::now() + COMPACT_INTERVAL_MIN.max(stats.pause * 10);
+                self.not_before = Instant::now() + COMPACT_INTERVAL_MIN.max(stats.took * 10);
             }
             Err(e) => {
                 tracing::warn!("compacting the store failed: {e}");

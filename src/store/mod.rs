@@ -123,9 +123,11 @@ pub struct CompactStats {
     pub size_before_bytes: u64,
     /// [`Store::size_on_disk`] after.
     pub size_after_bytes: u64,
-    /// How long writes waited: from taking the locks to the switch to the copy.
+    /// How long the store held writes (other threads' applies and flushes): from taking its
+    /// locks to the switch to the copy.
     pub pause: Duration,
-    /// How long it took in all, until the old copy was removed.
+    /// How long it took in all, until the old copy was closed and removed (a caller that
+    /// writes on the same thread, as the broker's flusher does, waits this long).
     pub took: Duration,
 }
 

@@ -94,11 +94,14 @@ impl Default for SledOptions {
 ///
 /// Cost: a compaction reads and writes every live record, so it takes time in proportion to
 /// the live data, not to the space it gives back, and writes wait meanwhile. Measured with
-/// 64-byte messages (`benches/durable.rs`, figures in BENCHMARKS.md): a few milliseconds for
-/// a few thousand records, ~0.5-1 s per 100,000 (sled writes 100,000-200,000 small records a
-/// second here). A freshly written generation takes ~2-3 times the records' encoded bytes
-/// (sled's nodes hold 9-17 records, and in-order inserts leave node versions and split
-/// fragments behind in the log).
+/// 64-byte messages (`benches/durable.rs`, figures in BENCHMARKS.md): writes were held 6 ms
+/// when a drained backlog of 1,000,000 left nothing live (295 MiB given back; closing and
+/// removing the old generation took 150 ms more, after the locks were released), and 1.2 s
+/// with 100,000 messages live (sled writes 100,000-200,000 small records a second here). The
+/// broker runs compactions on its flusher thread, so its writes wait for the whole. A freshly written
+/// generation takes ~2-3 times the records' encoded bytes (sled's nodes hold 9-17 records, and
+/// in-order inserts leave node versions and split fragments behind in the log): 28.5 MiB for
+/// those 100,000.
 ///
 /// When: [`Store::compaction_due`] says whether a compaction is worth it, from the size on
 /// disk and an estimate of the live data kept from the writes applied (exact after recovery
@@ -519,7 +522,10 @@ impl SledInner {
             .insert(key, value)
             .map_err(|e| self.poison.fail(format!("insert: {e}")))?;
         commits.applied = true;
-        commits.live.count(key, value.len());
+        commits.live.apply(&[Write::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        }]);
         drop(active);
         drop(commits);
         collect_sled_garbage(1);
