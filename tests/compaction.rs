@@ -136,6 +136,39 @@ fn a_drained_backlog_gives_its_disk_back_and_a_second_one_does_not_grow_it() {
     );
 }
 
+/// With its own compaction on (the default), the broker gives the disk back by itself once a
+/// drained backlog leaves it idle. (Polled with a generous deadline: no timing is asserted.)
+#[test]
+fn the_broker_compacts_by_itself_once_idle() {
+    let dir = TempDir::new("auto");
+    let broker = Broker::open(dir.path()).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    ch.queue_declare("q", durable(), FieldTable::new()).unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).unwrap();
+    let body = Bytes::from(vec![0x5a; 8 * 1024]);
+    for _ in 0..3_000 {
+        ch.basic_publish("", "q", Default::default(), body.clone(), persistent())
+            .unwrap();
+    }
+    assert!(ch.wait_for_confirms().unwrap());
+    take_and_ack(&ch, 3_000);
+    broker.sync().unwrap();
+    let drained = broker.size_on_disk().unwrap();
+    assert!(drained > COMPACT_FLOOR_BYTES, "{drained} bytes");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while directory_bytes(dir.path()) > COMPACT_FLOOR_BYTES {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {} bytes a minute after the drain",
+            directory_bytes(dir.path())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(broker.size_on_disk().unwrap() < COMPACT_FLOOR_BYTES);
+    assert!(broker.health().is_healthy());
+}
+
 /// A small store (under the floor) is never due, however little of it is live.
 #[test]
 fn a_small_store_is_not_due() {

@@ -826,6 +826,88 @@ mod tests {
         assert_eq!(seqs, [0, 2]);
     }
 
+    /// A store that says a compaction is due (with a given pause) and counts compactions.
+    #[derive(Default)]
+    struct DueStore {
+        inner: crate::store::MemoryStore,
+        due: Option<std::time::Duration>,
+        compactions: std::sync::atomic::AtomicU32,
+    }
+
+    impl Store for DueStore {
+        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+            self.inner.apply(batch)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+        fn recover_into(
+            &self,
+            sink: &mut dyn crate::store::RecoverySink,
+        ) -> Result<(), StoreError> {
+            self.inner.recover_into(sink)
+        }
+        fn size_on_disk(&self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        fn compact(&self) -> Result<CompactStats, StoreError> {
+            self.compactions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(CompactStats::default())
+        }
+        fn compaction_due(&self) -> Result<Option<crate::store::CompactionDue>, StoreError> {
+            Ok(self.due.map(|pause_estimate| crate::store::CompactionDue {
+                size_on_disk_bytes: 1 << 30,
+                live_records: 0,
+                live_bytes: 0,
+                pause_estimate,
+            }))
+        }
+    }
+
+    impl DueStore {
+        fn compactions(&self) -> u32 {
+            self.compactions.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// The flusher compacts only once idle for as long as the compaction should pause writes
+    /// (at least `COMPACT_IDLE`), not again before `COMPACT_INTERVAL_MIN`, and checks again
+    /// only after a write.
+    #[test]
+    fn automatic_compaction_waits_for_an_idle_flusher() {
+        let pause = std::time::Duration::from_secs(2);
+        let store = DueStore {
+            due: Some(pause),
+            ..DueStore::default()
+        };
+        let poisoned = OnceLock::new();
+        let start = Instant::now();
+        let mut auto = AutoCompaction::new(start);
+        assert_eq!(
+            auto.deadline(),
+            Some(start + COMPACT_IDLE),
+            "checks once opened"
+        );
+        auto.after_group(start, true);
+        auto.check(&store, &poisoned, start + COMPACT_IDLE);
+        assert_eq!(store.compactions(), 0, "idle for less than the pause");
+        assert_eq!(auto.deadline(), Some(start + pause), "waits for the pause");
+        auto.check(&store, &poisoned, start + pause);
+        assert_eq!(store.compactions(), 1);
+        assert_eq!(auto.deadline(), None, "nothing written since");
+        let later = Instant::now();
+        auto.after_group(later, true);
+        let next = auto.deadline().expect("a write makes a check pending");
+        assert!(next >= later + COMPACT_INTERVAL_MIN - std::time::Duration::from_secs(1));
+        auto.after_group(later, false);
+        // Not due: the check ends until the next write.
+        let not_due = DueStore::default();
+        auto.check(&not_due, &poisoned, next);
+        assert_eq!(auto.deadline(), None);
+        assert_eq!(not_due.compactions(), 0);
+    }
+
     #[test]
     fn a_record_written_and_removed_in_one_group_is_never_written() {
         let jobs = [
