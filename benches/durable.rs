@@ -16,8 +16,11 @@
 //!   beside a raw sled iteration over 1,000,000 records.
 //!
 //! - with `CONEY_BENCH_DISK=1`: the store's size on disk every 250,000 of 1,000,000 publish+ack
-//!   cycles with a backlog of 1,000, and before and after a backlog of 1,000,000 drains (printed,
-//!   untimed). `CONEY_BENCH_DISK_CYCLES` and `CONEY_BENCH_DISK_BACKLOG` change the two counts.
+//!   cycles with a backlog of 1,000, and before and after a backlog of 1,000,000 drains, then
+//!   after a compaction on demand (and its time); the same backlog drained but for 100,000
+//!   messages, compacted; and once more with the broker's own compaction, how long after the
+//!   drain the directory is small again (printed, untimed by criterion).
+//!   `CONEY_BENCH_DISK_CYCLES` and `CONEY_BENCH_DISK_BACKLOG` change the two counts.
 //!
 //! Directories live under the system temp dir and are removed at the end.
 
@@ -392,6 +395,25 @@ fn mib(broker: &Broker) -> f64 {
     broker.size_on_disk().unwrap() as f64 / (1024.0 * 1024.0)
 }
 
+/// Every file under `path` (all generations, leftovers included), in MiB.
+fn dir_mib(path: &Path) -> f64 {
+    fn bytes(path: &Path) -> u64 {
+        std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|entry| match entry.metadata() {
+                        Ok(meta) if meta.is_dir() => bytes(&entry.path()),
+                        Ok(meta) => meta.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    bytes(path) as f64 / (1024.0 * 1024.0)
+}
+
 /// Not a timed benchmark: the store directory's size under a steady publish+ack stream with a
 /// backlog of 1,000 by default (checking nothing acked is left behind by reopening), and before and after
 /// a backlog as large as the stream drains (printed).
@@ -439,17 +461,77 @@ fn disk_space() {
         "disk: reopened: nothing recovered, {:.1} MiB",
         mib(&rig.broker)
     );
+    drop(rig);
+    // The backlog, with compaction on demand only (the broker's own is off, so the sizes
+    // before are sled's alone).
+    let manual = |path: &Path| Rig::new(Broker::builder().auto_compact(false).open(path).unwrap());
+    let rig = manual(&path);
     publish_n(&rig, cycles);
     assert!(rig.ch.wait_for_confirms().unwrap());
     eprintln!("disk: backlog of {cycles}: {:.1} MiB", mib(&rig.broker));
     take_n(&rig, cycles);
     rig.broker.sync().unwrap();
     eprintln!(
-        "disk: after the backlog drained: {:.1} MiB",
-        mib(&rig.broker)
+        "disk: after the backlog drained: {:.1} MiB (directory {:.1} MiB)",
+        mib(&rig.broker),
+        dir_mib(&path)
     );
     thread::sleep(Duration::from_secs(2)); // a few rounds of sled's own flusher (space reclaim)
     eprintln!("disk: 2 s later: {:.1} MiB", mib(&rig.broker));
+    let stats = rig.broker.compact_store().unwrap();
+    eprintln!(
+        "disk: compacted in {:?} (locks held {:?}): {} records, {} bytes live; {:.0} KiB \
+         (directory {:.0} KiB)",
+        stats.took,
+        stats.pause,
+        stats.records,
+        stats.live_bytes,
+        mib(&rig.broker) * 1024.0,
+        dir_mib(&path) * 1024.0
+    );
+    // The same backlog drained but for a tenth: what a compaction of that many costs.
+    let left = cycles / 10;
+    publish_n(&rig, cycles);
+    assert!(rig.ch.wait_for_confirms().unwrap());
+    take_n(&rig, cycles - left);
+    rig.broker.sync().unwrap();
+    let before = mib(&rig.broker);
+    let stats = rig.broker.compact_store().unwrap();
+    eprintln!(
+        "disk: backlog of {cycles} drained to {left}: {before:.1} MiB; compacted in {:?} (locks \
+         held {:?}): {} records, {:.1} MiB live; {:.1} MiB (directory {:.1} MiB)",
+        stats.took,
+        stats.pause,
+        stats.records,
+        stats.live_bytes as f64 / (1024.0 * 1024.0),
+        mib(&rig.broker),
+        dir_mib(&path)
+    );
+    take_n(&rig, left);
+    rig.broker.sync().unwrap();
+    drop(rig);
+    // The broker's own compaction: how long after the drain the store is small again.
+    let rig = Rig::new(durable_broker(&path, Durability::GroupCommit));
+    publish_n(&rig, cycles);
+    assert!(rig.ch.wait_for_confirms().unwrap());
+    eprintln!(
+        "disk: automatic: backlog of {cycles}: {:.1} MiB",
+        mib(&rig.broker)
+    );
+    take_n(&rig, cycles);
+    rig.broker.sync().unwrap();
+    let drained = Instant::now();
+    let peak = dir_mib(&path);
+    while dir_mib(&path) > 1.0 && drained.elapsed() < Duration::from_secs(60) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "disk: automatic: drained at {peak:.1} MiB (directory), {:.0} KiB (directory {:.0} KiB) \
+         {:?} later",
+        mib(&rig.broker) * 1024.0,
+        dir_mib(&path) * 1024.0,
+        drained.elapsed()
+    );
     drop(rig);
     let _ = std::fs::remove_dir_all(&path);
 }

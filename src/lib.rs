@@ -74,7 +74,8 @@
 //! [`Limits::memory_high_watermark_bytes`] or the store's backlog is over
 //! [`Limits::store_backlog_max_bytes`]; [`Connection::set_blocked_handler`] hears each change and
 //! [`Channel::basic_publish_timeout`] gives up after a while. Queues that drain give their
-//! memory back.
+//! memory back, and a durable broker's store gives its disk back once most of it is no longer
+//! live (it compacts when idle; [`Broker::compact_store`] compacts on demand).
 //!
 //! ```
 //! use std::time::Duration;

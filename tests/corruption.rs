@@ -5,7 +5,9 @@
 //! One store is built through the public API (durable exchanges, queues and bindings,
 //! persistent messages, one of them large enough for sled to keep in a blob file, some acked,
 //! some returned), closed, and read back once through [`SledStore::open`] + [`Store::recover`]:
-//! that is the expected state. Each trial copies the directory, damages the copy (flips one
+//! that is the expected state. Every test runs on two such stores: one as built (generation 0,
+//! sled's files in the store directory), and one compacted twice halfway through its building
+//! (`CURRENT` naming `gen-2`, which holds the files, and its own commit file). Each trial copies the directory, damages the copy (flips one
 //! random bit of a random byte of a random file; cuts `db` at a random length; deletes one
 //! file), then opens it twice, on two copies of the same damage: with `SledStore::open` +
 //! `recover`, and with `Broker::open` (whose recovered state is read back through the store
@@ -13,7 +15,7 @@
 //! panic that reaches the trial, or one in a thread the store does not guard, fails it (a panic
 //! hook sees them all).
 //!
-//! `cargo test` runs a seeded sample (40 flips, 20 cuts, every file deleted).
+//! `cargo test` runs a seeded sample (40 flips, 20 cuts, every file deleted) on each store.
 //! `CONEY_CORRUPTION_TRIALS=N` runs N flips and N/2 cuts; `CONEY_CORRUPTION_SEED=S` changes the
 //! seed. A failing trial prints its seed and index and what it damaged; the base store comes
 //! from a live broker and its bytes differ between runs, so a trial replays exactly only with
@@ -41,7 +43,13 @@ const SEED_DEFAULT: u64 = 0x5eed_c0de;
 #[test]
 fn a_flipped_bit_is_a_typed_error_or_changes_nothing() {
     let _serial = serial();
-    let base = base();
+    for layout in LAYOUTS {
+        flip_bits(layout);
+    }
+}
+
+fn flip_bits(layout: Layout) {
+    let base = base(layout);
     let trials = trials(FLIPS_DEFAULT);
     let seed = seed();
     let mut tally = Tally::default();
@@ -58,54 +66,91 @@ fn a_flipped_bit_is_a_typed_error_or_changes_nothing() {
         let damage = Damage::Flip { file, offset, bit };
         tally.add(base, seed, index, damage);
     }
-    tally.finish("flip one bit");
+    tally.finish(&format!("{layout:?}: flip one bit"));
 }
 
 #[test]
 fn a_cut_log_is_a_typed_error_or_changes_nothing() {
     let _serial = serial();
-    let base = base();
+    for layout in LAYOUTS {
+        cut_log(layout);
+    }
+}
+
+fn cut_log(layout: Layout) {
+    let base = base(layout);
     let trials = trials(FLIPS_DEFAULT) * CUTS_DEFAULT / FLIPS_DEFAULT;
     let seed = seed();
+    let log = layout.log();
     let db = base
         .files
         .iter()
-        .position(|(name, _)| name == Path::new("db"))
+        .position(|(name, _)| *name == log)
         .expect("the store has a db file");
     let db_len = base.file_len(db);
     let mut tally = Tally::default();
     for index in 0..trials {
         let mut rng = Rng::new(seed ^ 0xc07, index);
         let damage = Damage::Cut {
+            file: log.clone(),
             len: rng.below(db_len),
         };
         tally.add(base, seed ^ 0xc07, index, damage);
     }
-    tally.finish("cut db");
+    tally.finish(&format!("{layout:?}: cut db"));
 }
 
 #[test]
 fn a_deleted_file_is_a_typed_error_or_changes_nothing() {
     let _serial = serial();
-    let base = base();
+    for layout in LAYOUTS {
+        delete_files(layout);
+    }
+}
+
+fn delete_files(layout: Layout) {
+    let base = base(layout);
     let mut tally = Tally::default();
     for (index, (file, _)) in base.files.iter().enumerate() {
         let damage = Damage::Delete { file: file.clone() };
         tally.add(base, 0, len_u64(index), damage);
     }
-    tally.finish("delete a file");
+    tally.finish(&format!("{layout:?}: delete a file"));
 }
 
 #[test]
 fn the_undamaged_copy_recovers_everything_through_both_paths() {
     let _serial = serial();
-    let base = base();
-    let dir = TempDir::new("intact");
-    base.write_to(dir.path());
-    assert_eq!(open_and_recover(dir.path()), Outcome::Same);
-    let dir = TempDir::new("intact-broker");
-    base.write_to(dir.path());
-    assert_eq!(open_broker(dir.path()), Outcome::Same);
+    for layout in LAYOUTS {
+        let base = base(layout);
+        let dir = TempDir::new("intact");
+        base.write_to(dir.path());
+        assert_eq!(open_and_recover(base, dir.path()), Outcome::Same);
+        let dir = TempDir::new("intact-broker");
+        base.write_to(dir.path());
+        assert_eq!(open_broker(base, dir.path()), Outcome::Same);
+    }
+}
+
+/// The two stores every test damages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// As built: generation 0.
+    Flat,
+    /// Compacted twice while built: `gen-2`.
+    Compacted,
+}
+
+const LAYOUTS: [Layout; 2] = [Layout::Flat, Layout::Compacted];
+
+impl Layout {
+    /// The log file, relative to the store directory.
+    fn log(self) -> PathBuf {
+        match self {
+            Layout::Flat => PathBuf::from("db"),
+            Layout::Compacted => PathBuf::from("gen-2/db"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,8 +161,8 @@ fn the_undamaged_copy_recovers_everything_through_both_paths() {
 enum Damage {
     /// Flip bit `bit` of the byte at `offset` of `file` (relative to the store directory).
     Flip { file: PathBuf, offset: u64, bit: u8 },
-    /// Cut `db` to `len` bytes.
-    Cut { len: u64 },
+    /// Cut the log `file` (relative to the store directory) to `len` bytes.
+    Cut { file: PathBuf, len: u64 },
     /// Delete `file`.
     Delete { file: PathBuf },
 }
@@ -131,10 +176,10 @@ impl Damage {
                 bytes[usize::try_from(*offset).unwrap()] ^= 1 << bit;
                 std::fs::write(&path, bytes).unwrap();
             }
-            Damage::Cut { len } => {
+            Damage::Cut { file, len } => {
                 let file = std::fs::OpenOptions::new()
                     .write(true)
-                    .open(dir.join("db"))
+                    .open(dir.join(file))
                     .unwrap();
                 file.set_len(*len).unwrap();
             }
@@ -174,8 +219,8 @@ impl Tally {
         base.write_to(broker_copy.path());
         damage.apply(broker_copy.path());
         for (path, outcome) in [
-            ("store", open_and_recover(store_copy.path())),
-            ("broker", open_broker(broker_copy.path())),
+            ("store", open_and_recover(base, store_copy.path())),
+            ("broker", open_broker(base, broker_copy.path())),
         ] {
             let kind = match &outcome {
                 Outcome::Same => "same",
@@ -204,8 +249,8 @@ impl Tally {
 }
 
 /// Opens the copy with `SledStore::open` and recovers it, under `catch_unwind`.
-fn open_and_recover(dir: &Path) -> Outcome {
-    let expected = &base().expected;
+fn open_and_recover(base: &Base, dir: &Path) -> Outcome {
+    let expected = &base.expected;
     guarded(|| {
         let store = match SledStore::open(dir, SledOptions::default()) {
             Ok(store) => store,
@@ -219,8 +264,8 @@ fn open_and_recover(dir: &Path) -> Outcome {
 }
 
 /// Opens the copy with `Broker::open`, drops the broker and reads the store back.
-fn open_broker(dir: &Path) -> Outcome {
-    let expected = &base().expected;
+fn open_broker(base: &Base, dir: &Path) -> Outcome {
+    let expected = &base.expected;
     guarded(|| {
         match Broker::open(dir) {
             Ok(broker) => drop(broker),
@@ -310,14 +355,24 @@ impl Base {
     }
 }
 
-fn base() -> &'static Base {
-    static BASE: OnceLock<Base> = OnceLock::new();
-    BASE.get_or_init(|| {
+fn base(layout: Layout) -> &'static Base {
+    static FLAT: OnceLock<Base> = OnceLock::new();
+    static COMPACTED: OnceLock<Base> = OnceLock::new();
+    let cell = match layout {
+        Layout::Flat => &FLAT,
+        Layout::Compacted => &COMPACTED,
+    };
+    cell.get_or_init(|| {
         let dir = TempDir::new("base");
         if std::env::var_os("CONEY_CORRUPTION_KEEP").is_some() {
-            eprintln!("base store: {}", dir.path().display());
+            eprintln!("{layout:?} base store: {}", dir.path().display());
         }
-        build(dir.path());
+        build(dir.path(), layout);
+        assert!(
+            dir.path().join(layout.log()).exists(),
+            "{layout:?}: the log is at {}",
+            layout.log().display()
+        );
         let files = files(dir.path())
             .into_iter()
             .map(|rel| {
@@ -363,7 +418,13 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 }
 
 /// Fills a store through the broker: definitions, messages, acks, returns; then closes it.
-fn build(dir: &Path) {
+/// For [`Layout::Compacted`], compacts it twice on the way, the second time after the blob.
+fn build(dir: &Path, layout: Layout) {
+    let compact = |broker: &Broker| {
+        if layout == Layout::Compacted {
+            broker.compact_store().expect("compacting the base store");
+        }
+    };
     let broker = Broker::open(dir).expect("a fresh store opens");
     let conn = broker.connect();
     let ch = conn.channel().unwrap();
@@ -423,6 +484,9 @@ fn build(dir: &Path) {
     ch.confirm_select(ConfirmSelectOptions::default()).unwrap();
     let persistent = BasicProperties::default().with_delivery_mode(2);
     for i in 0..400u32 {
+        if i == 200 {
+            compact(&broker);
+        }
         let key = ["order.created", "order.paid", "order.cancelled"][(i % 3) as usize];
         let body = vec![u8::try_from(i % 251).unwrap(); 16 + (i as usize * 37) % 1500];
         ch.basic_publish(
@@ -444,6 +508,7 @@ fn build(dir: &Path) {
     )
     .unwrap();
     assert!(ch.wait_for_confirms().unwrap());
+    compact(&broker);
     for _ in 0..60 {
         let got = ch.basic_get("all", BasicGetOptions::default()).unwrap();
         got.expect("a message").delivery.ack().unwrap();

@@ -1,8 +1,10 @@
 //! Crash safety with real processes: a child process publishes with confirms and acks in a
-//! loop on a durable broker; the test kills it with SIGKILL at seeded random moments, reopens
-//! the directory and checks that every confirmed, unacked message is there in order, that no
-//! message whose ack was synced came back, and that nothing is duplicated (DESIGN.md
-//! "Durability"; SEMANTICS.md §8, §9.2).
+//! loop on a durable broker, while another of its threads compacts the store over and over;
+//! the test kills it with SIGKILL at seeded random moments, reopens the directory and checks
+//! that every confirmed, unacked message is there in order, that no message whose ack was
+//! synced came back, that nothing is duplicated (DESIGN.md "Durability"; SEMANTICS.md §8,
+//! §9.2), and that opening left one generation of the store and nothing of an interrupted
+//! compaction. It prints how many kills landed during a compaction.
 //!
 //! The child is this test binary re-run with `CONEY_CRASH_DIR` set: `crash_child` does the
 //! work then, and returns at once otherwise.
@@ -48,6 +50,16 @@ fn crash_child() {
     let out = std::io::stdout();
     // The harness has printed "test crash_child ... " without a newline: end that line.
     writeln!(out.lock()).unwrap();
+    // Compactions back to back (a kill lands in one often), each announced before and after.
+    let compactor = broker.clone();
+    thread::spawn(move || {
+        loop {
+            writeln!(std::io::stdout().lock(), "K start").unwrap();
+            compactor.compact_store().unwrap();
+            writeln!(std::io::stdout().lock(), "K done").unwrap();
+            thread::sleep(Duration::from_millis(2));
+        }
+    });
     loop {
         let first = next;
         for _ in 0..20 {
@@ -94,6 +106,14 @@ struct Ledger {
     /// Acks made and synced: never to come back.
     acked: BTreeSet<u64>,
     next: u64,
+    /// Kills that landed between a compaction's start and its end.
+    kills_mid_compaction: u32,
+    /// What the kills left of a compaction, as found before reopening: a generation not
+    /// named (killed before the switch), an old generation next to the named one (after it),
+    /// a `CURRENT.tmp`.
+    left_unnamed: u32,
+    left_old: u32,
+    left_current_tmp: u32,
 }
 
 /// Runs one child for `run_ms`, kills it with SIGKILL, records what it reported.
@@ -127,7 +147,13 @@ fn run_child(dir: &Path, ledger: &mut Ledger, run_ms: u64) {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     reader.join().unwrap();
+    let mut compacting = false;
     for line in std::iter::once(first).chain(rx.try_iter()) {
+        match line.as_str() {
+            "K start" => compacting = true,
+            "K done" => compacting = false,
+            _ => {}
+        }
         let (kind, id) = match line.split_once(' ') {
             Some((k, id)) if ["P", "C", "G", "A"].contains(&k) => (k, id.parse::<u64>()),
             _ => continue, // the test harness's own lines
@@ -143,11 +169,13 @@ fn run_child(dir: &Path, ledger: &mut Ledger, run_ms: u64) {
             _ => _ = ledger.acked.insert(id),
         }
     }
+    ledger.kills_mid_compaction += u32::from(compacting);
 }
 
 /// Reopens the directory and checks it against the ledger; leaves the messages in place.
 fn check_store(dir: &Path, ledger: &Ledger, seed: u64, round: u32) {
     let broker = Broker::open(dir).unwrap();
+    check_layout(dir, seed, round);
     let conn = broker.connect();
     let ch = conn.channel().unwrap();
     let ok = ch
@@ -195,6 +223,54 @@ fn check_store(dir: &Path, ledger: &Ledger, seed: u64, round: u32) {
     broker.sync().unwrap();
 }
 
+/// Counts what an interrupted compaction left in `dir` (see [`Ledger`]).
+fn note_leftovers(dir: &Path, ledger: &mut Ledger) {
+    let names = names(dir);
+    let named = std::fs::read_to_string(dir.join("CURRENT"))
+        .ok()
+        .and_then(|text| text.split(' ').next().map(str::to_owned));
+    let generations: Vec<&String> = names.iter().filter(|n| n.starts_with("gen-")).collect();
+    let unnamed = generations
+        .iter()
+        .filter(|n| Some(n.as_str()) != named.as_deref())
+        .count();
+    match &named {
+        // Generation 0 active: any generation is a copy not yet named.
+        None => ledger.left_unnamed += u32::from(unnamed > 0),
+        Some(named) => {
+            // The highest generation is the newest: above the named one, an unnamed copy;
+            // below it (or generation 0's log), the old one not yet removed.
+            let number = |n: &str| n[4..].parse::<u64>().unwrap_or(0);
+            let current = number(named);
+            ledger.left_unnamed += u32::from(generations.iter().any(|n| number(n) > current));
+            ledger.left_old +=
+                u32::from(generations.iter().any(|n| number(n) < current) || names.contains("db"));
+        }
+    }
+    ledger.left_current_tmp += u32::from(names.contains("CURRENT.tmp"));
+}
+
+fn names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// After an open: one generation (generation 0's files, or `CURRENT` and the `gen-N` it
+/// names), nothing of an interrupted compaction.
+fn check_layout(dir: &Path, seed: u64, round: u32) {
+    let names = names(dir);
+    let generations = names.iter().filter(|name| name.starts_with("gen-")).count();
+    let current = names.contains("CURRENT");
+    assert!(
+        !names.contains("CURRENT.tmp")
+            && generations == usize::from(current)
+            && names.contains("db") != current,
+        "seed {seed} round {round}: left behind: {names:?}"
+    );
+}
+
 /// SIGKILL at seeded random moments, many rounds, each reopening what the last one left.
 #[test]
 fn sigkill_mid_stream_loses_nothing_confirmed_and_returns_nothing_acked() {
@@ -216,6 +292,7 @@ fn sigkill_mid_stream_loses_nothing_confirmed_and_returns_nothing_acked() {
             .wrapping_add(1_442_695_040_888_963_407);
         let run_ms = 5 + (rng >> 33) % 120;
         run_child(&dir, &mut ledger, run_ms);
+        note_leftovers(&dir, &mut ledger);
         check_store(&dir, &ledger, seed, round);
     }
     assert!(
@@ -223,5 +300,10 @@ fn sigkill_mid_stream_loses_nothing_confirmed_and_returns_nothing_acked() {
         "the children confirmed something"
     );
     assert!(!ledger.acked.is_empty(), "the children acked something");
+    eprintln!(
+        "seed {seed}: {rounds} kills, {} of them during a compaction; left behind: an unnamed \
+         generation {} times, the old generation {} times, CURRENT.tmp {} times",
+        ledger.kills_mid_compaction, ledger.left_unnamed, ledger.left_old, ledger.left_current_tmp
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,6 +7,12 @@
 //! `fsync` of its directory (DESIGN.md "Durability": an answer means on stable storage, which
 //! `sync_file_range` alone is not).
 //!
+//! The child also compacts the store twice (generation 0 to `gen-1`, then `gen-1`, holding the
+//! blob, to `gen-2`), each answered with a marker too: the new generation's files, its
+//! directory, `CURRENT` and the store directory must all be synced before the answer. A file
+//! or directory removed before a marker need not be (the old generation, which may still be
+//! written as it closes after the switch, is removed then).
+//!
 //! One file is checked differently: the commit file (`coney.commit`), which records the last
 //! commit counter a flush made durable so that a log which lost writes is detected on open. It
 //! may lag the log without harm (a lagging counter only weakens that check), so a flush writes
@@ -100,6 +106,11 @@ fn fsync_child() {
         }
         broker.sync().unwrap();
         mark(&format!("synced acks of round {round}"));
+        if round == 2 {
+            // The first compaction: generation 0 (the store directory) to gen-1.
+            broker.compact_store().unwrap();
+            mark("compacted");
+        }
     }
     // Over sled's blob threshold (a quarter of a 512 KiB segment): kept in its own file.
     ch.basic_publish(
@@ -115,6 +126,19 @@ fn fsync_child() {
     ch.queue_declare("second", durable(), FieldTable::new())
         .unwrap();
     mark("declared second");
+    // A later one, copying the blob: gen-1 to gen-2.
+    broker.compact_store().unwrap();
+    mark("compacted again");
+    ch.basic_publish(
+        "",
+        QUEUE,
+        BasicPublishOptions::default(),
+        b"after".to_vec(),
+        persistent(),
+    )
+    .unwrap();
+    assert!(ch.wait_for_confirms().unwrap());
+    mark("confirmed after compacting");
 }
 
 /// One system call as the trace shows it.
@@ -203,6 +227,16 @@ fn fd_path(args: &str) -> Option<&str> {
     Some(&args[open + 1..close])
 }
 
+/// The path an `unlink`, `unlinkat` or `rmdir` removed: its quoted path, absolute or relative
+/// to the descriptor before it (`unlinkat(8</s/gen-1/blobs>, "12", 0)` gives `/s/gen-1/blobs/12`).
+fn removed_path(args: &str) -> Option<String> {
+    let name = args.split('"').nth(1)?;
+    if name.starts_with('/') {
+        return Some(name.to_owned());
+    }
+    Some(format!("{}/{name}", fd_path(args)?))
+}
+
 /// The path an `openat` returned a descriptor for (`= 9</tmp/x/blobs/12>`).
 fn opened_path(result: &str) -> Option<&str> {
     fd_path(result)
@@ -217,6 +251,28 @@ struct Pending {
     dirs: HashMap<String, usize>,
 }
 
+impl Pending {
+    /// Fails if anything is pending but commit files and the directories in `except`.
+    fn assert_clean(&self, except: &[&str], pid: u32, line: usize, what: &str) {
+        let dirty: Vec<_> = self
+            .files
+            .keys()
+            .filter(|path| !is_commit_file(path))
+            .chain(
+                self.dirs
+                    .keys()
+                    .filter(|path| !except.contains(&path.as_str())),
+            )
+            .collect();
+        assert!(
+            dirty.is_empty(),
+            "pid {pid}: {what} at trace line {} while {dirty:?} were written or had entries \
+             created with no fsync since",
+            line + 1
+        );
+    }
+}
+
 fn parent(path: &str) -> String {
     Path::new(path)
         .parent()
@@ -224,18 +280,19 @@ fn parent(path: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The commit file's path in the store `dir` (see the module doc).
-fn commit_file(dir: &str) -> String {
-    format!("{dir}/coney.commit")
+/// Whether `path` is a commit file of the store (see the module doc): `coney.commit` in the
+/// store directory or in one of its generations.
+fn is_commit_file(path: &str) -> bool {
+    path.ends_with("/coney.commit")
 }
 
-/// Checks the trace; returns (markers, store writes, syncs) seen.
-fn check(trace: &str, dir: &Path) -> (u32, u32, u32) {
+/// Checks the trace; returns (markers, store writes, syncs, switches of `CURRENT`) seen.
+fn check(trace: &str, dir: &Path) -> (u32, u32, u32, u32) {
     let dir = dir.to_string_lossy().into_owned();
     let in_store = |path: &str| path == dir || path.starts_with(&format!("{dir}/"));
-    let lagging = commit_file(&dir);
     let mut pending = Pending::default();
-    let (mut markers, mut writes, mut syncs) = (0, 0, 0);
+    let (mut markers, mut writes, mut syncs, mut switches) = (0, 0, 0, 0);
+    let (current, current_tmp) = (format!("{dir}/CURRENT"), format!("{dir}/CURRENT.tmp"));
     // Events in line order: a write counts from its end (its data may land at any moment
     // before that), a sync covers what was pending before its start and takes effect at its
     // end, a marker is checked at its start.
@@ -252,19 +309,7 @@ fn check(trace: &str, dir: &Path) -> (u32, u32, u32) {
             ("write", "start") if call.args.starts_with("1<") && call.args.contains("\"MARK") => {
                 markers += 1;
                 let text = call.args.split('"').nth(1).unwrap_or_default();
-                let dirty: Vec<_> = pending
-                    .files
-                    .keys()
-                    .filter(|path| **path != lagging)
-                    .chain(pending.dirs.keys())
-                    .collect();
-                assert!(
-                    dirty.is_empty(),
-                    "pid {}: {text:?} answered at trace line {} while {dirty:?} were written \
-                     or had entries created with no fsync since",
-                    call.pid,
-                    line + 1
-                );
+                pending.assert_clean(&[], call.pid, line, &format!("{text:?} answered"));
             }
             ("write" | "writev" | "pwrite64" | "pwritev" | "pwritev2", "end") => {
                 if let Some(path) = fd_path(&call.args).filter(|p| in_store(p)) {
@@ -291,16 +336,38 @@ fn check(trace: &str, dir: &Path) -> (u32, u32, u32) {
                 if let Some(path) = call.result.as_deref().and_then(opened_path)
                     && in_store(path)
                 {
+                    if path == current_tmp {
+                        // Everything of the new generation synced, its directory's entry in the
+                        // store directory too, before `CURRENT` is written at all.
+                        pending.assert_clean(&[], call.pid, line, "CURRENT.tmp created");
+                    }
                     pending.dirs.insert(parent(path), line);
                 }
             }
-            (
-                "mkdir" | "mkdirat" | "rename" | "renameat" | "renameat2" | "unlink" | "unlinkat",
-                "end",
-            ) if ok => {
-                // Paths of these are quoted strings, relative to a descriptor or absolute.
+            ("rename" | "renameat" | "renameat2", "start")
+                if call.args.split('"').nth(3) == Some(current.as_str()) =>
+            {
+                // The switch of a compaction: the generation it names (and `CURRENT.tmp`) on
+                // stable storage before; the store directory's new entries are covered by its
+                // sync after the rename (they were all synced before `CURRENT.tmp`, see below).
+                switches += 1;
+                pending.assert_clean(&[&dir], call.pid, line, "CURRENT renamed");
+            }
+            ("unlink" | "unlinkat" | "rmdir", "end") if ok => {
+                // A removed file or directory need not reach stable storage (a compaction's
+                // old generation, closed after the switch, may write as it closes).
+                if let Some(removed) = removed_path(&call.args).filter(|p| in_store(p)) {
+                    let under = format!("{removed}/");
+                    let gone = |path: &String| *path == removed || path.starts_with(&under);
+                    pending.files.retain(|path, _| !gone(path));
+                    pending.dirs.retain(|path, _| !gone(path));
+                }
+            }
+            ("mkdir" | "mkdirat" | "rename" | "renameat" | "renameat2", "end") if ok => {
+                // Paths of these are quoted strings, relative to a descriptor or absolute. (The
+                // store directory's own creation is its parent's business, not the store's.)
                 for quoted in call.args.split('"').skip(1).step_by(2) {
-                    if in_store(quoted) && call.name.starts_with("rename") {
+                    if in_store(quoted) && in_store(&parent(quoted)) {
                         pending.dirs.insert(parent(quoted), line);
                     }
                 }
@@ -308,11 +375,16 @@ fn check(trace: &str, dir: &Path) -> (u32, u32, u32) {
             _ => {}
         }
     }
+    let lagging: Vec<_> = pending
+        .files
+        .keys()
+        .filter(|path| is_commit_file(path))
+        .collect();
     assert!(
-        !pending.files.contains_key(&lagging),
-        "the commit file {lagging} was written and not synced before the store closed"
+        lagging.is_empty(),
+        "the commit file {lagging:?} was written and not synced before the store closed"
     );
-    (markers, writes, syncs)
+    (markers, writes, syncs, switches)
 }
 
 fn strace() -> Option<PathBuf> {
@@ -344,7 +416,7 @@ fn run_traced(mode: &str, expected_markers: u32) {
         .arg(&trace_file)
         .args([
             "-e",
-            "trace=openat,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,\
+            "trace=openat,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,rmdir,\
              write,writev,pwrite64,pwritev,pwritev2,fsync,fdatasync,sync_file_range,syncfs,sync",
         ])
         .arg(std::env::current_exe().unwrap())
@@ -356,7 +428,8 @@ fn run_traced(mode: &str, expected_markers: u32) {
         .unwrap();
     assert!(status.success(), "the traced child failed: {status}");
     let trace = std::fs::read_to_string(&trace_file).unwrap();
-    let (markers, writes, syncs) = check(&trace, &dir);
+    let (markers, writes, syncs, switches) = check(&trace, &dir);
+    assert_eq!(switches, 2, "both compactions switched generations");
     assert_eq!(markers, expected_markers, "every answer left a marker");
     assert!(writes > 0, "the trace shows writes to the store");
     assert!(syncs > 0, "the trace shows syncs of the store");
@@ -365,13 +438,14 @@ fn run_traced(mode: &str, expected_markers: u32) {
 
 #[test]
 fn group_commit_answers_only_after_fsync() {
-    // declared, 5 x (confirmed round, synced acks), confirmed blob, declared second
-    run_traced("group", 1 + 5 * 2 + 2);
+    // declared, 5 x (confirmed round, synced acks), compacted, confirmed blob, declared
+    // second, compacted again, confirmed after compacting
+    run_traced("group", 1 + 5 * 2 + 1 + 2 + 2);
 }
 
 #[test]
 fn per_message_confirms_only_after_fsync() {
-    run_traced("per-message", 1 + 5 * (20 + 2) + 2);
+    run_traced("per-message", 1 + 5 * (20 + 2) + 1 + 2 + 2);
 }
 
 #[test]
@@ -394,7 +468,47 @@ fn the_checker_sees_a_write_left_unsynced() {
         "10 write(1",
         "11 fdatasync(7</s/db> <unfinished ...>\n11 <... fdatasync resumed>)          = 0\n10 write(1",
     );
-    assert_eq!(check(&synced, Path::new("/s")), (1, 1, 2));
+    assert_eq!(check(&synced, Path::new("/s")), (1, 1, 2, 0));
+}
+
+#[test]
+fn the_checker_forgets_what_was_removed() {
+    let trace = "\
+10 pwrite64(3</s/gen-1/db>, \"x\", 1, 0) = 1
+10 openat(AT_FDCWD</>, \"/s/gen-1/blobs/7\", O_WRONLY|O_CREAT|O_EXCL, 0666) = 4</s/gen-1/blobs/7>
+10 unlinkat(5</s/gen-1/blobs>, \"7\", 0) = 0
+10 unlinkat(6</s>, \"gen-1\", AT_REMOVEDIR) = 0
+10 write(1<pipe:[9]>, \"MARK compacted\\n\", 15) = 15
+";
+    assert_eq!(check(trace, Path::new("/s")), (1, 1, 0, 0));
+    let kept = trace.replace("10 unlinkat(6</s>, \"gen-1\", AT_REMOVEDIR) = 0\n", "");
+    let outcome = std::panic::catch_unwind(|| check(&kept, Path::new("/s")));
+    assert!(outcome.is_err(), "the write to gen-1/db is still pending");
+}
+
+#[test]
+fn the_checker_sees_a_generation_unsynced_at_the_switch() {
+    let trace = "\
+10 pwrite64(3</s/gen-1/db>, \"x\", 1, 0) = 1
+10 openat(AT_FDCWD</>, \"/s/CURRENT.tmp\", O_WRONLY|O_CREAT|O_TRUNC, 0666) = 4</s/CURRENT.tmp>
+10 write(4</s/CURRENT.tmp>, \"gen-1\", 5) = 5
+10 fsync(4</s/CURRENT.tmp>) = 0
+10 rename(\"/s/CURRENT.tmp\", \"/s/CURRENT\") = 0
+10 fsync(5</s>) = 0
+10 fdatasync(3</s/gen-1/db>) = 0
+10 write(1<pipe:[9]>, \"MARK compacted\\n\", 15) = 15
+";
+    let outcome = std::panic::catch_unwind(|| check(trace, Path::new("/s")));
+    let message = *outcome
+        .expect_err("a generation synced only after the switch fails the check")
+        .downcast::<String>()
+        .unwrap();
+    assert!(message.contains("CURRENT.tmp created"), "{message}");
+    let synced = trace.replace(
+        "10 openat(AT_FDCWD</>, \"/s/CURRENT.tmp",
+        "10 fdatasync(3</s/gen-1/db>) = 0\n10 openat(AT_FDCWD</>, \"/s/CURRENT.tmp",
+    );
+    assert_eq!(check(&synced, Path::new("/s")), (1, 2, 4, 1));
 }
 
 #[test]
@@ -410,5 +524,5 @@ fn the_checker_lets_the_commit_file_lag_until_the_store_closes() {
         .unwrap();
     assert!(message.contains("commit file"), "{message}");
     let synced = format!("{trace}10 fdatasync(3</s/coney.commit>) = 0\n");
-    assert_eq!(check(&synced, Path::new("/s")), (1, 1, 1));
+    assert_eq!(check(&synced, Path::new("/s")), (1, 1, 1, 0));
 }

@@ -41,7 +41,7 @@ use crate::core::channel::QueueId;
 use crate::core::shared::Map;
 use crate::core::topology::Topology;
 use crate::error::Result;
-use crate::store::{SledOptions, SledStore, Store};
+use crate::store::{CompactStats, SledOptions, SledStore, Store};
 use persist::Persistence;
 use queue::{QueueCell, QueueEnv};
 use std::path::Path;
@@ -173,6 +173,7 @@ pub struct BrokerBuilder {
     durability: Durability,
     /// sled's page cache for [`BrokerBuilder::open`]; `None`: [`SledOptions`]' default.
     store_cache_bytes: Option<u64>,
+    auto_compact: bool,
 }
 
 impl Default for BrokerBuilder {
@@ -184,6 +185,7 @@ impl Default for BrokerBuilder {
             seed,
             durability: Durability::default(),
             store_cache_bytes: None,
+            auto_compact: true,
         }
     }
 }
@@ -219,6 +221,14 @@ impl BrokerBuilder {
     /// watermark instead.
     pub fn store_cache_bytes(mut self, bytes: u64) -> Self {
         self.store_cache_bytes = Some(bytes);
+        self
+    }
+
+    /// Whether the broker compacts its store by itself once most of the store's space is no
+    /// longer live and the store has been idle for a moment (default: yes). Off, only
+    /// [`Broker::compact_store`] compacts, for applications that pick their own moment.
+    pub fn auto_compact(mut self, on: bool) -> Self {
+        self.auto_compact = on;
         self
     }
 
@@ -265,7 +275,8 @@ impl BrokerBuilder {
     pub fn open_store(self, store: impl Store) -> Result<Broker> {
         let store: Arc<dyn Store> = Arc::new(store);
         let flow = self.flow_control();
-        let persistence = Persistence::start(store, self.durability, flow.clone());
+        let persistence =
+            Persistence::start(store, self.durability, self.auto_compact, flow.clone());
         let snapshot = recover::rebuild(&persistence, self.clock.now_ms())?;
         Ok(self.build(snapshot, Some(persistence), flow))
     }
@@ -388,7 +399,46 @@ impl Broker {
         Some(result)
     }
 
-    /// Bytes the store occupies on disk (0 in memory).
+    /// Compacts the store now: copies the live records into fresh storage and removes the old
+    /// copy, so the disk space of removed messages goes back to the file system (sled keeps it
+    /// otherwise; see "Compaction" on [`SledStore`]). No message or definition changes. Acks
+    /// that wait in a queue's inbox are written first (as for [`Broker::sync`]), then the
+    /// compaction runs after everything sent to the store before it; writes wait while it
+    /// runs, for a time that grows with the live data (~1 s per 100,000 small messages),
+    /// not with the space given back. Returns what it did (zeroed in memory).
+    ///
+    /// The broker also compacts by itself, once most of the store's space is no longer live
+    /// ([`COMPACT_FLOOR_BYTES`](crate::store::COMPACT_FLOOR_BYTES),
+    /// [`COMPACT_LIVE_RATIO`](crate::store::COMPACT_LIVE_RATIO)) and its store has been idle
+    /// for a moment.
+    ///
+    /// A compaction that failed before its switch (no space for the copy, ...) returns
+    /// [`StoreError::Compaction`](crate::store::StoreError::Compaction) and leaves the store
+    /// as it was, usable.
+    pub fn compact_store(&self) -> Result<CompactStats> {
+        Ok(self.compact(false)?.unwrap_or_default())
+    }
+
+    /// Compacts the store if it says a compaction is due (what the broker does by itself when
+    /// idle, without the wait); `None` if not due. For tests of when compaction happens.
+    #[doc(hidden)]
+    pub fn compact_store_if_due(&self) -> Result<Option<CompactStats>> {
+        self.compact(true)
+    }
+
+    fn compact(&self, if_due: bool) -> Result<Option<CompactStats>> {
+        let Some(p) = &self.inner.persistence else {
+            return Ok(None);
+        };
+        let snapshot = self.inner.snapshot.load();
+        for cell in snapshot.queues.values() {
+            cell.quiesce();
+        }
+        Ok(p.compact(if_due)?)
+    }
+
+    /// Bytes the store occupies on disk (0 in memory): for the sled store, its active
+    /// generation's log and blob files.
     pub fn size_on_disk(&self) -> Result<u64> {
         match &self.inner.persistence {
             Some(p) => Ok(p.store().size_on_disk()?),

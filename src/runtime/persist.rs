@@ -12,12 +12,23 @@
 //!
 //! A message acked before the batch holding its record is written cancels that record: it is
 //! never written, but its confirm is still released with the batch.
+//!
+//! Compaction ([`Store::compact`]) runs on the flusher too, between groups: on demand
+//! (`Broker::compact_store`, a job like any other, so it comes after everything sent before
+//! it), and by itself when the store says one is due ([`Store::compaction_due`]: most of its
+//! space on disk is dead) and the flusher has been idle for [`COMPACT_IDLE`], or for as long as
+//! the compaction is expected to hold writes if that is longer, and at most once per
+//! [`COMPACT_INTERVAL_MIN`] (or ten times as long as the last one took). Writes sent meanwhile
+//! wait in the channel, as they would behind a slow flush; the idle wait keeps that pause out
+//! of a busy stream, and the store decides compaction is due only when it gives back much more
+//! than it copies.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
@@ -25,8 +36,8 @@ use super::confirm::ConfirmCell;
 use super::flow::FlowControl;
 use crate::core::topology::{DurableBinding, DurableChange, NamedDestination};
 use crate::store::{
-    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord, Store,
-    StoreError,
+    Batch, BindingRecord, CompactStats, DestinationRecord, ExchangeRecord, MessageRecord, Op,
+    QueueRecord, Store, StoreError,
 };
 use crate::types::Message;
 
@@ -92,6 +103,12 @@ pub(crate) enum Job {
     Definitions(Batch, Sender<Result<(), StoreError>>),
     /// Answered once everything sent before is durable.
     Sync(Sender<Result<(), StoreError>>),
+    /// Compacts the store after everything sent before is written; answered with what it did.
+    /// With `if_due`, only if the store says a compaction is due (`None` otherwise).
+    Compact {
+        if_due: bool,
+        reply: Sender<Result<Option<CompactStats>, StoreError>>,
+    },
 }
 
 /// What a job costs the backlog besides the bodies it writes: the job itself and its record's
@@ -144,9 +161,11 @@ pub(crate) struct Persistence {
 
 impl Persistence {
     /// Starts the flusher thread.
+    /// Starts the flusher thread; `auto_compact`: whether it compacts the store by itself.
     pub(crate) fn start(
         store: Arc<dyn Store>,
         mode: Durability,
+        auto_compact: bool,
         flow: Arc<FlowControl>,
     ) -> Arc<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -156,7 +175,17 @@ impl Persistence {
         let flusher_flow = flow.clone();
         let thread = std::thread::Builder::new()
             .name("coney-flusher".into())
-            .spawn(move || run(&*flusher_store, mode, &rx, &flusher_poisoned, &flusher_flow))
+            .spawn(move || {
+                let auto = auto_compact.then(|| AutoCompaction::new(Instant::now()));
+                run(
+                    &*flusher_store,
+                    mode,
+                    &rx,
+                    &flusher_poisoned,
+                    &flusher_flow,
+                    auto,
+                );
+            })
             .expect("spawning the flusher thread");
         Arc::new(Self {
             store,
@@ -203,6 +232,15 @@ impl Persistence {
         rx.recv()
             .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())))
     }
+
+    /// Compacts the store once everything sent so far is written (with `if_due`, only if the
+    /// store says a compaction is due); waits for it.
+    pub(crate) fn compact(&self, if_due: bool) -> Result<Option<CompactStats>, StoreError> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.send(Job::Compact { if_due, reply });
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())))
+    }
 }
 
 impl Drop for Persistence {
@@ -218,16 +256,32 @@ impl Drop for Persistence {
     }
 }
 
-/// The flusher: takes a group of jobs, writes them as one batch, flushes, answers.
+/// The flusher: takes a group of jobs, writes them as one batch, flushes, answers; compacts
+/// the store when asked, and by itself (`auto`) when idle and the store says it is due.
 fn run(
     store: &dyn Store,
     mode: Durability,
     rx: &Receiver<Job>,
     poisoned: &OnceLock<StoreError>,
     flow: &FlowControl,
+    mut auto: Option<AutoCompaction>,
 ) {
     let mut jobs: Vec<Job> = Vec::new();
-    while let Ok(first) = rx.recv() {
+    loop {
+        let received = match auto.as_ref().and_then(AutoCompaction::deadline) {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => rx.recv_deadline(at),
+        };
+        let first = match received {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(auto) = &mut auto {
+                    auto.check(store, poisoned, Instant::now());
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let mut bytes = first.written_bytes();
         jobs.push(first);
         if mode != Durability::PerMessage {
@@ -258,8 +312,143 @@ fn run(
             let _ = poisoned.set(e.clone());
         }
         let backlog: u64 = jobs.iter().map(Job::backlog_bytes).sum();
+        let compactions: Vec<_> = jobs
+            .iter()
+            .filter_map(|job| match job {
+                Job::Compact { if_due, reply } => Some((*if_due, reply.clone())),
+                _ => None,
+            })
+            .collect();
         answer(jobs.drain(..), &result, &refused);
         flow.add_backlog(-i64::try_from(backlog).unwrap_or(i64::MAX));
+        // After the group's answers: its confirms do not wait for the compaction.
+        for (if_due, reply) in compactions {
+            let _ = reply.send(compact(store, if_due, poisoned));
+        }
+        if let Some(auto) = &mut auto {
+            auto.after_group(Instant::now(), wrote);
+        }
+    }
+}
+
+/// How long the flusher must have been idle before it compacts by itself (at least).
+const COMPACT_IDLE: Duration = Duration::from_millis(250);
+/// Shortest time between two compactions the flusher starts by itself.
+const COMPACT_INTERVAL_MIN: Duration = Duration::from_secs(10);
+/// How long the flusher waits before trying again after a compaction failed.
+const COMPACT_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// When the flusher compacts by itself (see the module doc). Time is passed in.
+struct AutoCompaction {
+    /// Whether a check is pending: something was written since the last one (or the store
+    /// was just opened).
+    pending: bool,
+    /// When the last group of jobs was done.
+    last_job_at: Instant,
+    /// How long the flusher must have been idle for the pending check.
+    idle_needed: Duration,
+    /// No compaction starts by itself before this.
+    not_before: Instant,
+}
+
+impl AutoCompaction {
+    fn new(now: Instant) -> Self {
+        Self {
+            pending: true,
+            last_job_at: now,
+            idle_needed: COMPACT_IDLE,
+            not_before: now,
+        }
+    }
+
+    /// When to check next, if a check is pending.
+    fn deadline(&self) -> Option<Instant> {
+        self.pending
+            .then(|| (self.last_job_at + self.idle_needed).max(self.not_before))
+    }
+
+    /// A group of jobs was done at `now`; `wrote` if it wrote to the store.
+    fn after_group(&mut self, now: Instant, wrote: bool) {
+        self.last_job_at = now;
+        if wrote {
+            self.pending = true;
+            self.idle_needed = COMPACT_IDLE;
+        }
+    }
+
+    /// The flusher has been idle until `now`: compacts if the store says it is due and the
+    /// flusher has been idle for as long as the compaction should take.
+    fn check(&mut self, store: &dyn Store, poisoned: &OnceLock<StoreError>, now: Instant) {
+        if poisoned.get().is_some() {
+            self.pending = false;
+            return;
+        }
+        let due = match store.compaction_due() {
+            Ok(Some(due)) => due,
+            Ok(None) => {
+                self.pending = false;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("cannot tell whether the store needs compacting: {e}");
+                note_failure(poisoned, &e);
+                self.pending = false;
+                return;
+            }
+        };
+        let idle_needed = COMPACT_IDLE.max(due.pause_estimate);
+        if now < self.last_job_at + idle_needed {
+            self.idle_needed = idle_needed;
+            return;
+        }
+        match store.compact() {
+            Ok(stats) => {
+                tracing::info!(
+                    size_before_bytes = stats.size_before_bytes,
+                    size_after_bytes = stats.size_after_bytes,
+                    records = stats.records,
+                    pause_ms = stats.pause.as_millis(),
+                    took_ms = stats.took.as_millis(),
+                    "compacted the store"
+                );
+                self.pending = false;
+                self.not_before = Instant::now() + COMPACT_INTERVAL_MIN.max(stats.took * 10);
+            }
+            Err(e) => {
+                tracing::warn!("compacting the store failed: {e}");
+                note_failure(poisoned, &e);
+                self.not_before = Instant::now() + COMPACT_RETRY_AFTER;
+            }
+        }
+    }
+}
+
+/// A compaction asked for by a [`Job::Compact`].
+fn compact(
+    store: &dyn Store,
+    if_due: bool,
+    poisoned: &OnceLock<StoreError>,
+) -> Result<Option<CompactStats>, StoreError> {
+    if let Some(first) = poisoned.get() {
+        return Err(StoreError::Poisoned(first.to_string()));
+    }
+    let result = (|| {
+        if if_due && store.compaction_due()?.is_none() {
+            return Ok(None);
+        }
+        store.compact().map(Some)
+    })();
+    if let Err(e) = &result {
+        note_failure(poisoned, e);
+    }
+    result
+}
+
+/// Records a failure that poisoned the store, so later jobs are refused with it (a compaction
+/// that failed before its switch, or found damage, leaves the store usable).
+fn note_failure(poisoned: &OnceLock<StoreError>, error: &StoreError) {
+    if matches!(error, StoreError::Storage(_) | StoreError::Poisoned(_)) {
+        let _ = poisoned.set(error.clone());
     }
 }
 
@@ -366,7 +555,7 @@ fn group_batch(jobs: &[Job]) -> Batch {
                 }
             }
             Job::Definitions(batch, _) => ops.extend(batch.ops().iter().cloned().map(Some)),
-            Job::Sync(_) => {}
+            Job::Sync(_) | Job::Compact { .. } => {}
         }
     }
     Batch::from(ops.into_iter().flatten().collect::<Vec<_>>())
@@ -553,6 +742,88 @@ mod tests {
             .map(|(s, _)| *s)
             .collect();
         assert_eq!(seqs, [0, 2]);
+    }
+
+    /// A store that says a compaction is due (with a given pause) and counts compactions.
+    #[derive(Default)]
+    struct DueStore {
+        inner: crate::store::MemoryStore,
+        due: Option<std::time::Duration>,
+        compactions: std::sync::atomic::AtomicU32,
+    }
+
+    impl Store for DueStore {
+        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+            self.inner.apply(batch)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+        fn recover_into(
+            &self,
+            sink: &mut dyn crate::store::RecoverySink,
+        ) -> Result<(), StoreError> {
+            self.inner.recover_into(sink)
+        }
+        fn size_on_disk(&self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        fn compact(&self) -> Result<CompactStats, StoreError> {
+            self.compactions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(CompactStats::default())
+        }
+        fn compaction_due(&self) -> Result<Option<crate::store::CompactionDue>, StoreError> {
+            Ok(self.due.map(|pause_estimate| crate::store::CompactionDue {
+                size_on_disk_bytes: 1 << 30,
+                live_records: 0,
+                live_bytes: 0,
+                pause_estimate,
+            }))
+        }
+    }
+
+    impl DueStore {
+        fn compactions(&self) -> u32 {
+            self.compactions.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// The flusher compacts only once idle for as long as the compaction should pause writes
+    /// (at least `COMPACT_IDLE`), not again before `COMPACT_INTERVAL_MIN`, and checks again
+    /// only after a write.
+    #[test]
+    fn automatic_compaction_waits_for_an_idle_flusher() {
+        let pause = std::time::Duration::from_secs(2);
+        let store = DueStore {
+            due: Some(pause),
+            ..DueStore::default()
+        };
+        let poisoned = OnceLock::new();
+        let start = Instant::now();
+        let mut auto = AutoCompaction::new(start);
+        assert_eq!(
+            auto.deadline(),
+            Some(start + COMPACT_IDLE),
+            "checks once opened"
+        );
+        auto.after_group(start, true);
+        auto.check(&store, &poisoned, start + COMPACT_IDLE);
+        assert_eq!(store.compactions(), 0, "idle for less than the pause");
+        assert_eq!(auto.deadline(), Some(start + pause), "waits for the pause");
+        auto.check(&store, &poisoned, start + pause);
+        assert_eq!(store.compactions(), 1);
+        assert_eq!(auto.deadline(), None, "nothing written since");
+        let later = Instant::now();
+        auto.after_group(later, true);
+        let next = auto.deadline().expect("a write makes a check pending");
+        assert!(next >= later + COMPACT_INTERVAL_MIN - std::time::Duration::from_secs(1));
+        auto.after_group(later, false);
+        // Not due: the check ends until the next write.
+        let not_due = DueStore::default();
+        auto.check(&not_due, &poisoned, next);
+        assert_eq!(auto.deadline(), None);
+        assert_eq!(not_due.compactions(), 0);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::StoreError;
 /// The file's name in the store's directory.
 pub(super) const NAME: &str = "coney.commit";
 /// The name it is written under before the rename that creates it.
-const TMP_NAME: &str = "coney.commit.tmp";
+pub(super) const TMP_NAME: &str = "coney.commit.tmp";
 /// What a slot starts with.
 const MAGIC: [u8; 8] = *b"coneycmt";
 /// Bytes of one slot: magic, counter, CRC.

@@ -1,10 +1,11 @@
-//! A store wrapper that fails applies, flushes and recovers on request, for failure-path tests.
+//! A store wrapper that fails applies, flushes, recovers and compactions on request, for
+//! failure-path tests.
 
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{Batch, Poison, RecoverySink, Store, StoreError};
+use super::{Batch, CompactStats, CompactionDue, Poison, RecoverySink, Store, StoreError};
 
 /// Wraps a store and injects the failures its [`Faults`] handle asks for.
 ///
@@ -33,6 +34,7 @@ struct Plan {
     applies_before_failure: Option<u64>,
     fail_next_flush: bool,
     fail_next_recover: bool,
+    fail_next_compact: bool,
     /// Failures injected so far.
     injected: u64,
 }
@@ -64,6 +66,7 @@ impl Faults {
         plan.applies_before_failure = None;
         plan.fail_next_flush = false;
         plan.fail_next_recover = false;
+        plan.fail_next_compact = false;
     }
 
     /// How many failures were injected so far.
@@ -91,6 +94,19 @@ impl Faults {
     fn take_flush(&self) -> bool {
         let mut plan = self.plan.lock();
         let fail = std::mem::take(&mut plan.fail_next_flush);
+        plan.injected += u64::from(fail);
+        fail
+    }
+
+    /// Fails the next compaction as one that could not write its copy
+    /// ([`StoreError::Compaction`]: the store unchanged, nothing poisoned).
+    pub fn fail_next_compact(&self) {
+        self.plan.lock().fail_next_compact = true;
+    }
+
+    fn take_compact(&self) -> bool {
+        let mut plan = self.plan.lock();
+        let fail = std::mem::take(&mut plan.fail_next_compact);
         plan.injected += u64::from(fail);
         fail
     }
@@ -165,5 +181,20 @@ impl<S: Store> Store for FaultyStore<S> {
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.poison.check()?;
         self.pass(self.inner.size_on_disk())
+    }
+
+    fn compact(&self) -> Result<CompactStats, StoreError> {
+        self.poison.check()?;
+        if self.faults.take_compact() {
+            return Err(StoreError::Compaction(
+                "injected compaction failure".to_string(),
+            ));
+        }
+        self.pass(self.inner.compact())
+    }
+
+    fn compaction_due(&self) -> Result<Option<CompactionDue>, StoreError> {
+        self.poison.check()?;
+        self.pass(self.inner.compaction_due())
     }
 }

@@ -6,7 +6,9 @@
 //! open it calls [`Store::recover`] and rebuilds definitions, then each queue's messages.
 //!
 //! # Implementations
-//! - [`SledStore`]: sled 0.34, one tree, one `sled::Batch` per [`Batch`]. The durable store.
+//! - [`SledStore`]: sled 0.34, one tree, one `sled::Batch` per [`Batch`]. The durable store;
+//!   [`Store::compact`] gives back the space of removed records by copying the live ones into
+//!   a fresh sled directory.
 //! - [`MemoryStore`]: a `BTreeMap` with explicit crash semantics (`crash()` drops everything not
 //!   flushed), for tests and the simulator. Uses the same [`codec`] as sled.
 //! - [`FaultyStore`]: wraps any store and fails an apply, a flush or a recover on request.
@@ -40,6 +42,8 @@
 //! - A damaged store opens to exactly what it held or fails with [`StoreError::Corrupt`] or
 //!   [`StoreError::CorruptStore`] (for the damage `tests/corruption.rs` and the `store_open`
 //!   fuzz target try; what [`SledStore`] cannot see is listed there).
+//! - [`Store::compact`] changes no record: what [`Store::recover`] reads is the same before and
+//!   after, and after a crash at any point of it.
 //! - [`Recovered`] is deterministic: definitions in key order, queues' messages by ascending
 //!   queue id, each queue's messages by ascending sequence number.
 
@@ -51,6 +55,7 @@ mod sled;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -59,7 +64,7 @@ use crate::types::{BasicProperties, FieldTable};
 
 pub use self::faulty::{Faults, FaultyStore};
 pub use self::memory::MemoryStore;
-pub use self::sled::{SledOptions, SledStore};
+pub use self::sled::{COMPACT_FLOOR_BYTES, COMPACT_LIVE_RATIO, SledOptions, SledStore};
 
 /// Durable storage of definitions and messages.
 ///
@@ -85,6 +90,59 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Bytes the store occupies on disk (0 for memory), for monitoring.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+
+    /// Gives back the disk space that removed records still take, by rewriting the live ones
+    /// into fresh storage (see "Compaction" on [`SledStore`]); changes no record. Writes wait
+    /// while it runs. A store with nothing to give back does nothing (the default).
+    ///
+    /// A failure before anything was switched is [`StoreError::Compaction`]: the store is
+    /// unchanged and not poisoned.
+    fn compact(&self) -> Result<CompactStats, StoreError> {
+        Ok(CompactStats::default())
+    }
+
+    /// Whether most of the store's space on disk is no longer live, so that a
+    /// [`Store::compact`] would give back much more than it costs; `None` if not (the default).
+    /// Cheap: no record is read.
+    fn compaction_due(&self) -> Result<Option<CompactionDue>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// What a [`Store::compact`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CompactStats {
+    /// The generation now in use (see "Layout" on [`SledStore`]); 0 if nothing was done.
+    pub generation: u64,
+    /// Records copied: messages, definitions and the store's own bookkeeping.
+    pub records: u64,
+    /// Their encoded bytes (keys and values).
+    pub live_bytes: u64,
+    /// [`Store::size_on_disk`] before.
+    pub size_before_bytes: u64,
+    /// [`Store::size_on_disk`] after.
+    pub size_after_bytes: u64,
+    /// How long the store held writes (other threads' applies and flushes): from taking its
+    /// locks to the switch to the copy.
+    pub pause: Duration,
+    /// How long it took in all, until the old copy was closed and removed (a caller that
+    /// writes on the same thread, as the broker's flusher does, waits this long).
+    pub took: Duration,
+}
+
+/// What [`Store::compaction_due`] found when a compaction is worth it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CompactionDue {
+    /// [`Store::size_on_disk`] now.
+    pub size_on_disk_bytes: u64,
+    /// Live records, estimated.
+    pub live_records: u64,
+    /// Their encoded bytes, estimated.
+    pub live_bytes: u64,
+    /// How long the compaction would hold writes, roughly (from the records and bytes to copy).
+    pub pause_estimate: Duration,
 }
 
 /// A durable exchange (only durable exchanges are stored).
@@ -350,6 +408,10 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A compaction failed before it switched to its copy (no space for the copy, ...). The
+    /// copy was removed; the store is unchanged and not poisoned.
+    #[error("compaction failed, store unchanged: {0}")]
+    Compaction(String),
     /// The directory is in use by another process (or another open store in this one).
     #[error("store directory is locked: {0}")]
     Locked(String),

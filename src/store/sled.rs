@@ -1,4 +1,9 @@
-//! The durable store: sled 0.34, every record in one tree, one `sled::Batch` per [`Batch`].
+//! The durable store: sled 0.34, every record in one tree, one `sled::Batch` per [`Batch`],
+//! in a store directory whose active sled directory (generation) compaction can replace.
+
+mod compact;
+mod layout;
+mod live;
 
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,11 +18,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::codec::{self, Write};
 use super::commit_file::{self, CommitFile};
-use super::{Batch, Poison, RecoverySink, Store, StoreError};
+use super::{Batch, CompactStats, CompactionDue, Poison, RecoverySink, Store, StoreError};
+use compact::CompactionState;
+use layout::{DirLock, GenerationId};
+use live::LiveData;
+
+pub use compact::{COMPACT_FLOOR_BYTES, COMPACT_LIVE_RATIO};
 
 /// Options of [`SledStore::open`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +64,52 @@ impl Default for SledOptions {
 /// makes any [`Batch`] atomic: after a crash either all of it or none of it is there. Applied
 /// batches become durable at the next [`Store::flush`].
 ///
+/// # Layout
+/// The store directory holds the sled directory in use, the *active generation*, and a lock
+/// file (`coney.lock`, held while the store is open, so that no other store reads or removes a
+/// generation meanwhile). Generation 0 is the store directory itself (sled's `db`, `conf`,
+/// `blobs/`, `snap.*` and the commit file directly in it): every store starts there, and so
+/// are stores written before compaction existed. Generation `N > 0` is the subdirectory
+/// `gen-N`, named by the file `CURRENT` (with a checksum). Each generation has its own commit
+/// file (see "Lost writes"). Every check below applies to the active generation.
+///
+/// # Compaction
+/// [`Store::compact`] gives back the space of removed records, which sled 0.34 keeps (see
+/// "Disk use"): with the apply and flush locks held (no write meanwhile), it flushes, copies
+/// every record (the commit counter too) into generation `N + 1` in batches, flushes that and
+/// syncs its files, its directory and a new commit file holding the same counter, then
+/// commits the switch by writing `CURRENT` (a temporary file, synced, renamed over `CURRENT`,
+/// the store directory synced). The store then uses the new generation (writes resume), closes
+/// the old one (with the same bounded wait as closing the store) and removes it.
+///
+/// Crash safety: `CURRENT` names a generation only once that generation is complete and on
+/// stable storage, so a crash at any step leaves either the old generation active (the new one
+/// half-written or complete but not named) or the new one (the old one not yet removed, or
+/// partly). Opening removes whatever `CURRENT` does not name (a generation, `CURRENT.tmp`,
+/// generation 0's files when a later generation is active), after the active generation
+/// opened, under the directory lock. A failure before the switch (no space for the copy, ...)
+/// removes the copy and returns [`StoreError::Compaction`]: the store is unchanged and not
+/// poisoned. A failure to sync the directory after the rename poisons the store (both
+/// generations are then kept, both complete: either may be the one a restart finds).
+///
+/// Cost: a compaction reads and writes every live record, so it takes time in proportion to
+/// the live data, not to the space it gives back, and writes wait meanwhile. Measured with
+/// 64-byte messages (`benches/durable.rs`, figures in BENCHMARKS.md): writes were held 6 ms
+/// when a drained backlog of 1,000,000 left nothing live (295 MiB given back; closing and
+/// removing the old generation took 150 ms more, after the locks were released), and 1.2 s
+/// with 100,000 messages live (sled writes 100,000-200,000 small records a second here). The
+/// broker runs compactions on its flusher thread, so its writes wait for the whole. A freshly written
+/// generation takes ~2-3 times the records' encoded bytes (sled's nodes hold 9-17 records, and
+/// in-order inserts leave node versions and split fragments behind in the log): 28.5 MiB for
+/// those 100,000.
+///
+/// When: [`Store::compaction_due`] says whether a compaction is worth it, from the size on
+/// disk and an estimate of the live data kept from the writes applied (exact after recovery
+/// and after each compaction; see `live.rs`): when the size is over [`COMPACT_FLOOR_BYTES`]
+/// and over [`COMPACT_LIVE_RATIO`] times the live bytes. The broker's flusher asks when it has
+/// been idle for a while and compacts then (see `Broker::compact_store`, which also compacts on
+/// demand).
+///
 /// # Stable storage
 /// `sled::Db::flush` writes sled's log buffers and waits for them with `sync_file_range`,
 /// which neither writes the file's metadata nor flushes the disk's write cache: a power cut or
@@ -70,7 +126,7 @@ impl Default for SledOptions {
 /// has a newer version elsewhere; for segments at most half live, the segment cleaner (on the
 /// flusher thread, see [`SledOptions::flush_every_ms`]) writes such newer versions of the pages
 /// still there. The file shrinks only when free segments sit at its end; otherwise later writes
-/// reuse them.
+/// reuse them. Compaction (above) is what gives the rest back.
 ///
 /// sled 0.34 retires a written segment (makes it a candidate for reuse at all) in a step it
 /// defers through its epoch-based garbage collector, behind the page versions every write
@@ -85,12 +141,13 @@ impl Default for SledOptions {
 ///   ~106 bytes per cycle (423 MiB after 4,000,000);
 /// - over a backlog of 100,000 it levels off near 60 MiB (56-64 MiB from 1,000,000 to
 ///   2,000,000 cycles); before, 619 MiB after 1,000,000 and growing;
-/// - a backlog of 1,000,000 takes ~190 MiB (490-530 MiB before), and the directory keeps that
-///   size once it drains (620-640 MiB before): the freed segments are reused by later writes.
+/// - a backlog of 1,000,000 takes ~190-300 MiB (490-530 MiB before), which sled keeps once it
+///   drains (its freed segments are reused by later writes); a compaction then takes the
+///   store back to well under a megabyte.
 ///
-/// Nothing limits the directory's size: [`Store::size_on_disk`] (sled's count of its files'
-/// bytes, which `Broker::size_on_disk` reports) is for monitoring, and a write that fails for
-/// lack of space poisons the store like any other storage failure.
+/// Nothing limits the directory's size: [`Store::size_on_disk`] (sled's count of the active
+/// generation's log and blob files, which `Broker::size_on_disk` reports) is for monitoring,
+/// and a write that fails for lack of space poisons the store like any other storage failure.
 ///
 /// # Lost writes
 /// sled 0.34 recovers its log up to the first message that fails its checksum and treats that
@@ -106,7 +163,8 @@ impl Default for SledOptions {
 /// (no false alarm); it is fsynced when the store closes and at most every
 /// [`COMMIT_FILE_SYNC_INTERVAL`] by a flush, so a power cut can leave it up to that much
 /// behind, which weakens the check and never fails it. A store without either (written before
-/// the counter existed) opens and gets them.
+/// the counter existed) opens and gets them. A compaction copies the counter and writes the
+/// new generation's commit file, synced, before the switch.
 ///
 /// What it cannot see: a loss that later writes hide, because sled went on replaying past it
 /// (a damaged message in a segment below the unstable tail skips the rest of that segment
@@ -117,36 +175,59 @@ impl Default for SledOptions {
 /// Opening never panics on damaged files: a panic inside sled while opening or recovering is
 /// caught and reported as [`StoreError::CorruptStore`], as is sled's own corruption error,
 /// a missing `db` next to files only an existing store has (`coney.commit`, `snap.*`, blob
-/// files), and a commit file that is missing, damaged or ahead of the tree. sled still prints
-/// the panic's message through the process's panic hook.
+/// files; in a generation above 0, a missing `db` whatever else is there), a commit file that
+/// is missing, damaged or ahead of the tree, a `CURRENT` that is damaged or names a missing
+/// generation, and generations without a `CURRENT` (nor a log of generation 0's). sled still
+/// prints the panic's message through the process's panic hook.
 ///
 /// # Errors
 /// The first sled or I/O failure poisons the store (every later call returns
 /// [`StoreError::Poisoned`]). A record that fails to decode during [`Store::recover`] is
 /// [`StoreError::Corrupt`], damage to the store as a whole [`StoreError::CorruptStore`]; neither
-/// poisons: nothing was written wrongly by this process.
+/// poisons: nothing was written wrongly by this process. Neither does a compaction that failed
+/// before its switch ([`StoreError::Compaction`]).
 #[derive(Debug)]
 pub struct SledStore {
     /// Everything but the lock release; closed by `Drop` on a thread of its own, with a
     /// bounded wait (see [`SledStore`]'s `Drop`).
     inner: ManuallyDrop<SledInner>,
     /// Dropped after `inner` is closed: waits until sled's own threads have let go of the
-    /// directory's lock, so the directory can be opened again as soon as the store is gone.
+    /// active generation's lock, then releases the directory lock, so the directory can be
+    /// opened again as soon as the store is gone.
     _release: LockRelease,
 }
 
 /// The open store: what [`SledStore`] delegates to, moved to a closing thread when dropped.
+///
+/// Locks, always taken in this order: `compaction`, `flush_lock`, `apply_lock`, `active`.
+/// Applies hold `apply_lock`, flushes `flush_lock` (and `apply_lock` briefly), and both read
+/// `active`; a compaction holds all of them while it copies and writes `active` only to swap
+/// it, so no apply or flush ever sees the generation change under it.
 #[derive(Debug)]
 struct SledInner {
-    db: ::sled::Db,
+    /// The store directory.
     path: PathBuf,
+    options: SledOptions,
     poison: Poison,
     /// Serialises applies so a `DeleteQueue`'s scan of the queue's messages and the removal it
     /// applies are not interleaved with another batch's writes to the same queue; holds the
-    /// commit counter, which flushes write under it.
+    /// commit counter, which flushes write under it, and the live-data estimate.
     apply_lock: Mutex<Commits>,
     /// Serialises flushes, so commit counters reach the commit file in order.
     flush_lock: Mutex<CommitFileSync>,
+    /// The generation in use.
+    active: RwLock<Generation>,
+    /// Serialises compactions.
+    compaction: Mutex<CompactionState>,
+}
+
+/// One open generation: a sled directory and the files a flush syncs in it.
+#[derive(Debug)]
+struct Generation {
+    id: GenerationId,
+    /// Its sled directory.
+    dir: PathBuf,
+    db: ::sled::Db,
     /// What [`Store::flush`] syncs after sled's own flush.
     files: DurableFiles,
     /// Where flushes record their commit counter.
@@ -159,27 +240,20 @@ struct SledInner {
 /// disk) that wait never ends in sled 0.34 (its log buffer is never marked stable), so all of
 /// it runs on a thread of its own and the store waits for it at most [`CLOSE_WAIT`]
 /// ([`CLOSE_WAIT_POISONED`] once poisoned). If it does not finish, that thread is left behind,
-/// holding the directory's lock until the process ends: nothing it could still write was
+/// holding the directory's locks until the process ends: nothing it could still write was
 /// confirmed, and the store returns.
 impl Drop for SledStore {
     fn drop(&mut self) {
         // SAFETY: `inner` is taken once, here, and never used again.
         let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
         let path = inner.path.clone();
+        self._release.log = inner.active.read().dir.join("db");
         let wait = if inner.poison.is_poisoned() {
             CLOSE_WAIT_POISONED
         } else {
             CLOSE_WAIT
         };
-        let (closed_tx, closed) = mpsc::channel();
-        let spawned = thread::Builder::new()
-            .name("coney-sled-close".into())
-            .spawn(move || {
-                inner.close();
-                let _ = closed_tx.send(());
-            });
-        let finished = spawned.is_ok() && closed.recv_timeout(wait).is_ok();
-        if !finished {
+        if !close_on_thread(move || inner.close(), wait) {
             tracing::error!(
                 path = %path.display(),
                 "closing the store did not finish in time; its directory stays locked until the \
@@ -190,37 +264,61 @@ impl Drop for SledStore {
     }
 }
 
+/// Runs `close` on a thread of its own and waits for it at most `wait`; returns whether it
+/// finished (if not, the thread is left behind).
+fn close_on_thread(close: impl FnOnce() + Send + 'static, wait: Duration) -> bool {
+    let (closed_tx, closed) = mpsc::channel();
+    let spawned = thread::Builder::new()
+        .name("coney-sled-close".into())
+        .spawn(move || {
+            close();
+            let _ = closed_tx.send(());
+        });
+    spawned.is_ok() && closed.recv_timeout(wait).is_ok()
+}
+
 /// How long dropping a healthy store waits for sled to close at most.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// How long dropping a poisoned store waits for sled to close at most.
 const CLOSE_WAIT_POISONED: Duration = Duration::from_secs(2);
 
-/// Waits, when dropped, until the sled directory's lock file can be locked (bounded), unless
-/// closing the database was given up.
+/// Waits, when dropped, until the active generation's sled lock can be taken (bounded), then
+/// releases the directory lock; unless closing the database was given up, in which case both
+/// stay held until the process ends.
 #[derive(Debug)]
 struct LockRelease {
-    dir: PathBuf,
+    /// The active generation's log file, which sled locks.
+    log: PathBuf,
     wait: bool,
+    dir_lock: Option<DirLock>,
 }
 
 impl Drop for LockRelease {
     fn drop(&mut self) {
         if !self.wait {
+            // sled may still write the generation: no other store may open the directory.
+            std::mem::forget(self.dir_lock.take());
             return;
         }
-        let lock_file = self.dir.join("db");
-        let deadline = Instant::now() + LOCK_RELEASE_WAIT;
-        while Instant::now() < deadline {
-            let Ok(file) = std::fs::File::open(&lock_file) else {
-                return;
-            };
-            if file.try_lock().is_ok() {
-                let _ = file.unlock();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_until_unlocked(&self.log);
     }
+}
+
+/// Waits until sled's lock on `log` can be taken, at most [`LOCK_RELEASE_WAIT`]; returns
+/// whether it could (a missing file counts as released).
+fn wait_until_unlocked(log: &Path) -> bool {
+    let deadline = Instant::now() + LOCK_RELEASE_WAIT;
+    while Instant::now() < deadline {
+        let Ok(file) = std::fs::File::open(log) else {
+            return true;
+        };
+        if file.try_lock().is_ok() {
+            let _ = file.unlock();
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
 }
 
 /// How long dropping a store waits for sled to release the directory at most.
@@ -232,13 +330,15 @@ const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(10);
 /// costs nothing measurable.
 pub const COMMIT_FILE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The commit counter, kept under the apply lock.
+/// The commit counter and the live-data estimate, kept under the apply lock.
 #[derive(Debug)]
 struct Commits {
     /// The counter the next flush writes.
     next: u64,
     /// Whether anything was applied since the last counter was written.
     applied: bool,
+    /// What the store holds, for deciding when to compact.
+    live: LiveData,
 }
 
 /// When the commit file was last synced, kept under the flush lock.
@@ -259,6 +359,8 @@ impl SledStore {
     ///
     /// A snapshot file sled was still writing when its process died (`snap.*.generating`) is
     /// removed if sled refuses to open because of it (see [`remove_unfinished_snapshots`]).
+    /// What an interrupted compaction left behind is removed once the active generation opened
+    /// (see "Compaction" above).
     pub fn open(path: impl AsRef<Path>, options: SledOptions) -> Result<SledStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         if path.as_os_str().is_empty() {
@@ -266,58 +368,75 @@ impl SledStore {
                 "an empty path names no store directory".to_string(),
             ));
         }
-        check_log_present(&path)?;
-        // Declared before `db`, so dropped after it on every early return too.
+        std::fs::create_dir_all(&path)
+            .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", path.display())))?;
+        let dir_lock = DirLock::acquire(&path)?;
+        let id = layout::read_current(&path)?;
+        // Declared before the generation, so dropped after it on every early return too.
         let release = LockRelease {
-            dir: path.clone(),
+            log: id.dir(&path).join("db"),
             wait: true,
+            dir_lock: Some(dir_lock),
         };
-        let db = open_sled(&path, options)?;
-        let opened = check_commits(&db, &path).and_then(|next_commit| {
-            // Everything sled created or wrote while opening, and the commit file, are made
-            // durable before the store is used: the files, and their entries in the directory.
-            let files = DurableFiles::open(&path)
-                .and_then(|files| files.sync_all_known().map(|()| files))
-                .map_err(|e| StoreError::Storage(format!("cannot sync {}: {e}", path.display())))?;
-            let commit_file = CommitFile::open(&path).map_err(|e| {
-                StoreError::Storage(format!(
-                    "cannot open {}: {e}",
-                    CommitFile::path(&path).display()
-                ))
+        let (generation, next_commit, next_generation) = Generation::open(&path, id, options)
+            .and_then(|(generation, next_commit)| {
+                let leftovers = layout::generations(&path)
+                    .and_then(|found| {
+                        let removed = layout::remove_leftovers(&path, id)?;
+                        // The directory lock's file and the removals, on stable storage.
+                        sync_file(&path)?;
+                        Ok((found, removed))
+                    })
+                    .map_err(|e| {
+                        StoreError::Storage(format!("cannot tidy {}: {e}", path.display()))
+                    });
+                let (found, removed) = match leftovers {
+                    Ok(tidied) => tidied,
+                    Err(e) => {
+                        generation.close_now();
+                        return Err(e);
+                    }
+                };
+                if !removed.is_empty() {
+                    tracing::info!(
+                        path = %path.display(),
+                        ?removed,
+                        "removed what an interrupted compaction left behind"
+                    );
+                }
+                let highest = found.into_iter().max().unwrap_or(id).max(id);
+                Ok((generation, next_commit, GenerationId(highest.0 + 1)))
             })?;
-            Ok((next_commit, files, commit_file))
-        });
-        let (next_commit, files, commit_file) = match opened {
-            Ok(opened) => opened,
-            Err(e) => {
-                // sled flushes when dropped, which may meet the damage again.
-                let _ = catch_unwind(AssertUnwindSafe(|| drop(db)));
-                return Err(e);
-            }
-        };
         Ok(SledStore {
             inner: ManuallyDrop::new(SledInner {
-                db,
-                files,
-                commit_file,
                 path,
+                options,
                 poison: Poison::default(),
                 apply_lock: Mutex::new(Commits {
                     next: next_commit,
                     applied: false,
+                    live: LiveData::default(),
                 }),
                 flush_lock: Mutex::new(CommitFileSync {
                     synced_at: Instant::now(),
                     pending: false,
                 }),
+                active: RwLock::new(generation),
+                compaction: Mutex::new(CompactionState::new(next_generation)),
             }),
             _release: release,
         })
     }
 
-    /// The directory the store lives in.
+    /// The store directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The active generation's sled directory (the store directory itself until the first
+    /// compaction; see "Layout").
+    pub fn generation_dir(&self) -> PathBuf {
+        self.inner.active.read().dir.clone()
     }
 
     /// Whether a storage failure poisoned the store.
@@ -332,14 +451,82 @@ impl SledStore {
     }
 }
 
+impl Generation {
+    /// Opens generation `id` of store directory `root` with every check of "Damage" and "Lost
+    /// writes"; returns it and the counter the next flush writes.
+    fn open(
+        root: &Path,
+        id: GenerationId,
+        options: SledOptions,
+    ) -> Result<(Generation, u64), StoreError> {
+        let dir = id.dir(root);
+        check_log_present(&dir, id)?;
+        let db = open_sled(&dir, options)?;
+        let opened = check_commits(&db, &dir, id).and_then(|next_commit| {
+            // Everything sled created or wrote while opening, and the commit file, are made
+            // durable before the store is used: the files, and their entries in the directory.
+            let files = DurableFiles::open(&dir)
+                .and_then(|files| files.sync_all_known().map(|()| files))
+                .map_err(|e| StoreError::Storage(format!("cannot sync {}: {e}", dir.display())))?;
+            let commit_file = CommitFile::open(&dir).map_err(|e| {
+                StoreError::Storage(format!(
+                    "cannot open {}: {e}",
+                    CommitFile::path(&dir).display()
+                ))
+            })?;
+            Ok((next_commit, files, commit_file))
+        });
+        match opened {
+            Ok((next_commit, files, commit_file)) => Ok((
+                Generation {
+                    id,
+                    dir,
+                    db,
+                    files,
+                    commit_file,
+                },
+                next_commit,
+            )),
+            Err(e) => {
+                // sled flushes when dropped, which may meet the damage again.
+                let _ = catch_unwind(AssertUnwindSafe(|| drop(db)));
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes it on this thread, swallowing a panic of sled's (its drop flushes, which may meet
+    /// damage again).
+    fn close_now(self) {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(self)));
+    }
+
+    /// `sled::Db::flush`, then the syncs of "Stable storage".
+    fn flush(&self, poison: &Poison) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(|e| poison.fail(format!("flush: {e}")))?;
+        self.files
+            .sync()
+            .map_err(|e| poison.fail(format!("fsync: {e}")))
+    }
+}
+
 impl SledInner {
     fn raw_insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.poison.check()?;
         let mut commits = self.apply_lock.lock();
-        self.db
+        let active = self.active.read();
+        active
+            .db
             .insert(key, value)
             .map_err(|e| self.poison.fail(format!("insert: {e}")))?;
         commits.applied = true;
+        commits.live.apply(&[Write::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        }]);
+        drop(active);
         drop(commits);
         collect_sled_garbage(1);
         Ok(())
@@ -356,16 +543,18 @@ impl SledInner {
         drop(self);
     }
 
-    /// Writes the next commit counter into the tree if anything was applied since the last
-    /// one; returns it.
-    fn write_commit(&self) -> Result<Option<u64>, StoreError> {
-        let mut commits = self.apply_lock.lock();
+    /// Writes the next commit counter into `db` if anything was applied since the last one;
+    /// returns it.
+    fn write_commit(
+        &self,
+        db: &::sled::Db,
+        commits: &mut Commits,
+    ) -> Result<Option<u64>, StoreError> {
         if !commits.applied {
             return Ok(None);
         }
         let counter = commits.next;
-        self.db
-            .insert(codec::COMMIT_KEY, codec::encode_commit(counter))
+        db.insert(codec::COMMIT_KEY, codec::encode_commit(counter))
             .map_err(|e| self.poison.fail(format!("write the commit counter: {e}")))?;
         commits.next += 1;
         commits.applied = false;
@@ -376,18 +565,19 @@ impl SledInner {
     /// file if `sync_now` or if it was last synced [`COMMIT_FILE_SYNC_INTERVAL`] ago.
     fn record_commit(
         &self,
+        commit_file: &CommitFile,
         sync: &mut CommitFileSync,
         counter: Option<u64>,
         sync_now: bool,
     ) -> Result<(), StoreError> {
         if let Some(counter) = counter {
-            self.commit_file
+            commit_file
                 .write(counter)
                 .map_err(|e| self.poison.fail(format!("write the commit file: {e}")))?;
             sync.pending = true;
         }
         if sync.pending && (sync_now || sync.synced_at.elapsed() >= COMMIT_FILE_SYNC_INTERVAL) {
-            self.commit_file
+            commit_file
                 .sync()
                 .map_err(|e| self.poison.fail(format!("fsync the commit file: {e}")))?;
             sync.synced_at = Instant::now();
@@ -400,22 +590,25 @@ impl SledInner {
     fn flush_and_commit(&self, sync_commit_file: bool) -> Result<(), StoreError> {
         self.poison.check()?;
         let mut sync = self.flush_lock.lock();
-        let counter = self.write_commit()?;
-        self.db
-            .flush()
-            .map_err(|e| self.poison.fail(format!("flush: {e}")))?;
-        self.files
-            .sync()
-            .map_err(|e| self.poison.fail(format!("fsync: {e}")))?;
-        self.record_commit(&mut sync, counter, sync_commit_file)?;
+        let mut commits = self.apply_lock.lock();
+        let active = self.active.read();
+        let counter = self.write_commit(&active.db, &mut commits)?;
+        // Applies go on while sled flushes.
+        drop(commits);
+        active.flush(&self.poison)?;
+        self.record_commit(&active.commit_file, &mut sync, counter, sync_commit_file)?;
+        drop(active);
         drop(sync);
         collect_sled_garbage(usize::from(counter.is_some()));
         Ok(())
     }
 
-    /// One `sled::Batch` with the effect of `writes` applied in order, and how many keys it
-    /// writes.
-    fn sled_batch(&self, writes: &[Write]) -> Result<(::sled::Batch, usize), ::sled::Error> {
+    /// One `sled::Batch` with the effect of `writes` applied in order to `db`, and how many
+    /// keys it writes.
+    fn sled_batch(
+        db: &::sled::Db,
+        writes: &[Write],
+    ) -> Result<(::sled::Batch, usize), ::sled::Error> {
         let mut batch = ::sled::Batch::default();
         if !writes
             .iter()
@@ -451,7 +644,7 @@ impl SledInner {
                     {
                         *value = None;
                     }
-                    for key in self.db.scan_prefix(prefix).keys() {
+                    for key in db.scan_prefix(prefix).keys() {
                         overlay.insert(key?.to_vec(), None);
                     }
                 }
@@ -486,6 +679,16 @@ impl Store for SledStore {
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.inner.size_on_disk()
     }
+
+    /// See "Compaction" on [`SledStore`].
+    fn compact(&self) -> Result<CompactStats, StoreError> {
+        self.inner.compact()
+    }
+
+    /// See "Compaction" on [`SledStore`].
+    fn compaction_due(&self) -> Result<Option<CompactionDue>, StoreError> {
+        self.inner.compaction_due()
+    }
 }
 
 impl SledInner {
@@ -493,27 +696,31 @@ impl SledInner {
         self.poison.check()?;
         let writes = codec::encode_batch(batch)?;
         let mut serialised = self.apply_lock.lock();
+        let active = self.active.read();
+        let db = &active.db;
         // One key is atomic on its own: skip the batch's log manifest (the per-message mode
         // writes one record per flush).
         let single = match writes.as_slice() {
-            [Write::Put { key, value }] => Some(self.db.insert(key.as_slice(), value.as_slice())),
-            [Write::Remove { key }] => Some(self.db.remove(key.as_slice())),
+            [Write::Put { key, value }] => Some(db.insert(key.as_slice(), value.as_slice())),
+            [Write::Remove { key }] => Some(db.remove(key.as_slice())),
             _ => None,
         };
-        if let Some(done) = single {
-            done.map_err(|e| self.poison.fail(format!("apply: {e}")))?;
-            serialised.applied = true;
-            drop(serialised);
-            collect_sled_garbage(1);
-            return Ok(());
-        }
-        let (batch, keys) = self
-            .sled_batch(&writes)
-            .map_err(|e| self.poison.fail(format!("scan for queue delete: {e}")))?;
-        self.db
-            .apply_batch(batch)
-            .map_err(|e| self.poison.fail(format!("apply: {e}")))?;
+        let keys = match single {
+            Some(done) => {
+                done.map_err(|e| self.poison.fail(format!("apply: {e}")))?;
+                1
+            }
+            None => {
+                let (batch, keys) = Self::sled_batch(db, &writes)
+                    .map_err(|e| self.poison.fail(format!("scan for queue delete: {e}")))?;
+                db.apply_batch(batch)
+                    .map_err(|e| self.poison.fail(format!("apply: {e}")))?;
+                keys
+            }
+        };
         serialised.applied = true;
+        serialised.live.apply(&writes);
+        drop(active);
         drop(serialised);
         collect_sled_garbage(keys);
         Ok(())
@@ -526,28 +733,33 @@ impl SledInner {
 
     /// Reads the tree on a helper thread and decodes on the caller's, so with two cores free
     /// recovery takes little more than sled's own iteration (`benches/store.rs` compares them).
-    /// The commit counter is skipped (it was checked on open).
+    /// The commit counter is skipped (it was checked on open). Sets the live-data estimate from
+    /// what it read, if nothing was applied meanwhile.
     fn recover_into(&self, sink: &mut dyn RecoverySink) -> Result<(), StoreError> {
         self.poison.check()?;
+        let writes_at_start = self.apply_lock.lock().live.writes();
+        let mut live = LiveData::scanning();
+        let active = self.active.read();
         let (chunks_tx, chunks_rx) = mpsc::sync_channel(RECOVER_CHUNKS_IN_FLIGHT);
+        let (db, dir) = (&active.db, &active.dir);
         thread::scope(|scope| {
             thread::Builder::new()
                 .name("coney-recover".into())
-                .spawn_scoped(scope, || read_chunks(&self.db, chunks_tx))
+                .spawn_scoped(scope, || read_chunks(db, chunks_tx))
                 .map_err(|e| self.poison.fail(format!("spawn the recovery reader: {e}")))?;
             // On an early return `chunks_rx` drops, the reader's next send fails and it stops.
             for chunk in chunks_rx {
                 let chunk = chunk.map_err(|failure| match failure {
                     ReadFailure::Sled(e @ ::sled::Error::Corruption { .. }) => {
-                        corrupt_store(&self.path, format!("sled found its log corrupt: {e}"))
+                        corrupt_store(dir, format!("sled found its log corrupt: {e}"))
                     }
                     ReadFailure::Sled(e) => self.poison.fail(format!("read: {e}")),
-                    ReadFailure::Panicked(text) => corrupt_store(
-                        &self.path,
-                        format!("sled panicked while reading its log: {text}"),
-                    ),
+                    ReadFailure::Panicked(text) => {
+                        corrupt_store(dir, format!("sled panicked while reading its log: {text}"))
+                    }
                 })?;
                 for (key, value) in &chunk {
+                    live.count(key, value.len());
                     if key[..] == codec::COMMIT_KEY {
                         continue;
                     }
@@ -556,13 +768,19 @@ impl SledInner {
                     })?;
                 }
             }
-            Ok(())
-        })
+            Ok::<(), StoreError>(())
+        })?;
+        // Released first: the apply lock comes before `active` (see `SledInner`).
+        drop(active);
+        self.apply_lock.lock().live.replace(live, writes_at_start);
+        Ok(())
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.poison.check()?;
-        self.db
+        self.active
+            .read()
+            .db
             .size_on_disk()
             .map_err(|e| self.poison.fail(format!("size on disk: {e}")))
     }
@@ -826,8 +1044,9 @@ fn corrupt_store(path: &Path, reason: String) -> StoreError {
 /// a store, so a process killed in between would leave them without one: for a directory
 /// without `db` and without those, `db` is created here first (and the directory synced),
 /// before sled runs. (A store created before this check, by a process killed in that window
-/// and never opened since, is refused too.)
-fn check_log_present(dir: &Path) -> Result<(), StoreError> {
+/// and never opened since, is refused too.) A generation above 0 is complete before `CURRENT`
+/// names it, so there a missing `db` is refused whatever else the directory holds.
+fn check_log_present(dir: &Path, id: GenerationId) -> Result<(), StoreError> {
     let storage = |doing: &str, e: io::Error| {
         StoreError::Storage(format!("cannot {doing} {}: {e}", dir.display()))
     };
@@ -841,6 +1060,15 @@ fn check_log_present(dir: &Path) -> Result<(), StoreError> {
     };
     if names.contains(&OsString::from("db")) {
         return Ok(());
+    }
+    if id.0 > 0 {
+        return Err(corrupt_store(
+            &dir.join("db"),
+            format!(
+                "the log file of generation {}, which CURRENT names, is missing",
+                id.0
+            ),
+        ));
     }
     let found: Vec<String> = names
         .iter()
@@ -866,8 +1094,9 @@ fn check_log_present(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Checks the tree's commit counter against the commit file (creating the file for a store
-/// that has none yet); returns the counter the next flush writes.
-fn check_commits(db: &::sled::Db, dir: &Path) -> Result<u64, StoreError> {
+/// of generation 0 that has none yet; a compaction writes one into every later generation);
+/// returns the counter the next flush writes.
+fn check_commits(db: &::sled::Db, dir: &Path, id: GenerationId) -> Result<u64, StoreError> {
     let stored = catch_sled_panic(dir, "reading the commit counter", || {
         db.get(codec::COMMIT_KEY)
     })?
@@ -896,6 +1125,10 @@ fn check_commits(db: &::sled::Db, dir: &Path) -> Result<u64, StoreError> {
             ),
         )),
         (tree, Some(_)) => Ok(tree.map_or(1, |tree| tree + 1)),
+        (None, None) if id.0 > 0 => Err(corrupt_store(
+            &file_path(),
+            format!("the commit file of generation {} is missing", id.0),
+        )),
         (None, None) => {
             // A new store, or one written before commit counters: start them.
             CommitFile::create(dir, 0).map_err(|e| {
