@@ -72,6 +72,11 @@ impl ReplyCode {
     }
 }
 
+/// Longest reply text, in bytes (an AMQP short string).
+const REPLY_TEXT_BYTES_MAX: usize = 255;
+/// What ends a reply text cut to fit.
+const ELLIPSIS: &str = "...";
+
 /// An AMQP-level failure: a reply code and RabbitMQ's reply text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AmqpError {
@@ -85,12 +90,15 @@ impl AmqpError {
     /// Builds an error, prefixing the explanation with the code's constant name.
     pub fn new(code: ReplyCode, explanation: impl fmt::Display) -> Self {
         let mut text = format!("{} - {}", code.name(), explanation);
-        if text.len() > 255 {
-            let mut cut = 255;
+        if text.len() > REPLY_TEXT_BYTES_MAX {
+            // RabbitMQ (rabbit_binary_generator) keeps the first 252 bytes and appends "...";
+            // a cut inside a UTF-8 character backs off to its start.
+            let mut cut = REPLY_TEXT_BYTES_MAX - ELLIPSIS.len();
             while !text.is_char_boundary(cut) {
                 cut -= 1;
             }
             text.truncate(cut);
+            text.push_str(ELLIPSIS);
         }
         Self { code, text }
     }
@@ -184,3 +192,29 @@ fn cause_code(cause: &CloseCause) -> Option<ReplyCode> {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_reply_text_keeps_252_bytes_and_an_ellipsis() {
+        let e = AmqpError::new(
+            ReplyCode::NotFound,
+            format!("no queue '{}'", "q".repeat(300)),
+        );
+        assert_eq!(e.text.len(), 255);
+        assert!(e.text.starts_with("NOT_FOUND - no queue 'qqq"));
+        assert!(e.text.ends_with("qqq..."));
+        let exact = AmqpError::new(ReplyCode::NotFound, "x".repeat(255 - "NOT_FOUND - ".len()));
+        assert_eq!(exact.text.len(), 255);
+        assert!(!exact.text.ends_with("..."), "255 bytes fit as they are");
+    }
+
+    #[test]
+    fn a_cut_never_splits_a_character() {
+        let e = AmqpError::new(ReplyCode::NotFound, "é".repeat(200));
+        assert!(e.text.len() <= 255);
+        assert!(e.text.ends_with("é..."));
+    }
+}

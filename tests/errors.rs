@@ -399,3 +399,23 @@ fn channel_error_removes_consumers_and_may_auto_delete() {
     assert!(!conn.is_closed());
     broker.check_invariants().unwrap();
 }
+
+/// A reply text over 255 bytes keeps its first 252 bytes and ends with `...`, as RabbitMQ's
+/// `rabbit_binary_generator` cuts it.
+#[test]
+fn a_long_reply_text_is_cut_to_252_bytes_and_an_ellipsis() {
+    let broker = Broker::in_memory();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    let name = "q".repeat(250);
+    let err = ch
+        .basic_get(&name, coney::BasicGetOptions::default())
+        .unwrap_err();
+    let text = &err.amqp().expect("a channel error").text;
+    assert_eq!(text.len(), 255);
+    assert_eq!(
+        &text[..252],
+        &format!("NOT_FOUND - no queue '{name}' in vhost '/'")[..252]
+    );
+    assert!(text.ends_with("..."));
+}
