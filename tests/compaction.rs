@@ -6,11 +6,13 @@
 //! named by `CURRENT`, a `CURRENT.tmp`, an old generation next to the new one, generation 0's
 //! files next to a later generation); `tests/crash.rs` kills real processes mid-compaction.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use bytes::Bytes;
+use common::TempDir;
 use coney::store::{
     BindingRecord, COMPACT_FLOOR_BYTES, DestinationRecord, ExchangeRecord, Faults, FaultyStore,
     MemoryStore, MessageRecord, Op, QueueRecord, Recovered, SledOptions, SledStore, Store,
@@ -674,30 +676,4 @@ fn cut(path: &Path, len: u64) {
         .unwrap()
         .set_len(len)
         .unwrap();
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "coney-compaction-{}-{name}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

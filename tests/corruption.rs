@@ -21,12 +21,14 @@
 //! from a live broker and its bytes differ between runs, so a trial replays exactly only with
 //! the base it was run on (kept when `CONEY_CORRUPTION_KEEP` is set).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, OnceLock};
 
+use common::TempDir;
 use coney::store::{Recovered, SledOptions, SledStore, Store};
 use coney::*;
 
@@ -123,10 +125,10 @@ fn the_undamaged_copy_recovers_everything_through_both_paths() {
     let _serial = serial();
     for layout in LAYOUTS {
         let base = base(layout);
-        let dir = TempDir::new("intact");
+        let dir = kept_dir("intact");
         base.write_to(dir.path());
         assert_eq!(open_and_recover(base, dir.path()), Outcome::Same);
-        let dir = TempDir::new("intact-broker");
+        let dir = kept_dir("intact-broker");
         base.write_to(dir.path());
         assert_eq!(open_broker(base, dir.path()), Outcome::Same);
     }
@@ -212,10 +214,10 @@ struct Tally {
 impl Tally {
     /// Runs one trial: the damage on two copies, each opened one way.
     fn add(&mut self, base: &Base, seed: u64, index: u64, damage: Damage) {
-        let store_copy = TempDir::new("trial-store");
+        let store_copy = kept_dir("trial-store");
         base.write_to(store_copy.path());
         damage.apply(store_copy.path());
-        let broker_copy = TempDir::new("trial-broker");
+        let broker_copy = kept_dir("trial-broker");
         base.write_to(broker_copy.path());
         damage.apply(broker_copy.path());
         for (path, outcome) in [
@@ -363,7 +365,7 @@ fn base(layout: Layout) -> &'static Base {
         Layout::Compacted => &COMPACTED,
     };
     cell.get_or_init(|| {
-        let dir = TempDir::new("base");
+        let dir = kept_dir("base");
         if std::env::var_os("CONEY_CORRUPTION_KEEP").is_some() {
             eprintln!("{layout:?} base store: {}", dir.path().display());
         }
@@ -385,7 +387,7 @@ fn base(layout: Layout) -> &'static Base {
             files,
             expected: Recovered::default(),
         };
-        let copy = TempDir::new("expected");
+        let copy = kept_dir("expected");
         base.write_to(copy.path());
         base.expected = SledStore::open(copy.path(), SledOptions::default())
             .and_then(|store| store.recover())
@@ -618,31 +620,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A fresh directory under the system temp dir, removed on drop (unless
-/// `CONEY_CORRUPTION_KEEP` is set).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "coney-corruption-{}-{name}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("CONEY_CORRUPTION_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+/// A [`TempDir`] kept after the test when `CONEY_CORRUPTION_KEEP` is set.
+fn kept_dir(name: &str) -> TempDir {
+    TempDir::new(name).keep_if(std::env::var_os("CONEY_CORRUPTION_KEEP").is_some())
 }

@@ -1,13 +1,15 @@
 //! The storage layer: every op through every store, ordering, atomicity, poisoning, corruption, crashes, old-format fixtures.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use common::TempDir;
 use coney::store::codec::{self, Record};
 use coney::store::{
     Batch, BindingRecord, DestinationRecord, ExchangeRecord, Faults, FaultyStore, MemoryStore,
@@ -19,32 +21,6 @@ use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "coney-store-test-{}-{name}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn open_sled(dir: &TempDir) -> SledStore {
     SledStore::open(dir.path(), SledOptions::default()).expect("open sled store")
@@ -453,7 +429,7 @@ fn sled_log_that_lost_flushed_writes_is_refused() {
         store.flush().unwrap();
     }
     let complete = TempDir::new("lost-writes-complete");
-    copy_store(dir.path(), &complete.0);
+    copy_store(dir.path(), complete.path());
     std::fs::copy(old.path().join("db"), dir.path().join("db")).unwrap();
     match SledStore::open(dir.path(), SledOptions::default()) {
         Err(err @ StoreError::CorruptStore { .. }) => {

@@ -4,6 +4,8 @@
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use coney::{
@@ -269,4 +271,43 @@ pub fn death(d: &Delivery, i: usize) -> FieldTable {
 /// A string field of a table.
 pub fn text<'a>(t: &'a FieldTable, key: &str) -> Option<&'a str> {
     t.get(key).and_then(FieldValue::as_str)
+}
+
+/// A fresh directory under the system temp dir, removed on drop unless `keep` is set (to
+/// look at what a failing test left).
+pub struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempDir {
+    /// A new, empty (not yet created) directory named after the test binary's process and
+    /// `name`.
+    pub fn new(name: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("coney-test-{}-{name}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        Self { path, keep: false }
+    }
+
+    /// Keeps the directory after the test when `keep` is true.
+    pub fn keep_if(mut self, keep: bool) -> Self {
+        self.keep = keep;
+        self
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
