@@ -72,9 +72,9 @@ const CHECKSUM_BYTES: usize = 4;
 const PAYLOAD_START: usize = 1 + CHECKSUM_BYTES;
 /// Longest exchange name, queue name, exchange kind or routing key, in bytes (AMQP shortstr).
 pub const NAME_BYTES_MAX: u64 = 255;
-/// Deepest nesting of field tables and arrays (a plain table is depth 1). RabbitMQ's own
-/// headers (`x-death`) nest 3 deep.
-pub const FIELD_DEPTH_MAX: u32 = 32;
+/// Deepest nesting of field tables and arrays: the broker's own limit, which every publish and
+/// declare already passed, so a record within it always encodes.
+pub use crate::types::field::FIELD_DEPTH_MAX;
 /// Largest encoded record apart from a message body, in bytes (headers and arguments).
 pub const RECORD_HEAD_BYTES_MAX: u64 = 1 << 20;
 
