@@ -631,18 +631,21 @@ fn generation_zero_names(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// Bytes of every file under `dir`.
+/// Bytes of every file under `dir`. Entries that vanish while it walks (a compaction running on
+/// the broker's own thread removes the retired generation) count as empty.
 fn directory_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| {
-            let entry = entry.unwrap();
-            let meta = entry.metadata().unwrap();
-            if meta.is_dir() {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let meta = entry.metadata().ok()?;
+            Some(if meta.is_dir() {
                 directory_bytes(&entry.path())
             } else {
                 meta.len()
-            }
+            })
         })
         .sum()
 }
