@@ -121,7 +121,6 @@ pub mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::confirm::ConfirmEvent;
-pub use core::exchange::ExchangeKind;
 pub use core::queue::{Overflow, PolicyDefinition};
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::Durability;

@@ -94,7 +94,7 @@ fn predeclared_exchanges_exist() {
             passive: true,
             ..Default::default()
         };
-        ch.exchange_declare(name, kind, passive, FieldTable::new())
+        ch.exchange_declare(name, kind.clone(), passive, FieldTable::new())
             .unwrap_or_else(|e| panic!("passive declare of {name}: {e}"));
         let same = ExchangeDeclareOptions {
             durable: true,
@@ -1288,5 +1288,49 @@ fn headers_nested_values_compare_structurally() {
         .with("tbl", FieldTable::new().with("k", "other"));
     publish_headers(&ch, "amq.headers", "", "different", different);
     assert_eq!(get_all(&ch, "q"), ["same"]);
+    broker.check_invariants().unwrap();
+}
+
+/// An exchange type by name (lapin's `ExchangeKind::Custom`): a built-in name works as that
+/// type; any other, RabbitMQ's plugin types included, is RabbitMQ 4.x's 406
+/// `unknown exchange type` (a channel error), on a new name and on an existing one alike.
+#[test]
+fn exchange_types_by_name() {
+    let (broker, conn, ch) = setup();
+    ch.exchange_declare(
+        "by-name",
+        ExchangeKind::Custom("topic".into()),
+        ExchangeDeclareOptions::default(),
+        FieldTable::new(),
+    )
+    .unwrap();
+    declare(&ch, "eu");
+    bind(&ch, "eu", "by-name", "orders.eu.*");
+    publish(&ch, "by-name", "orders.eu.paris", "routed as a topic");
+    assert_eq!(get_all(&ch, "eu"), ["routed as a topic"]);
+    // Redeclaring it through the built-in variant is the same type: equivalent.
+    ch.exchange_declare(
+        "by-name",
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::new(),
+    )
+    .unwrap();
+    for name in ["x-consistent-hash", "x-delayed-message", "x-random", "Topic"] {
+        for exchange in ["fresh", "by-name"] {
+            let ch = conn.channel().unwrap();
+            let r = ch.exchange_declare(
+                exchange,
+                ExchangeKind::Custom(name.into()),
+                ExchangeDeclareOptions::default(),
+                FieldTable::new(),
+            );
+            let text = format!("PRECONDITION_FAILED - unknown exchange type '{name}'");
+            channel_error(r, ReplyCode::PreconditionFailed, Some(&text));
+            assert!(ch.is_closed());
+            assert!(!conn.is_closed(), "a channel error");
+        }
+    }
+    assert!(!exchange_exists(&broker, "fresh"));
     broker.check_invariants().unwrap();
 }

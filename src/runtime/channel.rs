@@ -23,7 +23,6 @@ use super::queue::{GetOutcome, QueueCell, QueueGuard, Settle, Sink};
 use super::{BrokerInner, Limits, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
 use crate::core::confirm::ConfirmEvent;
-use crate::core::exchange::ExchangeKind;
 use crate::core::queue::expiration::parse_expiration;
 use crate::core::queue::{ConsumerId, ConsumerSpec};
 use crate::core::topology::{DestinationName, Targets, no_queue};
@@ -31,7 +30,7 @@ use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 use crate::types::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicProperties, BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
-    BindOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, FieldTable,
+    BindOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeKind, FieldTable,
     FieldValue, Message, QueueDeclareOptions, QueueDeleteOptions,
 };
 
@@ -172,7 +171,7 @@ impl Channel {
         let r = inner.broker.update(|snap, _| {
             let created = snap
                 .topology
-                .declare_exchange(&name, kind.name(), options, arguments)?;
+                .declare_exchange(&name, kind.kind(), options, arguments)?;
             Ok(((), created))
         });
         inner.admin_result(r)
