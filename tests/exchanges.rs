@@ -1316,7 +1316,12 @@ fn exchange_types_by_name() {
         FieldTable::new(),
     )
     .unwrap();
-    for name in ["x-consistent-hash", "x-delayed-message", "x-random", "Topic"] {
+    for name in [
+        "x-consistent-hash",
+        "x-delayed-message",
+        "x-random",
+        "Topic",
+    ] {
         for exchange in ["fresh", "by-name"] {
             let ch = conn.channel().unwrap();
             let r = ch.exchange_declare(

@@ -51,7 +51,7 @@ fn dead_letter_exchange_by_policy() {
         "the argument wins"
     );
     assert_eq!(broker.death_stats("payments").unwrap().dropped.rejected, 1);
-    broker.clear_policy("dlx");
+    broker.clear_policy("dlx").unwrap();
     publish(&ch, "", "orders.after", "m");
     reject_one(&ch, "orders.after");
     assert_eq!(ready(&ch, "dlq"), 0, "no policy, no dead-lettering");
@@ -114,4 +114,83 @@ fn priority_and_bad_patterns() {
     assert_eq!(get_all(&ch, "high-dlq"), ["m"]);
     let bad = broker.set_policy("bad", dlx_policy("(", "x"));
     assert!(matches!(bad, Err(Error::InvalidInput(_))), "{bad:?}");
+}
+
+/// A durable broker keeps its policies, as RabbitMQ does: after a reopen the policy-given
+/// dead-letter exchange and length limit still apply, to recovered queues and to new ones; a
+/// cleared policy stays cleared; and an in-memory broker's policies stay in memory.
+#[test]
+fn policies_survive_a_restart() {
+    let dir = TempDir::new("policies");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    {
+        let broker = Broker::open(dir.path()).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        for q in ["dlq", "orders.eu"] {
+            ch.queue_declare(q, durable, FieldTable::new()).unwrap();
+        }
+        broker
+            .set_policy("dlx", dlx_policy("^orders\\.", "dlq"))
+            .unwrap();
+        let limit = Policy {
+            pattern: "^orders\\.".into(),
+            priority: -1,
+            definition: PolicyDefinition {
+                max_length: Some(1),
+                overflow: Some(Overflow::RejectPublish),
+                ..Default::default()
+            },
+        };
+        broker.set_policy("limit", limit.clone()).unwrap();
+        broker.set_policy("limit-too", limit).unwrap();
+        broker.clear_policy("limit").unwrap();
+    }
+    let broker = Broker::open(dir.path()).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    ch.queue_declare("orders.us", durable, FieldTable::new())
+        .unwrap();
+    for q in ["orders.eu", "orders.us"] {
+        publish(&ch, "", q, q);
+        reject_one(&ch, q);
+    }
+    assert_eq!(
+        get_all(&ch, "dlq"),
+        ["orders.eu", "orders.us"],
+        "the dead-letter policy came back and applies to old and new queues"
+    );
+    // "dlx" has the higher priority, so only it applies: no length limit from "limit-too".
+    publish(&ch, "", "orders.eu", "1");
+    publish(&ch, "", "orders.eu", "2");
+    assert_eq!(ready(&ch, "orders.eu"), 2);
+    broker.clear_policy("dlx").unwrap();
+    publish(&ch, "", "orders.eu", "3");
+    assert_eq!(
+        ready(&ch, "orders.eu"),
+        2,
+        "now 'limit-too' applies: refused"
+    );
+    drop((ch, conn, broker));
+    let broker = Broker::open(dir.path()).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    // The messages were transient: the queue is empty after the restart.
+    publish(&ch, "", "orders.eu", "4");
+    publish(&ch, "", "orders.eu", "5");
+    assert_eq!(
+        ready(&ch, "orders.eu"),
+        1,
+        "'limit-too' came back: '5' refused"
+    );
+    reject_one(&ch, "orders.eu");
+    assert_eq!(ready(&ch, "dlq"), 0, "'dlx' stayed cleared: dropped");
+    assert!(
+        broker
+            .set_policy(&"p".repeat(256), dlx_policy("x", "y"))
+            .is_err()
+    );
 }

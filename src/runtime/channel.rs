@@ -30,8 +30,8 @@ use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 use crate::types::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicProperties, BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
-    BindOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeKind, FieldTable,
-    FieldValue, Message, QueueDeclareOptions, QueueDeleteOptions,
+    BindOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeKind,
+    FieldTable, FieldValue, Message, QueueDeclareOptions, QueueDeleteOptions,
 };
 
 /// Largest name (queue, exchange, routing key, consumer tag): an AMQP short string.

@@ -239,7 +239,7 @@ impl BrokerBuilder {
             queues: Map::default(),
         };
         let flow = self.flow_control();
-        self.build(snapshot, None, flow)
+        self.build(snapshot, Vec::new(), None, flow)
     }
 
     /// A durable broker whose durable exchanges, queues, bindings and persistent messages live
@@ -277,8 +277,8 @@ impl BrokerBuilder {
         let flow = self.flow_control();
         let persistence =
             Persistence::start(store, self.durability, self.auto_compact, flow.clone());
-        let snapshot = recover::rebuild(&persistence, self.clock.now_ms())?;
-        Ok(self.build(snapshot, Some(persistence), flow))
+        let (snapshot, policies) = recover::rebuild(&persistence, self.clock.now_ms())?;
+        Ok(self.build(snapshot, policies, Some(persistence), flow))
     }
 
     fn flow_control(&self) -> Arc<flow::FlowControl> {
@@ -291,6 +291,7 @@ impl BrokerBuilder {
     fn build(
         self,
         snapshot: Snapshot,
+        policies: Vec<policy::Compiled>,
         persistence: Option<Arc<Persistence>>,
         flow: Arc<flow::FlowControl>,
     ) -> Broker {
@@ -311,7 +312,7 @@ impl BrokerBuilder {
                     snapshot: ArcSwap::from_pointee(snapshot),
                     admin: Mutex::new(Admin {
                         rng: SplitMix64(self.seed),
-                        policies: Vec::new(),
+                        policies,
                     }),
                     clock: self.clock,
                     limits: self.limits,

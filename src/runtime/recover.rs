@@ -7,15 +7,17 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use super::persist::Persistence;
+use super::policy::{Compiled, policy_for};
 use super::queue::QueueCell;
 use crate::core::channel::QueueId;
 use crate::core::queue::Entry;
 use crate::core::shared::Map;
 use crate::core::topology::{ConnectionId, DestinationName, Topology};
 use crate::error::{AmqpError, Result};
+use crate::store::codec::policy_key;
 use crate::store::{
-    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord,
-    Recovered, RecoverySink, StoreError,
+    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, PolicyRecord,
+    QueueRecord, Recovered, RecoverySink, StoreError,
 };
 use crate::types::{ExchangeDeclareOptions, Message};
 
@@ -25,7 +27,10 @@ const RECOVERY: ConnectionId = ConnectionId(0);
 /// Rebuilds the broker's state from what its store holds. Messages become queue entries as
 /// they are read; messages of a queue that has no record (its deletion reached the store, its
 /// messages' removal did not) are deleted.
-pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Snapshot> {
+pub(crate) fn rebuild(
+    persistence: &Arc<Persistence>,
+    now_ms: u64,
+) -> Result<(Snapshot, Vec<Compiled>)> {
     let mut read = Read::default();
     persistence.store().recover_into(&mut read)?;
     let Read {
@@ -37,8 +42,17 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Sna
         exchanges,
         queues: queue_records,
         bindings,
+        policies: policy_records,
         ..
     } = definitions;
+    // Policies first: each queue is built with the one that applies to it.
+    let mut policies = Vec::with_capacity(policy_records.len());
+    for record in policy_records {
+        let key = policy_key(&record.name);
+        let compiled =
+            Compiled::from_record(record).map_err(|reason| StoreError::Corrupt { key, reason })?;
+        policies.push(compiled);
+    }
     let mut topology = Topology::new();
     for e in &exchanges {
         let options = ExchangeDeclareOptions {
@@ -58,7 +72,11 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Sna
             .map_err(|err| inconsistent(b'Q', &q.id.to_be_bytes(), &err))?;
         queues.insert(
             meta.id,
-            QueueCell::new(meta, Some(persistence.clone()), None),
+            QueueCell::new(
+                meta.clone(),
+                Some(persistence.clone()),
+                policy_for(&policies, &meta.name),
+            ),
         );
     }
     for b in &bindings {
@@ -88,7 +106,7 @@ pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Sna
     if !orphans.is_empty() {
         persistence.write_definitions(orphans).wait()?;
     }
-    Ok(Snapshot { topology, queues })
+    Ok((Snapshot { topology, queues }, policies))
 }
 
 /// What recovery reads: definitions as records, messages straight into queue entries (flagged
@@ -114,6 +132,10 @@ impl RecoverySink for Read {
 
     fn binding(&mut self, record: BindingRecord) -> Result<(), StoreError> {
         self.definitions.binding(record)
+    }
+
+    fn policy(&mut self, record: PolicyRecord) -> Result<(), StoreError> {
+        self.definitions.policy(record)
     }
 
     fn message(&mut self, queue: u64, seq: u64, r: MessageRecord) -> Result<(), StoreError> {

@@ -10,6 +10,7 @@
 //! | queue | `b'Q'` ++ id (u64 BE) |
 //! | binding | `b'B'` ++ bincode(record) (deterministic: field tables are sorted maps) |
 //! | message | `b'M'` ++ queue id (u64 BE) ++ seq (u64 BE) |
+//! | policy | `b'P'` ++ name bytes |
 //! | commit counter (sled only, not a record) | `b'C'` |
 //!
 //! A queue's messages are therefore one contiguous key range, iterated in FIFO order. The
@@ -19,7 +20,7 @@
 //! # Values
 //! One format-version byte ([`FORMAT_VERSION`]), a checksum (from version 2), then a bincode 2
 //! payload (`bincode::config::standard()`, serde API):
-//! - exchange, queue, binding: bincode(record);
+//! - exchange, queue, binding, policy: bincode(record);
 //! - message: bincode(head) ++ raw body. The head holds every field but the body, plus the
 //!   body's length; it is written and read by hand (module `head` documents the layout) because
 //!   recovery decodes millions of them. The body stays out of bincode so recovery takes it as
@@ -57,8 +58,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, QueueRecord,
-    RecoverySink, StoreError,
+    Batch, BindingRecord, DestinationRecord, ExchangeRecord, MessageRecord, Op, PolicyRecord,
+    QueueRecord, RecoverySink, StoreError,
 };
 use crate::types::{FieldTable, FieldValue};
 
@@ -86,6 +87,8 @@ pub const QUEUE_PREFIX: u8 = b'Q';
 pub const BINDING_PREFIX: u8 = b'B';
 /// Key prefix of message records.
 pub const MESSAGE_PREFIX: u8 = b'M';
+/// Key prefix of policy records (from format version 2; a store without any still opens).
+pub const POLICY_PREFIX: u8 = b'P';
 /// The key of the commit counter ([`SledStore`](super::SledStore) only; not a record).
 pub const COMMIT_KEY: [u8; 1] = [b'C'];
 
@@ -109,6 +112,8 @@ pub enum Record {
     Queue(QueueRecord),
     /// A binding.
     Binding(BindingRecord),
+    /// A policy.
+    Policy(PolicyRecord),
     /// A message of queue `queue` at sequence number `seq`.
     Message {
         /// The queue's id.
@@ -124,6 +129,14 @@ pub enum Record {
 pub fn exchange_key(name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + name.len());
     key.push(EXCHANGE_PREFIX);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// The key of a policy record.
+pub fn policy_key(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + name.len());
+    key.push(POLICY_PREFIX);
     key.extend_from_slice(name.as_bytes());
     key
 }
@@ -169,6 +182,7 @@ pub fn encode_record(record: &Record) -> Result<(Vec<u8>, Vec<u8>), StoreError> 
         Record::Exchange(exchange) => encode_exchange(exchange),
         Record::Queue(queue) => encode_queue(queue),
         Record::Binding(binding) => encode_binding(binding),
+        Record::Policy(policy) => encode_policy(policy),
         Record::Message { queue, seq, record } => encode_message(*queue, *seq, record),
     }
 }
@@ -180,6 +194,7 @@ pub fn decode_record(key: &[u8], value: &[u8]) -> Result<Record, StoreError> {
         Some(&EXCHANGE_PREFIX) => decode_exchange(key, value).map(Record::Exchange),
         Some(&QUEUE_PREFIX) => decode_queue(key, value).map(Record::Queue),
         Some(&BINDING_PREFIX) => decode_binding(key, value).map(Record::Binding),
+        Some(&POLICY_PREFIX) => decode_policy(key, value).map(Record::Policy),
         Some(&MESSAGE_PREFIX) => {
             let (queue, seq, record) =
                 decode_message_with(key, value, |range| Bytes::copy_from_slice(&value[range]))?;
@@ -209,6 +224,14 @@ pub fn encode_queue(queue: &QueueRecord) -> Result<(Vec<u8>, Vec<u8>), StoreErro
 pub fn encode_binding(binding: &BindingRecord) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
     let key = binding_key(binding)?;
     let value = encode_value(&key, binding)?;
+    Ok((key, value))
+}
+
+/// Encodes a policy record as its `(key, value)`.
+pub fn encode_policy(policy: &PolicyRecord) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    check_policy(policy).map_err(StoreError::Invalid)?;
+    let key = policy_key(&policy.name);
+    let value = encode_value(&key, policy)?;
     Ok((key, value))
 }
 
@@ -293,6 +316,19 @@ pub fn decode_binding(key: &[u8], value: &[u8]) -> Result<BindingRecord, StoreEr
     Ok(binding)
 }
 
+/// Decodes a policy record, checking that the key is its name.
+pub fn decode_policy(key: &[u8], value: &[u8]) -> Result<PolicyRecord, StoreError> {
+    let policy: PolicyRecord = decode_value(key, value)?;
+    check_policy(&policy).map_err(|reason| corrupt(key, reason))?;
+    if key[1..] != *policy.name.as_bytes() {
+        return Err(corrupt(
+            key,
+            "key does not match the policy name".to_string(),
+        ));
+    }
+    Ok(policy)
+}
+
 /// Decodes a message record and its `(queue, seq)` from the key; `body` turns the body's byte
 /// range within `value` into [`Bytes`] (a copy, or a slice of a shared buffer that holds
 /// `value`).
@@ -371,6 +407,16 @@ fn encode_op(op: &Op) -> Result<Write, StoreError> {
         Op::DeleteBinding(binding) => Write::Remove {
             key: binding_key(binding)?,
         },
+        Op::PutPolicy(policy) => {
+            let (key, value) = encode_policy(policy)?;
+            Write::Put { key, value }
+        }
+        Op::DeletePolicy(name) => {
+            check_name("policy name", name).map_err(StoreError::Invalid)?;
+            Write::Remove {
+                key: policy_key(name),
+            }
+        }
         Op::PutMessage { queue, seq, record } => {
             let (key, value) = encode_message(*queue, *seq, record)?;
             Write::Put { key, value }
@@ -397,6 +443,7 @@ pub(crate) fn feed(
         Some(&EXCHANGE_PREFIX) => sink.exchange(decode_exchange(key, value)?),
         Some(&QUEUE_PREFIX) => sink.queue(decode_queue(key, value)?),
         Some(&BINDING_PREFIX) => sink.binding(decode_binding(key, value)?),
+        Some(&POLICY_PREFIX) => sink.policy(decode_policy(key, value)?),
         _ => Err(unknown_kind(key)),
     }
 }
@@ -547,6 +594,11 @@ fn check_binding(binding: &BindingRecord) -> Result<(), String> {
     }
     check_name("binding key", &binding.routing_key)?;
     check_table("binding arguments", &binding.arguments)
+}
+
+fn check_policy(policy: &PolicyRecord) -> Result<(), String> {
+    check_name("policy name", &policy.name)?;
+    check_table("policy definition", &policy.definition)
 }
 
 fn check_message(message: &MessageRecord) -> Result<(), String> {

@@ -195,6 +195,20 @@ pub enum DestinationRecord {
     Exchange(String),
 }
 
+/// A policy (broker-wide queue settings by name pattern). Its name is its key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// Its name, at most [`codec::NAME_BYTES_MAX`] bytes.
+    pub name: String,
+    /// The queue-name pattern (a regular expression).
+    pub pattern: String,
+    /// Higher wins where several match.
+    pub priority: i32,
+    /// The settings, under RabbitMQ's policy keys (`dead-letter-exchange`, `message-ttl`,
+    /// ...): a table, so settings added later need no new record format.
+    pub definition: FieldTable,
+}
+
 /// A persistent message in one durable queue. Its queue and sequence number are its key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MessageRecord {
@@ -231,6 +245,10 @@ pub enum Op {
     PutBinding(BindingRecord),
     /// Deletes a binding (absent: no-op).
     DeleteBinding(BindingRecord),
+    /// Creates or replaces a policy.
+    PutPolicy(PolicyRecord),
+    /// Deletes a policy by name (absent: no-op).
+    DeletePolicy(String),
     /// Creates or replaces message `seq` of queue `queue`.
     PutMessage {
         /// The queue's id.
@@ -307,6 +325,8 @@ pub struct Recovered {
     pub queues: Vec<QueueRecord>,
     /// Bindings, in key order (by encoded record).
     pub bindings: Vec<BindingRecord>,
+    /// Policies, in key order (by name bytes).
+    pub policies: Vec<PolicyRecord>,
     /// Messages grouped by queue, queues ascending by id; only queues with messages appear.
     /// Messages of a queue with no [`QueueRecord`] are returned too: the caller decides.
     pub messages: Vec<QueueMessages>,
@@ -329,6 +349,8 @@ pub trait RecoverySink {
     fn queue(&mut self, record: QueueRecord) -> Result<(), StoreError>;
     /// A binding.
     fn binding(&mut self, record: BindingRecord) -> Result<(), StoreError>;
+    /// A policy.
+    fn policy(&mut self, record: PolicyRecord) -> Result<(), StoreError>;
     /// A message of queue `queue` with sequence number `seq`.
     fn message(&mut self, queue: u64, seq: u64, record: MessageRecord) -> Result<(), StoreError>;
 }
@@ -347,6 +369,11 @@ impl RecoverySink for Recovered {
 
     fn binding(&mut self, record: BindingRecord) -> Result<(), StoreError> {
         self.bindings.push(record);
+        Ok(())
+    }
+
+    fn policy(&mut self, record: PolicyRecord) -> Result<(), StoreError> {
+        self.policies.push(record);
         Ok(())
     }
 
