@@ -78,6 +78,7 @@ fn message(body: &Bytes) -> Arc<MessageRecord> {
         delivered: false,
         enqueued_at_ms: 1_700_000_000_000,
         dead_lettered: false,
+        bcc: Vec::new(),
     })
 }
 

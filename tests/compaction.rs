@@ -589,6 +589,7 @@ fn fill(store: &dyn Store) {
                 delivered: seq % 5 == 0,
                 enqueued_at_ms: 1_700_000_000_000 + seq,
                 dead_lettered: false,
+                bcc: Vec::new(),
             }),
         });
     }
@@ -604,6 +605,7 @@ fn fill(store: &dyn Store) {
             delivered: false,
             enqueued_at_ms: 1_700_000_000_000,
             dead_lettered: false,
+            bcc: Vec::new(),
         }),
     });
     apply(store, ops);

@@ -237,3 +237,87 @@ fn the_death_history_survives_a_restart() {
     let d = get(&ch, "work").unwrap();
     assert_eq!(death(&d, 0).get("count"), Some(&FieldValue::I64(2)));
 }
+
+/// RabbitMQ routes a dead letter without a dead-letter routing key with every key it was
+/// published with: the publish key, `CC` and `BCC`. `BCC` is gone from the headers (and from
+/// `x-death`'s `routing-keys`) but not from routing, at the next dead-lettering too; a
+/// dead-letter routing key replaces them all.
+#[test]
+fn dead_letters_keep_their_bcc_routes() {
+    let (broker, _conn, ch) = setup();
+    declare_exchange(&ch, "in", ExchangeKind::Direct);
+    declare_exchange(&ch, "dlx", ExchangeKind::Direct);
+    declare_args(&ch, "work", dlx_args("dlx"));
+    bind(&ch, "work", "in", "orig");
+    for (queue, key) in [("by-key", "orig"), ("by-cc", "cc1"), ("by-bcc", "bcc1")] {
+        declare_args(&ch, queue, dlx_args("dlx"));
+        bind(&ch, queue, "dlx", key);
+    }
+    let headers = FieldTable::new()
+        .with("CC", vec![FieldValue::from("cc1")])
+        .with("BCC", vec![FieldValue::from("bcc1")]);
+    publish_headers(&ch, "in", "orig", "m", headers);
+    get(&ch, "work").unwrap().reject(false).unwrap();
+    for queue in ["by-key", "by-cc", "by-bcc"] {
+        assert_eq!(ready(&ch, queue), 1, "{queue}");
+    }
+    let d = get(&ch, "by-bcc").unwrap();
+    let headers = d.properties().headers.clone().unwrap();
+    assert!(!headers.contains_key("BCC"));
+    let keys = death(&d, 0).get("routing-keys").cloned();
+    assert_eq!(
+        keys,
+        Some(FieldValue::Array(vec!["orig".into(), "cc1".into()])),
+        "x-death lists the publish key and CC, not BCC"
+    );
+    // Dead-lettered again from 'by-bcc' (no routing key): the BCC key still routes it.
+    d.reject(false).unwrap();
+    assert_eq!(ready(&ch, "by-bcc"), 1, "BCC routes the second hop too");
+    assert_eq!(ready(&ch, "by-key"), 2);
+    assert_eq!(ready(&ch, "by-cc"), 2);
+    // A dead-letter routing key replaces every key, BCC included.
+    let replaced = dlx_args("dlx").with("x-dead-letter-routing-key", "orig");
+    declare_args(&ch, "replaced", replaced);
+    let headers = FieldTable::new().with("BCC", vec![FieldValue::from("bcc1")]);
+    publish_headers(&ch, "", "replaced", "r", headers);
+    get(&ch, "replaced").unwrap().reject(false).unwrap();
+    assert_eq!(ready(&ch, "by-bcc"), 1, "not routed by BCC");
+    assert_eq!(ready(&ch, "by-key"), 3);
+    broker.check_invariants().unwrap();
+}
+
+/// The BCC keys of a persistent message survive a restart with it.
+#[test]
+fn bcc_routes_survive_a_restart() {
+    let dir = TempDir::new("bcc");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_x = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    {
+        let broker = Broker::open(dir.path()).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        ch.exchange_declare("dlx", ExchangeKind::Direct, durable_x, FieldTable::new())
+            .unwrap();
+        ch.queue_declare("work", durable, dlx_args("dlx")).unwrap();
+        ch.queue_declare("by-bcc", durable, FieldTable::new())
+            .unwrap();
+        bind(&ch, "by-bcc", "dlx", "bcc1");
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(FieldTable::new().with("BCC", vec![FieldValue::from("bcc1")]));
+        ch.basic_publish("", "work", Default::default(), b"m".to_vec(), properties)
+            .unwrap();
+        broker.sync().unwrap();
+    }
+    let broker = Broker::open(dir.path()).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    get(&ch, "work").unwrap().reject(false).unwrap();
+    assert_eq!(get_all(&ch, "by-bcc"), ["m"]);
+}

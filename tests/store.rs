@@ -84,6 +84,7 @@ fn message(tag: &str) -> MessageRecord {
         delivered: false,
         enqueued_at_ms: 1_700_000_000_000,
         dead_lettered: false,
+        bcc: Vec::new(),
     }
 }
 
@@ -1143,6 +1144,7 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
                     delivered: true,
                     enqueued_at_ms: 1_700_000_000_123,
                     dead_lettered: false,
+                    bcc: Vec::new(),
                 },
             },
         ),
@@ -1160,6 +1162,7 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
                     delivered: false,
                     enqueued_at_ms: 0,
                     dead_lettered: false,
+                    bcc: Vec::new(),
                 },
             },
         ),

@@ -949,10 +949,10 @@ impl ChannelInner {
                 return Err(self.fail(AmqpError::new(ReplyCode::PreconditionFailed, text)));
             }
         };
-        let extra_keys = self.result(sender_selected_keys(&mut properties))?;
+        let (extra_keys, bcc) = self.result(sender_selected_keys(&mut properties))?;
         let mut keys: SmallVec<[&str; 1]> = SmallVec::new();
         keys.push(routing_key);
-        keys.extend(extra_keys.iter().map(String::as_str));
+        keys.extend(extra_keys.iter().chain(&bcc).map(String::as_str));
         let mut targets = Targets::new();
         snap.topology
             .route(ex, &keys, properties.headers.as_ref(), &mut targets);
@@ -990,6 +990,7 @@ impl ChannelInner {
             properties,
             body,
             dead_lettered: false,
+            bcc: bcc.clone(),
         });
         let placed: SmallVec<[(&Arc<QueueCell>, u64); 4]> =
             cells.iter().map(|c| (*c, c.reserve_seq())).collect();
@@ -1076,19 +1077,20 @@ impl ChannelInner {
     }
 }
 
-/// Routing keys from the `CC` and `BCC` headers (§2.4); removes `BCC`. A non-array value is a
-/// 406; non-string elements are skipped.
+/// Routing keys from the `CC` and `BCC` headers, in that order (RabbitMQ's sender-selected
+/// distribution); removes `BCC`. A non-array value is a 406; non-string elements are skipped.
+#[allow(clippy::type_complexity)]
 fn sender_selected_keys(
     properties: &mut BasicProperties,
-) -> std::result::Result<Vec<String>, AmqpError> {
+) -> std::result::Result<(Vec<String>, Vec<String>), AmqpError> {
     let Some(headers) = properties.headers.as_mut() else {
-        return Ok(Vec::new());
+        return Ok(Default::default());
     };
     if !headers.contains_key("CC") && !headers.contains_key("BCC") {
-        return Ok(Vec::new());
+        return Ok(Default::default());
     }
-    let mut keys = Vec::new();
-    for name in ["CC", "BCC"] {
+    let (mut cc, mut bcc) = (Vec::new(), Vec::new());
+    for (name, keys) in [("CC", &mut cc), ("BCC", &mut bcc)] {
         match headers.get(name) {
             None => {}
             Some(FieldValue::Array(items)) => {
@@ -1106,7 +1108,7 @@ fn sender_selected_keys(
         }
     }
     headers.remove("BCC");
-    Ok(keys)
+    Ok((cc, bcc))
 }
 
 /// Bytes of a content header's payload before its property list: class id, weight, body size.

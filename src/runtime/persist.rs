@@ -634,6 +634,7 @@ fn message_record(m: &Message, delivery_count: u32, enqueued_at_ms: u64) -> Mess
         delivered: false,
         enqueued_at_ms,
         dead_lettered: m.dead_lettered,
+        bcc: m.bcc.clone(),
     }
 }
 
@@ -692,6 +693,7 @@ mod tests {
             properties: BasicProperties::default().with_delivery_mode(2),
             body: bytes::Bytes::from_static(b"m"),
             dead_lettered: false,
+            bcc: Vec::new(),
         })
     }
 

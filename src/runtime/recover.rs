@@ -149,6 +149,7 @@ impl RecoverySink for Read {
                 properties: r.properties,
                 body: r.body,
                 dead_lettered: r.dead_lettered,
+                bcc: r.bcc,
             }),
             delivered: true,
             delivery_count: r.delivery_count,

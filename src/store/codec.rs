@@ -659,9 +659,10 @@ fn value_depth_exceeds(value: &FieldValue, depth: u32) -> bool {
 /// `correlation_id`, `reply_to`, `expiration`, `message_id`, `timestamp`, `kind`, `user_id`,
 /// `app_id`, `cluster_id`; each an option: byte 0 or 1 then the value; `headers` a field table
 /// through serde, `delivery_mode` and `priority` one raw byte, `timestamp` a varint);
-/// `delivery_count` (varint), flags (one byte: bit 0 `delivered`, bit 1 `dead_lettered`; records
-/// written before `dead_lettered` existed hold 0 or 1 there), `enqueued_at_ms` (varint), body length
-/// (varint). Varints: below 251 one byte; else 251, 252 or 253 then a little-endian u16, u32 or
+/// `delivery_count` (varint), flags (one byte: bit 0 `delivered`, bit 1 `dead_lettered`, bit 2
+/// "has BCC keys"; records written before `dead_lettered` existed hold 0 or 1 there), the BCC
+/// keys only when bit 2 is set (a varint count, at least 1, then that many strings),
+/// `enqueued_at_ms` (varint), body length (varint). Varints: below 251 one byte; else 251, 252 or 253 then a little-endian u16, u32 or
 /// u64.
 mod head {
     use super::{
@@ -669,6 +670,10 @@ mod head {
         depth, len_u64,
     };
     use crate::types::BasicProperties;
+
+    /// Most BCC keys a head may state: each takes at least one byte of a head that is at most
+    /// [`super::RECORD_HEAD_BYTES_MAX`] long.
+    const BCC_KEYS_MAX: u64 = super::RECORD_HEAD_BYTES_MAX;
 
     /// Appends the head of `m` to `out`.
     pub(super) fn encode(m: &MessageRecord, out: &mut Vec<u8>) -> Result<(), StoreError> {
@@ -703,7 +708,14 @@ mod head {
         opt_string(out, &p.app_id);
         opt_string(out, &p.cluster_id);
         varint(out, u64::from(m.delivery_count));
-        out.push(u8::from(m.delivered) | u8::from(m.dead_lettered) << 1);
+        let has_bcc = !m.bcc.is_empty();
+        out.push(u8::from(m.delivered) | u8::from(m.dead_lettered) << 1 | u8::from(has_bcc) << 2);
+        if has_bcc {
+            varint(out, len_u64(m.bcc.len()));
+            for key in &m.bcc {
+                string(out, key);
+            }
+        }
         varint(out, m.enqueued_at_ms);
         varint(out, len_u64(m.body.len()));
         Ok(())
@@ -739,8 +751,18 @@ mod head {
         let delivery_count = u32::try_from(r.varint("delivery count")?)
             .map_err(|_| "delivery count over u32".to_string())?;
         let flags = r.byte("flags")?;
-        if flags > 3 {
+        if flags > 7 {
             return Err(format!("flags: invalid value {flags}"));
+        }
+        let mut bcc = Vec::new();
+        if flags & 4 != 0 {
+            let count = r.varint("BCC key count")?;
+            if count == 0 || count > BCC_KEYS_MAX {
+                return Err(format!("BCC key count: invalid value {count}"));
+            }
+            for _ in 0..count {
+                bcc.push(r.string("BCC key")?);
+            }
         }
         let enqueued_at_ms = r.varint("enqueued_at_ms")?;
         let body_len = r.varint("body length")?;
@@ -753,6 +775,7 @@ mod head {
             delivered: flags & 1 != 0,
             enqueued_at_ms,
             dead_lettered: flags & 2 != 0,
+            bcc,
         };
         Ok((record, body_len, r.pos))
     }
@@ -1217,6 +1240,7 @@ mod tests {
             delivered: true,
             enqueued_at_ms: 7,
             dead_lettered: false,
+            bcc: Vec::new(),
         }
     }
 
@@ -1228,6 +1252,9 @@ mod tests {
         properties: &'a BasicProperties,
         delivery_count: u32,
         flags: u8,
+        /// Present only when flag bit 2 says so: a length-prefixed sequence, as serde writes it.
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        bcc: &'a [String],
         enqueued_at_ms: u64,
         body_len: u64,
     }
@@ -1264,6 +1291,9 @@ mod tests {
             m.enqueued_at_ms = v;
             m.delivered = n % 3 == 0;
             m.dead_lettered = n % 4 == 1;
+            if n % 4 == 2 {
+                m.bcc = (0..n).map(|k| "b".repeat(k * 60)).collect();
+            }
             m.routing_key = "r".repeat(n * 36);
             m.body = Bytes::from(vec![7u8; n * 40]);
             if n % 2 == 1 {
@@ -1295,7 +1325,10 @@ mod tests {
                 routing_key: &m.routing_key,
                 properties: &m.properties,
                 delivery_count: m.delivery_count,
-                flags: u8::from(m.delivered) | u8::from(m.dead_lettered) << 1,
+                flags: u8::from(m.delivered)
+                    | u8::from(m.dead_lettered) << 1
+                    | u8::from(!m.bcc.is_empty()) << 2,
+                bcc: &m.bcc,
                 enqueued_at_ms: m.enqueued_at_ms,
                 body_len: len_u64(m.body.len()),
             };

@@ -228,6 +228,9 @@ pub struct MessageRecord {
     pub enqueued_at_ms: u64,
     /// Whether the broker dead-lettered it (its `x-death` headers are the broker's history).
     pub dead_lettered: bool,
+    /// The keys of its `BCC` header, kept for dead-lettering (the header itself is removed
+    /// at publish).
+    pub bcc: Vec<String>,
 }
 
 /// One change to the stored state.

@@ -21,6 +21,10 @@ pub struct Message {
     /// own history, continued at the next dead-lettering. A client-supplied `x-death` is not
     /// interpreted and is overwritten (RabbitMQ 4.x, SEMANTICS.md §5.4).
     pub dead_lettered: bool,
+    /// The keys of its `BCC` header, which publish removed from the headers: RabbitMQ still
+    /// routes a dead letter with them when no dead-letter routing key replaces its keys.
+    /// Empty for most messages (no allocation).
+    pub bcc: Vec<String>,
 }
 
 impl Message {

@@ -135,9 +135,16 @@ pub fn dead_letter(
     headers.insert("x-last-death-exchange", &*message.exchange);
     properties.headers = Some(headers);
     properties.expiration = None;
-    let routing_keys = match &target.routing_key {
-        Some(k) => vec![k.clone()],
-        None => keys_at_death,
+    // With no dead-letter routing key, all the keys it was published with route it, `BCC`
+    // included (removed from the headers, not from routing), and it keeps them for a next
+    // dead-lettering; a dead-letter routing key replaces them all.
+    let (routing_keys, bcc) = match &target.routing_key {
+        Some(k) => (vec![k.clone()], Vec::new()),
+        None => {
+            let mut keys = keys_at_death;
+            keys.extend(message.bcc.iter().cloned());
+            (keys, message.bcc.clone())
+        }
     };
     let first = routing_keys.first().cloned().unwrap_or_default();
     DeadLettered {
@@ -147,6 +154,7 @@ pub fn dead_letter(
             properties,
             body: Bytes::clone(&message.body),
             dead_lettered: true,
+            bcc,
         },
         routing_keys,
     }
@@ -214,6 +222,7 @@ mod tests {
             properties,
             body: Bytes::from_static(b"m"),
             dead_lettered: false,
+            bcc: Vec::new(),
         }
     }
 

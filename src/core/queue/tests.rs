@@ -14,6 +14,7 @@ fn msg(body: &str) -> Arc<Message> {
         properties: BasicProperties::default(),
         body: Bytes::copy_from_slice(body.as_bytes()),
         dead_lettered: false,
+        bcc: Vec::new(),
     })
 }
 
