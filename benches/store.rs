@@ -79,6 +79,7 @@ fn message(body: &Bytes) -> Arc<MessageRecord> {
         enqueued_at_ms: 1_700_000_000_000,
         dead_lettered: false,
         bcc: Vec::new(),
+        pending_dead_letter: None,
     })
 }
 

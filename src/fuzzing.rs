@@ -400,6 +400,7 @@ fn build_store_base() -> StoreBase {
                 enqueued_at_ms: 1_700_000_000_000 + seq,
                 dead_lettered: false,
                 bcc: Vec::new(),
+                pending_dead_letter: None,
             });
             let batch = Batch::from(vec![Op::PutMessage {
                 queue: 1 + seq % 2,

@@ -121,7 +121,7 @@ pub mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::confirm::ConfirmEvent;
-pub use core::queue::{Overflow, PolicyDefinition};
+pub use core::queue::{DeadLetterStrategy, Overflow, PolicyDefinition};
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::Durability;
 pub use runtime::{

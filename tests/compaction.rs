@@ -590,6 +590,7 @@ fn fill(store: &dyn Store) {
                 enqueued_at_ms: 1_700_000_000_000 + seq,
                 dead_lettered: false,
                 bcc: Vec::new(),
+                pending_dead_letter: None,
             }),
         });
     }
@@ -606,6 +607,7 @@ fn fill(store: &dyn Store) {
             enqueued_at_ms: 1_700_000_000_000,
             dead_lettered: false,
             bcc: Vec::new(),
+            pending_dead_letter: None,
         }),
     });
     apply(store, ops);

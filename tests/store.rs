@@ -85,6 +85,7 @@ fn message(tag: &str) -> MessageRecord {
         enqueued_at_ms: 1_700_000_000_000,
         dead_lettered: false,
         bcc: Vec::new(),
+        pending_dead_letter: None,
     }
 }
 
@@ -1145,6 +1146,7 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
                     enqueued_at_ms: 1_700_000_000_123,
                     dead_lettered: false,
                     bcc: Vec::new(),
+                    pending_dead_letter: None,
                 },
             },
         ),
@@ -1163,6 +1165,7 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
                     enqueued_at_ms: 0,
                     dead_lettered: false,
                     bcc: Vec::new(),
+                    pending_dead_letter: None,
                 },
             },
         ),

@@ -76,6 +76,11 @@ pub struct Limits {
     /// Bytes of records waiting for the store before publishers wait, until the backlog is
     /// back under half of it. Default: 256 MiB.
     pub store_backlog_max_bytes: u64,
+    /// How long an at-least-once dead letter that could not reach every target waits before
+    /// the next attempt, in milliseconds of the broker's clock (RabbitMQ's
+    /// `dead_letter_worker_publisher_confirm_timeout`). Default: 180,000 (3 minutes), as
+    /// RabbitMQ; a topology change alone does not cause an earlier attempt.
+    pub dead_letter_retry_ms: u64,
 }
 
 /// The largest [`Limits::frame_max`] that takes effect (512 KiB).
@@ -101,6 +106,7 @@ impl Default for Limits {
             frame_max: 131_072,
             memory_high_watermark_bytes: flow::default_watermark_bytes(),
             store_backlog_max_bytes: 256 << 20,
+            dead_letter_retry_ms: 180_000,
         }
     }
 }
@@ -128,6 +134,9 @@ pub struct DeathStats {
     pub dead_lettered: ReasonCounts,
     /// Dropped, per reason.
     pub dropped: ReasonCounts,
+    /// At-least-once dead letters the queue holds now, waiting to reach every target
+    /// (RabbitMQ's `messages_dlx`); they are not ready and count toward its length limits.
+    pub held: u64,
 }
 
 /// What [`Broker::health`] reports.
@@ -452,7 +461,11 @@ impl Broker {
     pub fn death_stats(&self, name: &str) -> Option<DeathStats> {
         let snap = self.inner.snapshot.load();
         let meta = snap.topology.queue(name)?;
-        Some(snap.queues.get(&meta.id)?.deaths.stats())
+        let cell = snap.queues.get(&meta.id)?;
+        Some(DeathStats {
+            held: cell.held_len() as u64,
+            ..cell.deaths.stats()
+        })
     }
 
     /// A builder for a broker with a chosen clock, limits or seed.

@@ -34,6 +34,7 @@ use smallvec::SmallVec;
 
 use super::confirm::ConfirmCell;
 use super::flow::FlowControl;
+use crate::core::queue::dead_letter::DeathReason;
 use crate::core::topology::{DurableBinding, DurableChange, NamedDestination};
 use crate::store::{
     Batch, BindingRecord, CompactStats, DestinationRecord, ExchangeRecord, MessageRecord, Op,
@@ -98,6 +99,8 @@ pub(crate) enum Job {
         message: Arc<Message>,
         delivery_count: u32,
         enqueued_at_ms: u64,
+        /// Set when it is an at-least-once dead letter held for its targets: the reason.
+        held: Option<DeathReason>,
     },
     /// Definition changes; answered once durable.
     Definitions(Batch, Sender<Result<(), StoreError>>),
@@ -521,6 +524,7 @@ fn group_batch(jobs: &[Job]) -> Batch {
                 message,
                 delivery_count,
                 enqueued_at_ms,
+                held,
             } => {
                 let (queue, seq) = (*queue, *seq);
                 let creates = match pending.remove(&(queue, seq)) {
@@ -531,7 +535,9 @@ fn group_batch(jobs: &[Job]) -> Batch {
                     None => false,
                 };
                 pending.insert((queue, seq), (ops.len(), creates));
-                let record = Arc::new(message_record(message, *delivery_count, *enqueued_at_ms));
+                let mut record = message_record(message, *delivery_count, *enqueued_at_ms);
+                record.pending_dead_letter = held.map(|reason| reason.as_str().to_owned());
+                let record = Arc::new(record);
                 ops.push(Some(Op::PutMessage { queue, seq, record }));
             }
             Job::Remove { queue, seq } => remove(&mut ops, &mut pending, *queue, *seq),
@@ -635,6 +641,7 @@ fn message_record(m: &Message, delivery_count: u32, enqueued_at_ms: u64) -> Mess
         enqueued_at_ms,
         dead_lettered: m.dead_lettered,
         bcc: m.bcc.clone(),
+        pending_dead_letter: None,
     }
 }
 
@@ -843,6 +850,7 @@ mod tests {
                 message: message(),
                 delivery_count: 1,
                 enqueued_at_ms: 0,
+                held: None,
             },
             Job::Remove { queue: 1, seq: 0 },
         ];
@@ -858,6 +866,7 @@ mod tests {
                 message: message(),
                 delivery_count: 2,
                 enqueued_at_ms: 0,
+                held: None,
             },
             Job::Remove { queue: 1, seq: 4 },
         ];
@@ -879,6 +888,7 @@ mod tests {
                 message: message(),
                 delivery_count: 1,
                 enqueued_at_ms: 0,
+                held: None,
             },
             Job::Requeued {
                 queue: 1,
@@ -886,6 +896,7 @@ mod tests {
                 message: message(),
                 delivery_count: 2,
                 enqueued_at_ms: 0,
+                held: None,
             },
         ];
         assert_eq!(kinds(&group_batch(&jobs)), ["put 7#2"]);

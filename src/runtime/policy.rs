@@ -6,7 +6,7 @@
 use regex_lite::Regex;
 
 use super::{Broker, BrokerInner};
-use crate::core::queue::{Overflow, PolicyDefinition};
+use crate::core::queue::{DeadLetterStrategy, Overflow, PolicyDefinition};
 use crate::error::{Error, Result};
 use crate::store::{Batch, Op, PolicyRecord};
 use crate::types::{FieldTable, FieldValue};
@@ -160,6 +160,13 @@ fn definition_table(d: &PolicyDefinition) -> FieldTable {
     if let Some(v) = &d.dead_letter_routing_key {
         t.insert("dead-letter-routing-key", FieldValue::from(v.as_str()));
     }
+    if let Some(strategy) = d.dead_letter_strategy {
+        let name = match strategy {
+            DeadLetterStrategy::AtMostOnce => "at-most-once",
+            DeadLetterStrategy::AtLeastOnce => "at-least-once",
+        };
+        t.insert("dead-letter-strategy", FieldValue::from(name));
+    }
     if let Some(o) = d.overflow {
         let name = match o {
             Overflow::DropHead => "drop-head",
@@ -200,6 +207,13 @@ fn definition_from_table(t: &FieldTable) -> std::result::Result<PolicyDefinition
             "delivery-limit" => d.delivery_limit = Some(int()?),
             "dead-letter-exchange" => d.dead_letter_exchange = Some(text()?),
             "dead-letter-routing-key" => d.dead_letter_routing_key = Some(text()?),
+            "dead-letter-strategy" => {
+                d.dead_letter_strategy = Some(match text()?.as_str() {
+                    "at-most-once" => DeadLetterStrategy::AtMostOnce,
+                    "at-least-once" => DeadLetterStrategy::AtLeastOnce,
+                    other => return Err(format!("unknown dead-letter-strategy '{other}'")),
+                })
+            }
             "overflow" => {
                 d.overflow = Some(match text()?.as_str() {
                     "drop-head" => Overflow::DropHead,
@@ -253,6 +267,7 @@ mod tests {
             overflow: Some(Overflow::RejectPublishDlx),
             expires: Some(60_000),
             delivery_limit: Some(-1),
+            dead_letter_strategy: Some(DeadLetterStrategy::AtLeastOnce),
         };
         assert_eq!(definition_from_table(&definition_table(&d)), Ok(d));
         let empty = PolicyDefinition::default();

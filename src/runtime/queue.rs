@@ -69,7 +69,14 @@ pub(crate) struct QueueCell {
     /// Where its dead letters go (`x-dead-letter-exchange`), if anywhere.
     dead_letter: ArcSwapOption<DeadLetterTarget>,
     /// Messages removed for a dead-letter reason, routed by whoever releases the lock next.
-    dead: SegQueue<(Entry, DeathReason)>,
+    dead: SegQueue<DeadLetter>,
+    /// Whether its dead letters are at-least-once ([`QueueConfig::at_least_once`]).
+    at_least_once: AtomicBool,
+    /// At-least-once dead letters that did not reach every target yet, waiting for the retry
+    /// timer.
+    held: Mutex<Vec<DeadLetter>>,
+    /// Whether a dead-letter retry timer is pending.
+    retry_timer: AtomicBool,
     /// The broker it belongs to: its clock, timers, and where dead letters are routed.
     env: OnceLock<QueueEnv>,
     /// This cell, for its timers.
@@ -161,6 +168,7 @@ impl DeathCounts {
         super::DeathStats {
             dead_lettered: read(&self.dead_lettered),
             dropped: read(&self.dropped),
+            held: 0,
         }
     }
 }
@@ -196,6 +204,28 @@ const MEMORY_REPORT_STEP_BYTES: u64 = 64 * 1024;
 
 /// Dead letters one router takes per turn of the routing lock.
 const DEAD_LETTERS_PER_TURN: usize = 64;
+
+/// A message on its way to the dead-letter exchange, with what earlier attempts achieved
+/// (at-least-once dead-lettering).
+pub(crate) struct DeadLetter {
+    pub(crate) entry: Entry,
+    pub(crate) reason: DeathReason,
+    /// The target queues that already have it.
+    pub(crate) delivered: SmallVec<[crate::core::channel::QueueId; 2]>,
+    /// Whether its record already says its dead-lettering is pending.
+    pub(crate) marked: bool,
+}
+
+impl DeadLetter {
+    fn new(entry: Entry, reason: DeathReason) -> Self {
+        Self {
+            entry,
+            reason,
+            delivered: SmallVec::new(),
+            marked: false,
+        }
+    }
+}
 
 /// A command that found the queue's lock taken.
 enum Inbound {
@@ -245,6 +275,7 @@ impl QueueCell {
         // Recovered messages that expired meanwhile go when this timer runs (the broker is
         // not built yet, so they could not be dead-lettered now).
         self.schedule_expiry(&self.lock());
+        self.schedule_retry();
     }
 
     /// Routes the dead letters waiting (called without the queue's lock). Without a broker
@@ -271,12 +302,19 @@ impl QueueCell {
         let broker = self.env.get().and_then(|e| e.broker.upgrade());
         let target = self.dead_letter.load_full();
         for _ in 0..DEAD_LETTERS_PER_TURN {
-            let Some((entry, reason)) = self.dead.pop() else {
+            let Some(dead) = self.dead.pop() else {
                 return;
             };
+            let at_least_once = self.at_least_once.load(Ordering::Relaxed);
             match (&broker, &target) {
-                (Some(b), Some(target)) => b.dead_letter(self, target, entry, reason),
-                _ => self.dropped(&entry, reason, "broker closing"),
+                (Some(b), Some(target)) => {
+                    if let Some(held) = b.dead_letter(self, target, dead, at_least_once) {
+                        self.hold(held);
+                    }
+                }
+                // Closing: an at-least-once dead letter keeps its record for the next open.
+                _ if at_least_once => {}
+                _ => self.dropped(&dead.entry, dead.reason, "broker closing"),
             }
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
@@ -315,6 +353,100 @@ impl QueueCell {
             self.route_some_dead_letters();
         }
         drop(routing);
+    }
+
+    /// Holds an at-least-once dead letter that did not reach every target: it counts toward
+    /// the length limits, its record says so (once), and it is tried again when the retry
+    /// timer fires.
+    fn hold(&self, mut dead: DeadLetter) {
+        let mut g = self.lock();
+        if g.deleted {
+            return; // its record went with the queue
+        }
+        g.core.handle_hold(&dead.entry);
+        drop(g);
+        if !dead.marked
+            && let Some(p) = &self.persist
+            && dead.entry.message.properties.is_persistent()
+        {
+            dead.marked = true;
+            p.send(Job::Requeued {
+                queue: self.meta.id.0,
+                seq: dead.entry.seq,
+                message: dead.entry.message.clone(),
+                delivery_count: dead.entry.delivery_count,
+                enqueued_at_ms: dead.entry.enqueued_at_ms,
+                held: Some(dead.reason),
+            });
+        }
+        self.held.lock().push(dead);
+        self.schedule_retry();
+    }
+
+    /// Puts back recovered dead letters whose at-least-once dead-lettering was pending: held
+    /// again, tried when the retry timer first fires.
+    pub(crate) fn restore_held(&self, held: Vec<(Entry, DeathReason)>) {
+        let mut g = self.lock();
+        let mut next = self.next_seq.load(Ordering::Relaxed);
+        let mut list = self.held.lock();
+        for (entry, reason) in held {
+            next = next.max(entry.seq + 1);
+            g.core.handle_hold(&entry);
+            list.push(DeadLetter {
+                entry,
+                reason,
+                delivered: SmallVec::new(),
+                marked: true,
+            });
+        }
+        self.next_seq.store(next, Ordering::Relaxed);
+    }
+
+    fn schedule_retry(&self) {
+        let Some(env) = self.env.get() else {
+            return; // scheduled when the queue is attached
+        };
+        if self.held.lock().is_empty() || self.retry_timer.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let interval = env
+            .broker
+            .upgrade()
+            .map_or(0, |b| b.limits.dead_letter_retry_ms);
+        let at = env.clock.now_ms().saturating_add(interval);
+        env.timers
+            .schedule(at, self.me.clone(), TimerKind::DeadLetterRetry);
+    }
+
+    /// The held dead letters go back to be routed again.
+    fn retry_held(&self) {
+        self.retry_timer.store(false, Ordering::Release);
+        let held = std::mem::take(&mut *self.held.lock());
+        if held.is_empty() {
+            return;
+        }
+        let mut g = self.lock();
+        for dead in held {
+            g.core.handle_release(&dead.entry);
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            self.dead.push(dead);
+        }
+        drop(g); // routes them as it releases the lock
+        self.route_dead_letters();
+    }
+
+    /// Drops every held dead letter (the queue stopped being at-least-once: RabbitMQ drops
+    /// pending dead letters when the strategy changes away).
+    fn drop_held(&self, g: &mut QueueShared) {
+        for dead in std::mem::take(&mut *self.held.lock()) {
+            g.core.handle_release(&dead.entry);
+            self.dropped(&dead.entry, dead.reason, "dead-letter strategy changed");
+        }
+    }
+
+    /// Dead letters held for at-least-once dead-lettering.
+    pub(crate) fn held_len(&self) -> usize {
+        self.held.lock().len()
     }
 
     /// A message left for good without being dead-lettered: counted, logged, its record gone.
@@ -381,6 +513,7 @@ impl QueueCell {
                     self.dispatch(&mut g);
                 }
             }
+            TimerKind::DeadLetterRetry => self.retry_held(),
             TimerKind::QueueExpiry => {
                 self.lease_timer.store(false, Ordering::Release);
                 let Some(env) = self.env.get() else { return };
@@ -423,6 +556,9 @@ impl QueueCell {
             persist,
             dead_letter: ArcSwapOption::from(dead_letter.map(Arc::new)),
             dead: SegQueue::new(),
+            at_least_once: AtomicBool::new(config.at_least_once),
+            held: Mutex::new(Vec::new()),
+            retry_timer: AtomicBool::new(false),
             env: OnceLock::new(),
             me: me.clone(),
             expiry_timer: AtomicU64::new(u64::MAX),
@@ -489,6 +625,12 @@ impl QueueCell {
         self.expires_ms
             .store(config.expires.unwrap_or(0), Ordering::Relaxed);
         self.dead_letter.store(dead_letter.map(Arc::new));
+        let was_at_least_once = self
+            .at_least_once
+            .swap(config.at_least_once, Ordering::Relaxed);
+        if was_at_least_once && !config.at_least_once {
+            self.drop_held(&mut g);
+        }
         g.core.set_config(config);
         if !g.deleted {
             self.dispatch(&mut g);
@@ -643,6 +785,7 @@ impl QueueCell {
                         message,
                         delivery_count,
                         enqueued_at_ms,
+                        held: None,
                     });
                 }
             }
@@ -723,7 +866,7 @@ impl QueueCell {
             if dead_letters {
                 // Routed once the lock is released; its record goes with the move.
                 self.in_flight.fetch_add(1, Ordering::SeqCst);
-                self.dead.push((entry, death));
+                self.dead.push(DeadLetter::new(entry, death));
             } else {
                 let why = if reason == Removal::Refused {
                     "refused by a length limit"

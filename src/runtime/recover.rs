@@ -11,6 +11,7 @@ use super::policy::{Compiled, policy_for};
 use super::queue::QueueCell;
 use crate::core::channel::QueueId;
 use crate::core::queue::Entry;
+use crate::core::queue::dead_letter::DeathReason;
 use crate::core::shared::Map;
 use crate::core::topology::{ConnectionId, DestinationName, Topology};
 use crate::error::{AmqpError, Result};
@@ -36,6 +37,7 @@ pub(crate) fn rebuild(
     let Read {
         definitions,
         messages,
+        held,
         ..
     } = read;
     let Recovered {
@@ -103,6 +105,12 @@ pub(crate) fn rebuild(
             None => orphans.push(Op::DeleteQueue(queue)),
         }
     }
+    for (queue, entries) in held {
+        match queues.get(&QueueId(queue)) {
+            Some(cell) => cell.restore_held(entries),
+            None => orphans.push(Op::DeleteQueue(queue)),
+        }
+    }
     if !orphans.is_empty() {
         persistence.write_definitions(orphans).wait()?;
     }
@@ -116,6 +124,8 @@ struct Read {
     /// The definitions, gathered as [`Store::recover`](crate::store::Store::recover) does.
     definitions: Recovered,
     messages: Vec<(u64, Vec<Entry>)>,
+    /// At-least-once dead letters that were waiting for their targets, by queue.
+    held: Vec<(u64, Vec<(Entry, DeathReason)>)>,
     /// Consecutive messages mostly share their exchange and routing key: one `Arc` each.
     last_exchange: Option<Arc<str>>,
     last_key: Option<Arc<str>>,
@@ -139,6 +149,13 @@ impl RecoverySink for Read {
     }
 
     fn message(&mut self, queue: u64, seq: u64, r: MessageRecord) -> Result<(), StoreError> {
+        let pending = match r.pending_dead_letter.as_deref() {
+            None => None,
+            Some(name) => Some(DeathReason::parse(name).ok_or_else(|| StoreError::Corrupt {
+                key: crate::store::codec::message_key(queue, seq).to_vec(),
+                reason: format!("unknown pending dead-letter reason '{name}'"),
+            })?),
+        };
         let exchange = interned(&mut self.last_exchange, r.exchange);
         let routing_key = interned(&mut self.last_key, r.routing_key);
         let entry = Entry {
@@ -156,6 +173,13 @@ impl RecoverySink for Read {
             enqueued_at_ms: r.enqueued_at_ms,
             expires_at_ms: None, // computed by the queue, which knows its TTL
         };
+        if let Some(reason) = pending {
+            match self.held.last_mut() {
+                Some((q, entries)) if *q == queue => entries.push((entry, reason)),
+                _ => self.held.push((queue, vec![(entry, reason)])),
+            }
+            return Ok(());
+        }
         match self.messages.last_mut() {
             Some((q, entries)) if *q == queue => entries.push(entry),
             _ => self.messages.push((queue, vec![entry])),

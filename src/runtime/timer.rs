@@ -24,6 +24,8 @@ pub(crate) enum TimerKind {
     MessageExpiry,
     /// The queue may have been unused for its `x-expires`.
     QueueExpiry,
+    /// The queue's held at-least-once dead letters are due for another attempt.
+    DeadLetterRetry,
 }
 
 /// Pending timers by (due time, id).

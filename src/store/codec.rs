@@ -660,8 +660,9 @@ fn value_depth_exceeds(value: &FieldValue, depth: u32) -> bool {
 /// `app_id`, `cluster_id`; each an option: byte 0 or 1 then the value; `headers` a field table
 /// through serde, `delivery_mode` and `priority` one raw byte, `timestamp` a varint);
 /// `delivery_count` (varint), flags (one byte: bit 0 `delivered`, bit 1 `dead_lettered`, bit 2
-/// "has BCC keys"; records written before `dead_lettered` existed hold 0 or 1 there), the BCC
-/// keys only when bit 2 is set (a varint count, at least 1, then that many strings),
+/// "has BCC keys", bit 3 "pending dead letter"; records written before `dead_lettered` existed
+/// hold 0 or 1 there), the BCC keys only when bit 2 is set (a varint count, at least 1, then
+/// that many strings), the pending dead letter's reason only when bit 3 is set (a string),
 /// `enqueued_at_ms` (varint), body length (varint). Varints: below 251 one byte; else 251, 252 or 253 then a little-endian u16, u32 or
 /// u64.
 mod head {
@@ -674,6 +675,9 @@ mod head {
     /// Most BCC keys a head may state: each takes at least one byte of a head that is at most
     /// [`super::RECORD_HEAD_BYTES_MAX`] long.
     const BCC_KEYS_MAX: u64 = super::RECORD_HEAD_BYTES_MAX;
+
+    /// The dead-letter reasons a pending dead letter may name.
+    const DEATH_REASONS: [&str; 4] = ["rejected", "expired", "maxlen", "delivery_limit"];
 
     /// Appends the head of `m` to `out`.
     pub(super) fn encode(m: &MessageRecord, out: &mut Vec<u8>) -> Result<(), StoreError> {
@@ -709,12 +713,20 @@ mod head {
         opt_string(out, &p.cluster_id);
         varint(out, u64::from(m.delivery_count));
         let has_bcc = !m.bcc.is_empty();
-        out.push(u8::from(m.delivered) | u8::from(m.dead_lettered) << 1 | u8::from(has_bcc) << 2);
+        out.push(
+            u8::from(m.delivered)
+                | u8::from(m.dead_lettered) << 1
+                | u8::from(has_bcc) << 2
+                | u8::from(m.pending_dead_letter.is_some()) << 3,
+        );
         if has_bcc {
             varint(out, len_u64(m.bcc.len()));
             for key in &m.bcc {
                 string(out, key);
             }
+        }
+        if let Some(reason) = &m.pending_dead_letter {
+            string(out, reason);
         }
         varint(out, m.enqueued_at_ms);
         varint(out, len_u64(m.body.len()));
@@ -751,7 +763,7 @@ mod head {
         let delivery_count = u32::try_from(r.varint("delivery count")?)
             .map_err(|_| "delivery count over u32".to_string())?;
         let flags = r.byte("flags")?;
-        if flags > 7 {
+        if flags > 15 {
             return Err(format!("flags: invalid value {flags}"));
         }
         let mut bcc = Vec::new();
@@ -764,6 +776,15 @@ mod head {
                 bcc.push(r.string("BCC key")?);
             }
         }
+        let pending_dead_letter = if flags & 8 != 0 {
+            let reason = r.string("pending dead-letter reason")?;
+            if !DEATH_REASONS.contains(&reason.as_str()) {
+                return Err(format!("pending dead-letter reason: unknown '{reason}'"));
+            }
+            Some(reason)
+        } else {
+            None
+        };
         let enqueued_at_ms = r.varint("enqueued_at_ms")?;
         let body_len = r.varint("body length")?;
         let record = MessageRecord {
@@ -776,6 +797,7 @@ mod head {
             enqueued_at_ms,
             dead_lettered: flags & 2 != 0,
             bcc,
+            pending_dead_letter,
         };
         Ok((record, body_len, r.pos))
     }
@@ -1241,6 +1263,7 @@ mod tests {
             enqueued_at_ms: 7,
             dead_lettered: false,
             bcc: Vec::new(),
+            pending_dead_letter: None,
         }
     }
 
@@ -1255,6 +1278,9 @@ mod tests {
         /// Present only when flag bit 2 says so: a length-prefixed sequence, as serde writes it.
         #[serde(skip_serializing_if = "<[String]>::is_empty")]
         bcc: &'a [String],
+        /// Present only when flag bit 3 says so.
+        #[serde(skip_serializing_if = "str::is_empty")]
+        pending_dead_letter: &'a str,
         enqueued_at_ms: u64,
         body_len: u64,
     }
@@ -1294,6 +1320,9 @@ mod tests {
             if n % 4 == 2 {
                 m.bcc = (0..n).map(|k| "b".repeat(k * 60)).collect();
             }
+            if n % 3 == 1 {
+                m.pending_dead_letter = Some("delivery_limit".into());
+            }
             m.routing_key = "r".repeat(n * 36);
             m.body = Bytes::from(vec![7u8; n * 40]);
             if n % 2 == 1 {
@@ -1327,8 +1356,10 @@ mod tests {
                 delivery_count: m.delivery_count,
                 flags: u8::from(m.delivered)
                     | u8::from(m.dead_lettered) << 1
-                    | u8::from(!m.bcc.is_empty()) << 2,
+                    | u8::from(!m.bcc.is_empty()) << 2
+                    | u8::from(m.pending_dead_letter.is_some()) << 3,
                 bcc: &m.bcc,
+                pending_dead_letter: m.pending_dead_letter.as_deref().unwrap_or_default(),
                 enqueued_at_ms: m.enqueued_at_ms,
                 body_len: len_u64(m.body.len()),
             };

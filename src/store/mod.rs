@@ -231,6 +231,10 @@ pub struct MessageRecord {
     /// The keys of its `BCC` header, kept for dead-lettering (the header itself is removed
     /// at publish).
     pub bcc: Vec<String>,
+    /// Set while its at-least-once dead-lettering waits for its targets: the dead-letter
+    /// reason (`rejected`, `expired`, `maxlen`, `delivery_limit`). Such a message is not ready
+    /// in its queue; it is retried after a restart.
+    pub pending_dead_letter: Option<String>,
 }
 
 /// One change to the stored state.

@@ -26,6 +26,19 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// How a quorum queue dead-letters (`x-dead-letter-strategy`, policy `dead-letter-strategy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeadLetterStrategy {
+    /// Republished once, without confirms: lost if the dead-letter exchange is missing, routes
+    /// nowhere or a target refuses it (every classic queue, and the default).
+    #[default]
+    AtMostOnce,
+    /// Kept in the source queue (counting toward its length limits) until every target queue
+    /// has it, retried periodically. Only with `x-overflow: reject-publish`; with any other
+    /// overflow mode RabbitMQ falls back to at-most-once, and so does coney.
+    AtLeastOnce,
+}
+
 /// The delivery limit quorum queues get when none is set (RabbitMQ 4.0 and later).
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 
@@ -47,6 +60,9 @@ pub struct QueueConfig {
     pub delivery_limit: Option<u32>,
     /// `x-expires`: the queue is deleted after this many milliseconds unused.
     pub expires: Option<u64>,
+    /// Whether dead letters are at-least-once: a quorum queue asking for it with
+    /// `x-overflow: reject-publish` (otherwise at-most-once, as RabbitMQ falls back).
+    pub at_least_once: bool,
 }
 
 /// The queue settings a broker-level policy can give every queue whose name matches its
@@ -70,6 +86,8 @@ pub struct PolicyDefinition {
     pub expires: Option<u64>,
     /// `delivery-limit` (quorum queues; negative = unlimited).
     pub delivery_limit: Option<i64>,
+    /// `dead-letter-strategy` (quorum queues).
+    pub dead_letter_strategy: Option<DeadLetterStrategy>,
 }
 
 impl QueueConfig {
@@ -125,8 +143,22 @@ impl QueueConfig {
                 }
             }
         };
+        // The argument wins over the policy, as for the dead-letter exchange
+        // (`queue_arg_has_precedence` in rabbit_quorum_queue's dead-letter handler).
+        let strategy = match arguments
+            .get("x-dead-letter-strategy")
+            .and_then(|v| v.as_str())
+        {
+            Some("at-least-once") => Some(DeadLetterStrategy::AtLeastOnce),
+            Some("at-most-once") => Some(DeadLetterStrategy::AtMostOnce),
+            _ => p.dead_letter_strategy,
+        };
+        let at_least_once = kind == QueueKind::Quorum
+            && strategy == Some(DeadLetterStrategy::AtLeastOnce)
+            && overflow == Overflow::RejectPublish;
         Self {
             kind,
+            at_least_once,
             message_ttl: lower(non_negative("x-message-ttl"), p.message_ttl),
             max_length: lower(non_negative("x-max-length"), p.max_length),
             max_length_bytes: lower(non_negative("x-max-length-bytes"), p.max_length_bytes),

@@ -32,6 +32,18 @@ impl DeathReason {
             DeathReason::DeliveryLimit => "delivery_limit",
         }
     }
+
+    /// The reason named `name` as in `x-death`, if it is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            DeathReason::Rejected,
+            DeathReason::Expired,
+            DeathReason::Maxlen,
+            DeathReason::DeliveryLimit,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
 }
 
 /// Where a queue's dead letters go: `x-dead-letter-exchange` and `x-dead-letter-routing-key`.

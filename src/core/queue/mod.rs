@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-pub use config::{Overflow, PolicyDefinition, QueueConfig, QueueKind};
+pub use config::{DeadLetterStrategy, Overflow, PolicyDefinition, QueueConfig, QueueKind};
 use consumers::Consumers;
 pub use consumers::{ConsumerId, ConsumerSpec};
 
@@ -172,6 +172,10 @@ pub struct Queue {
     unacked_bytes: u64,
     has_had_consumers: bool,
     effects: VecDeque<Effect>,
+    /// Dead letters of an at-least-once queue still waiting for their targets (held by the
+    /// runtime): they count toward the length limits.
+    held_len: u64,
+    held_bytes: u64,
 }
 
 impl Queue {
@@ -263,11 +267,30 @@ impl Queue {
     pub fn would_overflow(&self, body_size: u64) -> bool {
         self.config
             .max_length
-            .is_some_and(|max| self.ready_len() + 1 > max)
+            .is_some_and(|max| self.ready_len() + self.held_len + 1 > max)
             || self
                 .config
                 .max_length_bytes
-                .is_some_and(|max| self.ready_bytes + body_size > max)
+                .is_some_and(|max| self.ready_bytes + self.held_bytes + body_size > max)
+    }
+
+    /// A dead letter of an at-least-once queue ([`QueueConfig::at_least_once`]) waits for its
+    /// targets outside the queue: until [`Queue::handle_release`], it counts toward the length
+    /// limits, as RabbitMQ counts a quorum queue's pending dead letters.
+    pub fn handle_hold(&mut self, entry: &Entry) {
+        self.held_len += 1;
+        self.held_bytes += entry.message.body_size();
+    }
+
+    /// A held dead letter reached every target (or was dropped).
+    pub fn handle_release(&mut self, entry: &Entry) {
+        self.held_len = self.held_len.saturating_sub(1);
+        self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_size());
+    }
+
+    /// Dead letters held for at-least-once dead-lettering.
+    pub fn held_len(&self) -> u64 {
+        self.held_len
     }
 
     /// Registers a consumer. The caller has checked exclusivity with [`Queue::can_consume`].
