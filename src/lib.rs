@@ -49,7 +49,7 @@
 //! let delivery = consumer.recv().expect("a delivery");
 //! assert_eq!(&delivery.body()[..], b"order 42");
 //! assert_eq!(delivery.properties().correlation_id.as_deref(), Some("42"));
-//! delivery.ack()?;
+//! delivery.ack(BasicAckOptions::default())?;
 //!
 //! // RabbitMQ's errors, with its reply codes: a missing queue is a 404 that closes the channel.
 //! let err = ch.basic_get("no_such_queue", BasicGetOptions::default()).unwrap_err();
@@ -126,7 +126,8 @@ pub use core::queue::{Overflow, PolicyDefinition};
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::Durability;
 pub use runtime::{
-    BlockedNotice, Broker, BrokerBuilder, Channel, Connection, Consumer, DeathStats, Delivery,
-    FRAME_MAX_CEILING, GetMessage, Health, Limits, Policy, QueueDeclareOk, ReasonCounts, Returned,
+    BlockedNotice, Broker, BrokerBuilder, Channel, ConfirmListener, Connection, Consumer,
+    DeathStats, Delivery, FRAME_MAX_CEILING, GetMessage, Health, Limits, Policy, QueueDeclareOk,
+    ReasonCounts, RecvTimeoutError, Returned, TryRecvError,
 };
 pub use types::*;

@@ -142,7 +142,7 @@ impl RetryTopology {
             delivery.body().clone(),
             properties,
         )?;
-        delivery.ack()?;
+        delivery.ack(crate::types::BasicAckOptions::default())?;
         Ok(outcome)
     }
 

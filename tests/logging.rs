@@ -67,7 +67,7 @@ fn dead_letters_and_drops_are_logged_without_bodies() {
                 props,
             )
             .unwrap();
-            get(&ch, queue).unwrap().reject(false).unwrap();
+            get(&ch, queue).unwrap().reject(BasicRejectOptions::default()).unwrap();
         }
     });
     let events = collect.0.lock().unwrap().clone();

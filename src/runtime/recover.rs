@@ -27,7 +27,10 @@ const RECOVERY: ConnectionId = ConnectionId(0);
 /// messages' removal did not) are deleted.
 pub(crate) fn rebuild(persistence: &Arc<Persistence>, now_ms: u64) -> Result<Snapshot> {
     let mut read = Read::default();
-    persistence.store().recover_into(&mut read)?;
+    let store = persistence
+        .store()
+        .expect("a broker being opened has not been closed");
+    store.recover_into(&mut read)?;
     let Read {
         definitions,
         messages,

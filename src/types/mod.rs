@@ -1,10 +1,13 @@
 //! Value types of the public API: field tables, message properties, option structs, messages.
 
+pub mod body;
 pub mod field;
 pub mod message;
 pub mod options;
 pub mod properties;
 
+pub use body::IntoBody;
+pub use bytes::Bytes;
 pub use field::{FieldTable, FieldValue};
 pub use message::Message;
 pub use options::*;
