@@ -53,7 +53,7 @@ impl BrokerInner {
             return;
         }
         source.deaths.count(reason, true);
-        tracing::debug!(
+        tracing::info!(
             queue = &*source.meta.name,
             reason = reason.as_str(),
             message_id = entry.message.properties.message_id.as_deref().unwrap_or(""),
