@@ -64,7 +64,9 @@
 //! answered only once what they cover is on stable storage (`fdatasync`/`fsync`, not only the
 //! page cache), and `sync` also covers acks that another thread's hold on a queue delayed.
 //! The first storage failure poisons the store: later durable calls fail with it, and
-//! [`Broker::health`] reports it. Properties and argument tables that cannot be carried (a
+//! [`Broker::health`] reports it. [`Broker::close`] (or dropping the last [`Broker`] handle)
+//! closes every connection, flushes the store and releases its directory, so it can be opened
+//! again at once; handles still held then fail with [`Error::is_broker_closed`]. Properties and argument tables that cannot be carried (a
 //! content header over [`Limits::frame_max`], headers nested deeper than
 //! [`FIELD_DEPTH_MAX`](types::field::FIELD_DEPTH_MAX), a short string over 255 bytes) are
 //! refused at the call with [`Error::InvalidInput`], alone.

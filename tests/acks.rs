@@ -427,3 +427,27 @@ fn delivery_count_increments_on_each_requeue() {
     d.ack(BasicAckOptions::default()).unwrap();
     broker.check_invariants().unwrap();
 }
+
+/// A delivery settles with lapin's option structs: `multiple` covers every outstanding delivery
+/// of its channel up to it, `requeue` puts them back.
+#[test]
+fn delivery_settles_with_lapin_options() {
+    let (broker, _conn, ch) = setup();
+    declare(&ch, "q");
+    publish_all(&ch, "q", &["1", "2", "3", "4", "5"]);
+    let ds: Vec<Delivery> = std::iter::from_fn(|| get(&ch, "q")).collect();
+    assert_eq!(ds.len(), 5);
+    ds[1].ack(MULTIPLE).unwrap(); // "1" and "2"
+    ds[3]
+        .nack(BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        })
+        .unwrap(); // "3" and "4" back
+    ds[4].reject(BasicRejectOptions { requeue: true }).unwrap();
+    let again: Vec<Delivery> = std::iter::from_fn(|| get(&ch, "q")).collect();
+    assert_eq!(bodies(&again), ["3", "4", "5"]);
+    again[2].ack(MULTIPLE).unwrap();
+    assert_eq!(ready(&ch, "q"), 0);
+    broker.check_invariants().unwrap();
+}

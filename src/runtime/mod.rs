@@ -63,7 +63,7 @@ pub struct Limits {
     pub no_ack_window: u32,
     /// Largest AMQP frame, in bytes (RabbitMQ's default: 131,072). A message's properties
     /// (its content header) and a method's argument table must fit one frame, as on the wire:
-    /// beyond, the call is refused with [`Error::InvalidInput`](crate::Error::InvalidInput),
+    /// beyond, the call is refused with [`Error::InvalidInput`],
     /// as a client library refuses to encode such a frame, and nothing is closed. At most
     /// [`FRAME_MAX_CEILING`] takes effect, so every record stays within what the store
     /// accepts.
@@ -185,7 +185,8 @@ struct CloseOnDrop(Arc<BrokerInner>);
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         if let Err(e) = self.0.close() {
-            tracing::error!("closing the broker as its last handle was dropped: {e}");
+            // The failure was already reported to the calls it failed; nobody is left to tell.
+            tracing::warn!("closing the broker as its last handle was dropped: {e}");
         }
     }
 }
