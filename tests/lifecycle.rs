@@ -213,3 +213,33 @@ fn connection_close_closes_held_channels() {
     let ch = conn.channel().unwrap();
     assert_eq!(get_all(&ch, "q"), ["1"], "requeued by the close");
 }
+
+/// The broker's timers stop with it: a manual clock moved after the close expires nothing.
+#[test]
+fn close_stops_the_timers() {
+    let clock = ManualClock::new(0);
+    let broker = Broker::builder().clock(clock.clone()).in_memory();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    declare(&ch, "parked");
+    let args = FieldTable::new()
+        .with("x-message-ttl", 1_000i64)
+        .with("x-dead-letter-exchange", "")
+        .with("x-dead-letter-routing-key", "parked");
+    ch.queue_declare("orders", QueueDeclareOptions::default(), args)
+        .unwrap();
+    publish_all(&ch, "orders", &["a", "b"]);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        broker.death_stats("orders").unwrap().dead_lettered.expired,
+        2
+    );
+    publish_all(&ch, "orders", &["c"]);
+    broker.close().unwrap();
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        broker.death_stats("orders").unwrap().dead_lettered.expired,
+        2,
+        "nothing expires once closed"
+    );
+}

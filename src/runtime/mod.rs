@@ -384,7 +384,7 @@ impl Broker {
         for cell in snapshot.queues.values() {
             cell.quiesce();
         }
-        Ok(p.sync()?)
+        p.sync().map_err(|e| self.inner.store_error(e))
     }
 
     /// What the broker can still promise: whether it has a store, the failure that poisoned
@@ -467,7 +467,7 @@ impl Broker {
         for cell in snapshot.queues.values() {
             cell.quiesce();
         }
-        Ok(p.compact(if_due)?)
+        p.compact(if_due).map_err(|e| self.inner.store_error(e))
     }
 
     /// Bytes the store occupies on disk (0 in memory): for the sled store, its active
@@ -627,6 +627,16 @@ impl BrokerInner {
         }
         reg.insert(conn.id.0, Arc::downgrade(conn));
         true
+    }
+
+    /// A store call's failure: [`Error::BrokerClosed`] if the broker closed meanwhile (the
+    /// flusher stopped before it got to the call).
+    fn store_error(&self, e: crate::store::StoreError) -> Error {
+        if self.closed.load(Ordering::Acquire) {
+            Error::BrokerClosed
+        } else {
+            Error::Storage(e)
+        }
     }
 
     fn check_open(&self) -> Result<()> {
