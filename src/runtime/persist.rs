@@ -13,6 +13,9 @@
 //! A message acked before the batch holding its record is written cancels that record: it is
 //! never written, but its confirm is still released with the batch.
 //!
+//! The broker's close sends a last job (`Job::Stop`), answered after a flush of everything sent
+//! before it; the flusher then ends, and the store is dropped, which closes it.
+//!
 //! Compaction ([`Store::compact`]) runs on the flusher too, between groups: on demand
 //! (`Broker::compact_store`, a job like any other, so it comes after everything sent before
 //! it), and by itself when the store says one is due ([`Store::compaction_due`]: most of its
