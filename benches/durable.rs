@@ -109,7 +109,9 @@ impl Rig {
 
     /// Empties `q` and waits until its records are gone (outside the timed region).
     fn reset(&self) {
-        self.ch.queue_purge("q", BindOptions::default()).unwrap();
+        self.ch
+            .queue_purge("q", QueuePurgeOptions::default())
+            .unwrap();
         self.broker.sync().unwrap();
     }
 }
@@ -288,7 +290,7 @@ fn spsc_persistent(c: &mut Criterion) {
                             for _ in 0..SPSC_N {
                                 let d = consumer.recv().unwrap();
                                 black_box(d.body().len());
-                                d.ack().unwrap();
+                                d.ack(BasicAckOptions::default()).unwrap();
                             }
                         });
                     }
@@ -387,7 +389,7 @@ fn take_n(rig: &Rig, n: u64) {
             .basic_get("q", BasicGetOptions::default())
             .unwrap()
             .unwrap();
-        g.delivery.ack().unwrap();
+        g.delivery.ack(BasicAckOptions::default()).unwrap();
     }
 }
 

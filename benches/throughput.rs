@@ -264,7 +264,7 @@ fn consume_n(consumer: &mut Consumer, channel: &Channel, mode: AckMode) -> u64 {
         last = d.delivery_tag();
         match mode {
             AckMode::Auto => {}
-            AckMode::Each => d.ack().expect("basic.ack"),
+            AckMode::Each => d.ack(BasicAckOptions::default()).expect("basic.ack"),
             AckMode::Multiple => {
                 if i % ACK_EVERY == 0 {
                     channel

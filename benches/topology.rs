@@ -245,8 +245,14 @@ impl TopicFixture {
         .expect("declare t");
         ch.queue_declare("q", QueueDeclareOptions::default(), FieldTable::new())
             .expect("declare q");
-        ch.queue_bind("q", "t", pattern, BindOptions::default(), FieldTable::new())
-            .expect("bind q");
+        ch.queue_bind(
+            "q",
+            "t",
+            pattern,
+            QueueBindOptions::default(),
+            FieldTable::new(),
+        )
+        .expect("bind q");
         Self {
             _broker: broker,
             _conn: conn,
@@ -277,7 +283,7 @@ impl TopicFixture {
             total += start.elapsed();
             let purged = self
                 .ch
-                .queue_purge("q", BindOptions::default())
+                .queue_purge("q", QueuePurgeOptions::default())
                 .expect("purge");
             assert_eq!(
                 u64::from(purged),

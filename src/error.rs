@@ -119,6 +119,20 @@ pub enum CloseCause {
     Error(AmqpError),
     /// The connection it belonged to closed.
     Connection(Arc<CloseCause>),
+    /// The broker was closed ([`Broker::close`](crate::Broker::close), or its last handle
+    /// dropped).
+    BrokerClosed,
+}
+
+impl CloseCause {
+    /// Whether the broker's close is at the root of this cause.
+    pub fn is_broker_closed(&self) -> bool {
+        match self {
+            CloseCause::BrokerClosed => true,
+            CloseCause::Connection(c) => c.is_broker_closed(),
+            CloseCause::Client | CloseCause::Error(_) => false,
+        }
+    }
 }
 
 impl fmt::Display for CloseCause {
@@ -127,6 +141,7 @@ impl fmt::Display for CloseCause {
             CloseCause::Client => f.write_str("closed by the application"),
             CloseCause::Error(e) => write!(f, "{e}"),
             CloseCause::Connection(c) => write!(f, "connection closed: {c}"),
+            CloseCause::BrokerClosed => f.write_str("the broker was closed"),
         }
     }
 }
@@ -151,6 +166,12 @@ pub enum Error {
     /// closed: the call never reached the broker.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The broker was closed ([`Broker::close`](crate::Broker::close), or its last handle
+    /// dropped): a call on the broker itself after that. Calls on its connections, channels and
+    /// deliveries return [`Error::ConnectionClosed`] / [`Error::ChannelClosed`] with
+    /// [`CloseCause::BrokerClosed`] at the root of the cause ([`Error::is_broker_closed`]).
+    #[error("the broker was closed")]
+    BrokerClosed,
     /// The call waited longer than its timeout.
     #[error("timed out")]
     Timeout,
@@ -173,6 +194,18 @@ impl Error {
         }
     }
 
+    /// Whether the call failed because the broker was closed (on the broker itself, or on a
+    /// connection, channel or delivery of a closed broker).
+    pub fn is_broker_closed(&self) -> bool {
+        match self {
+            Error::BrokerClosed => true,
+            Error::ChannelClosed(cause) | Error::ConnectionClosed(cause) => {
+                cause.is_broker_closed()
+            }
+            _ => false,
+        }
+    }
+
     /// The AMQP error behind this error, if there is one.
     pub fn amqp(&self) -> Option<&AmqpError> {
         match self {
@@ -184,7 +217,7 @@ impl Error {
 
 fn cause_code(cause: &CloseCause) -> Option<ReplyCode> {
     match cause {
-        CloseCause::Client => None,
+        CloseCause::Client | CloseCause::BrokerClosed => None,
         CloseCause::Error(e) => Some(e.code),
         CloseCause::Connection(c) => cause_code(c),
     }

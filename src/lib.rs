@@ -49,7 +49,7 @@
 //! let delivery = consumer.recv().expect("a delivery");
 //! assert_eq!(&delivery.body()[..], b"order 42");
 //! assert_eq!(delivery.properties().correlation_id.as_deref(), Some("42"));
-//! delivery.ack()?;
+//! delivery.ack(BasicAckOptions::default())?;
 //!
 //! // RabbitMQ's errors, with its reply codes: a missing queue is a 404 that closes the channel.
 //! let err = ch.basic_get("no_such_queue", BasicGetOptions::default()).unwrap_err();
@@ -64,7 +64,9 @@
 //! answered only once what they cover is on stable storage (`fdatasync`/`fsync`, not only the
 //! page cache), and `sync` also covers acks that another thread's hold on a queue delayed.
 //! The first storage failure poisons the store: later durable calls fail with it, and
-//! [`Broker::health`] reports it. Properties and argument tables that cannot be carried (a
+//! [`Broker::health`] reports it. [`Broker::close`] (or dropping the last [`Broker`] handle)
+//! closes every connection, flushes the store and releases its directory, so it can be opened
+//! again at once; handles still held then fail with [`Error::is_broker_closed`]. Properties and argument tables that cannot be carried (a
 //! content header over [`Limits::frame_max`], headers nested deeper than
 //! [`FIELD_DEPTH_MAX`](types::field::FIELD_DEPTH_MAX), a short string over 255 bytes) are
 //! refused at the call with [`Error::InvalidInput`], alone.
@@ -125,7 +127,8 @@ pub use core::queue::{DeadLetterStrategy, Overflow, PolicyDefinition};
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::Durability;
 pub use runtime::{
-    BlockedNotice, Broker, BrokerBuilder, Channel, Connection, Consumer, DeathStats, Delivery,
-    FRAME_MAX_CEILING, GetMessage, Health, Limits, Policy, QueueDeclareOk, ReasonCounts, Returned,
+    BlockedNotice, Broker, BrokerBuilder, Channel, ConfirmListener, Connection, Consumer,
+    DeathStats, Delivery, FRAME_MAX_CEILING, GetMessage, Health, Limits, Policy, QueueDeclareOk,
+    ReasonCounts, RecvTimeoutError, Returned, TryRecvError,
 };
 pub use types::*;

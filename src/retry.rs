@@ -64,7 +64,8 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::runtime::{Channel, Delivery};
 use crate::types::{
-    BasicPublishOptions, ExchangeDeclareOptions, ExchangeKind, FieldTable, QueueDeclareOptions,
+    BasicPublishOptions, BasicRejectOptions, ExchangeDeclareOptions, ExchangeKind, FieldTable,
+    QueueDeclareOptions,
 };
 
 /// The header holding how many times a message was retried.
@@ -301,7 +302,7 @@ impl RetryTopology {
             None => match &self.last {
                 Last::Park(parking) => ("", parking.as_str(), RetryOutcome::Parked),
                 Last::Reject => {
-                    delivery.reject(false)?;
+                    delivery.reject(BasicRejectOptions { requeue: false })?;
                     return Ok(RetryOutcome::DeadLettered);
                 }
                 Last::Publish {
@@ -320,7 +321,7 @@ impl RetryTopology {
             delivery.body().clone(),
             properties,
         )?;
-        delivery.ack()?;
+        delivery.ack(crate::types::BasicAckOptions::default())?;
         Ok(outcome)
     }
 

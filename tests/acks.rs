@@ -113,14 +113,22 @@ fn requeue_returns_to_original_position() {
     let d1 = get(&ch, "q").unwrap();
     let d2 = get(&ch, "q").unwrap();
     let d3 = get(&ch, "q").unwrap();
-    d3.nack(true).unwrap();
-    d1.nack(true).unwrap();
-    d2.ack().unwrap();
+    d3.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
+    d1.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
+    d2.ack(BasicAckOptions::default()).unwrap();
     publish(&ch, "", "q", "5");
     let order: Vec<(String, bool)> = std::iter::from_fn(|| get(&ch, "q"))
         .map(|d| {
             let r = (body(&d), d.redelivered());
-            d.ack().unwrap();
+            d.ack(BasicAckOptions::default()).unwrap();
             r
         })
         .collect();
@@ -144,9 +152,9 @@ fn double_ack_is_406() {
     declare(&ch, "q");
     publish(&ch, "", "q", "m");
     let d = get(&ch, "q").unwrap();
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     channel_error(
-        d.ack(),
+        d.ack(BasicAckOptions::default()),
         ReplyCode::PreconditionFailed,
         Some("PRECONDITION_FAILED - unknown delivery tag 1"),
     );
@@ -166,7 +174,7 @@ fn ack_multiple_with_unknown_tag_acks_nothing() {
     declare(&ch, "q");
     publish_all(&ch, "q", &["1", "2", "3"]);
     let ds: Vec<Delivery> = (0..3).map(|_| get(&ch, "q").unwrap()).collect();
-    ds[1].ack().unwrap();
+    ds[1].ack(BasicAckOptions::default()).unwrap();
     channel_error(
         ch.basic_ack(2, MULTIPLE),
         ReplyCode::PreconditionFailed,
@@ -230,7 +238,7 @@ fn ack_on_another_channel_is_406() {
         Some("PRECONDITION_FAILED - unknown delivery tag 1"),
     );
     assert!(!ch1.is_closed());
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     assert_eq!(ready(&ch1, "q"), 0);
     broker.check_invariants().unwrap();
 }
@@ -244,7 +252,7 @@ fn channel_close_requeues_unacked_in_order() {
     publish_all(&ch, "q", &["1", "2", "3", "4"]);
     let mut c = consume(&ch, "q", "c");
     let ds = drain(&mut c);
-    ds[1].ack().unwrap();
+    ds[1].ack(BasicAckOptions::default()).unwrap();
     ch.close();
     let ch2 = conn.channel().unwrap();
     let again: Vec<Delivery> = std::iter::from_fn(|| get(&ch2, "q")).collect();
@@ -276,7 +284,7 @@ fn dropping_channel_handles_requeues() {
 /// §4.4 (RequeueOnConnectionClose): a connection closing requeues the unacked messages of all
 /// its channels.
 #[test]
-fn connection_drop_requeues_unacked() {
+fn connection_close_requeues_unacked() {
     let broker = coney::Broker::in_memory();
     let observer = broker.connect();
     let och = observer.channel().unwrap();
@@ -289,7 +297,7 @@ fn connection_drop_requeues_unacked() {
     let ds = drain(&mut c);
     assert_eq!(ds.len(), 3);
     assert_eq!(ready(&och, "q"), 0);
-    drop(conn);
+    conn.close();
     assert!(ch.is_closed());
     assert!(c.try_recv().is_err());
     let again: Vec<Delivery> = std::iter::from_fn(|| get(&och, "q")).collect();
@@ -312,8 +320,13 @@ fn cancel_leaves_unacked_outstanding() {
     ch.basic_cancel("c", Default::default()).unwrap();
     let ch2 = conn.channel().unwrap();
     assert_eq!(ready(&ch2, "q"), 0, "not requeued by the cancel");
-    ds[0].ack().unwrap();
-    ds[1].nack(true).unwrap();
+    ds[0].ack(BasicAckOptions::default()).unwrap();
+    ds[1]
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(ready(&ch2, "q"), 1);
     ch.close();
     assert_eq!(get_all(&ch2, "q"), ["2", "3"]);
@@ -329,7 +342,7 @@ fn basic_recover_requeues_all_unacked() {
     let mut c = consume(&ch, "q", "c");
     publish_all(&ch, "q", &["1", "2", "3"]);
     let first = drain(&mut c);
-    first[0].ack().unwrap();
+    first[0].ack(BasicAckOptions::default()).unwrap();
     ch.basic_recover(BasicRecoverOptions { requeue: true })
         .unwrap();
     let again = drain(&mut c);
@@ -369,12 +382,17 @@ fn delivery_settle_methods() {
     let mut c = consume(&ch, "q", "c");
     let ds = drain(&mut c);
     assert_eq!(ds.len(), 5);
-    ds[0].ack().unwrap();
-    ds[2].reject(false).unwrap();
-    ds[4].nack(false).unwrap();
+    ds[0].ack(BasicAckOptions::default()).unwrap();
+    ds[2].reject(BasicRejectOptions::default()).unwrap();
+    ds[4].nack(BasicNackOptions::default()).unwrap();
     ch.basic_cancel("c", Default::default()).unwrap();
-    ds[1].nack(true).unwrap();
-    ds[3].reject(true).unwrap();
+    ds[1]
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
+    ds[3].reject(BasicRejectOptions { requeue: true }).unwrap();
     let ch2 = conn.channel().unwrap();
     assert_eq!(get_all(&ch2, "q"), ["nack", "reject-requeue"]);
     broker.check_invariants().unwrap();
@@ -389,10 +407,14 @@ fn delivery_count_increments_on_each_requeue() {
     publish(&ch, "", "q", "m");
     let d = get(&ch, "q").unwrap();
     assert_eq!((d.delivery_count(), d.redelivered()), (0, false));
-    d.nack(true).unwrap();
+    d.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
     let d = get(&ch, "q").unwrap();
     assert_eq!((d.delivery_count(), d.redelivered()), (1, true));
-    d.reject(true).unwrap();
+    d.reject(BasicRejectOptions { requeue: true }).unwrap();
     let d = get(&ch, "q").unwrap();
     assert_eq!(d.delivery_count(), 2);
     ch.basic_recover(BasicRecoverOptions::default()).unwrap();
@@ -402,6 +424,30 @@ fn delivery_count_increments_on_each_requeue() {
     let ch2 = conn.channel().unwrap();
     let d = get(&ch2, "q").unwrap();
     assert_eq!((d.delivery_count(), d.redelivered()), (4, true));
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
+    broker.check_invariants().unwrap();
+}
+
+/// A delivery settles with lapin's option structs: `multiple` covers every outstanding delivery
+/// of its channel up to it, `requeue` puts them back.
+#[test]
+fn delivery_settles_with_lapin_options() {
+    let (broker, _conn, ch) = setup();
+    declare(&ch, "q");
+    publish_all(&ch, "q", &["1", "2", "3", "4", "5"]);
+    let ds: Vec<Delivery> = std::iter::from_fn(|| get(&ch, "q")).collect();
+    assert_eq!(ds.len(), 5);
+    ds[1].ack(MULTIPLE).unwrap(); // "1" and "2"
+    ds[3]
+        .nack(BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        })
+        .unwrap(); // "3" and "4" back
+    ds[4].reject(BasicRejectOptions { requeue: true }).unwrap();
+    let again: Vec<Delivery> = std::iter::from_fn(|| get(&ch, "q")).collect();
+    assert_eq!(bodies(&again), ["3", "4", "5"]);
+    again[2].ack(MULTIPLE).unwrap();
+    assert_eq!(ready(&ch, "q"), 0);
     broker.check_invariants().unwrap();
 }

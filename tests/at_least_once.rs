@@ -51,7 +51,10 @@ fn a_missing_dead_letter_exchange_keeps_the_message() {
     ch.queue_declare("work", durable(), at_least_once("dlx"))
         .unwrap();
     publish(&ch, "", "work", "m");
-    get(&ch, "work").unwrap().reject(false).unwrap();
+    get(&ch, "work")
+        .unwrap()
+        .reject(BasicRejectOptions::default())
+        .unwrap();
     assert_eq!(held(&broker, "work"), 1);
     assert_eq!(ready(&ch, "work"), 0, "held, not ready");
     declare_exchange(&ch, "dlx", ExchangeKind::Fanout);
@@ -85,7 +88,10 @@ fn without_reject_publish_it_is_at_most_once() {
         .with("x-dead-letter-strategy", "at-least-once");
     ch.queue_declare("work", durable(), args).unwrap();
     publish(&ch, "", "work", "m");
-    get(&ch, "work").unwrap().reject(false).unwrap();
+    get(&ch, "work")
+        .unwrap()
+        .reject(BasicRejectOptions::default())
+        .unwrap();
     let stats = broker.death_stats("work").unwrap();
     assert_eq!((stats.held, stats.dropped.rejected), (0, 1));
 }
@@ -108,7 +114,10 @@ fn a_refusing_target_gets_it_at_a_later_retry_and_no_target_gets_it_twice() {
     let args = at_least_once("dlx").with("x-max-length", 2i64);
     ch.queue_declare("work", durable(), args).unwrap();
     publish_all(&ch, "work", &["a", "b"]);
-    get(&ch, "work").unwrap().reject(false).unwrap();
+    get(&ch, "work")
+        .unwrap()
+        .reject(BasicRejectOptions::default())
+        .unwrap();
     assert_eq!(held(&broker, "work"), 1);
     assert_eq!(get_all(&ch, "roomy"), ["a"]);
     publish(&ch, "", "work", "c");
@@ -147,7 +156,10 @@ fn the_strategy_by_policy_and_switching_away() {
     };
     broker.set_policy("alo", policy).unwrap();
     publish(&ch, "", "work", "m");
-    get(&ch, "work").unwrap().reject(false).unwrap();
+    get(&ch, "work")
+        .unwrap()
+        .reject(BasicRejectOptions::default())
+        .unwrap();
     assert_eq!(held(&broker, "work"), 1);
     broker.clear_policy("alo").unwrap();
     let stats = broker.death_stats("work").unwrap();
@@ -170,7 +182,10 @@ fn at_least_once_crash_child() {
         ch.basic_publish("", "work", Default::default(), body.as_bytes(), properties)
             .unwrap();
     }
-    get(&ch, "work").unwrap().reject(false).unwrap();
+    get(&ch, "work")
+        .unwrap()
+        .reject(BasicRejectOptions::default())
+        .unwrap();
     assert_eq!(broker.death_stats("work").unwrap().held, 1);
     broker.sync().unwrap();
     let mut out = std::io::stdout().lock();

@@ -89,7 +89,7 @@ fn a_content_header_over_the_frame_size_is_refused_alone() {
     let fits = FieldTable::new().with("blob", FieldValue::LongString(vec![b'x'; 130_000].into()));
     publish(&ch, persistent().with_headers(fits)).unwrap();
     assert!(ch.wait_for_confirms().unwrap());
-    ch.queue_purge("q", BindOptions::default()).unwrap();
+    ch.queue_purge("q", QueuePurgeOptions::default()).unwrap();
     assert_unharmed(&broker, &ch);
 }
 
@@ -181,12 +181,12 @@ fn after_a_storage_failure_settles_sync_and_health_say_so() {
         matches!(&health.store_failure, Some(StoreError::Poisoned(text)) if text.contains("flush")),
         "{health:?}"
     );
-    let err = stored.ack().unwrap_err();
+    let err = stored.ack(BasicAckOptions::default()).unwrap_err();
     assert!(
         matches!(err, Error::Storage(StoreError::Poisoned(_))),
         "{err:?}"
     );
-    transient.ack().unwrap(); // an in-memory queue's settle is unaffected
+    transient.ack(BasicAckOptions::default()).unwrap(); // an in-memory queue's settle is unaffected
     let err = broker.sync().unwrap_err();
     assert!(
         matches!(err, Error::Storage(StoreError::Poisoned(_))),

@@ -70,10 +70,14 @@ fn producers_and_consumers_with_requeues_lose_nothing() {
                     redelivered += 1;
                 }
                 if !d.redelivered() && id.is_multiple_of(7) {
-                    d.nack(true).unwrap();
+                    d.nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .unwrap();
                     requeued += 1;
                 } else {
-                    d.ack().unwrap();
+                    d.ack(BasicAckOptions::default()).unwrap();
                     acked.lock().unwrap().push(id);
                     done += 1;
                 }
@@ -164,7 +168,7 @@ fn channel_closing_mid_stream_requeues_to_the_next_consumer() {
     let mut acked = HashSet::new();
     for _ in 0..1_000 {
         let d = c1.recv_timeout(Duration::from_secs(30)).unwrap();
-        d.ack().unwrap();
+        d.ack(BasicAckOptions::default()).unwrap();
         assert!(acked.insert(id_of(&d)));
     }
     // Take some more without acking, then close: they must come back.
@@ -188,7 +192,7 @@ fn channel_closing_mid_stream_requeues_to_the_next_consumer() {
     while acked.len() < N as usize {
         let d = c2.recv_timeout(Duration::from_secs(30)).unwrap();
         assert!(acked.insert(id_of(&d)), "message {} acked twice", id_of(&d));
-        d.ack().unwrap();
+        d.ack(BasicAckOptions::default()).unwrap();
     }
     producer.join().unwrap();
     assert!(c2.try_recv().is_err());

@@ -7,8 +7,8 @@ use std::thread;
 
 use coney::runtime::RecvTimeoutError;
 use coney::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, FieldTable,
-    QueueDeclareOptions, ReplyCode,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
+    FieldTable, QueueDeclareOptions, ReplyCode,
 };
 
 use common::*;
@@ -48,7 +48,7 @@ fn server_generated_consumer_tag() {
     publish(&ch, "", "q", "m");
     let d = c.try_recv().expect("first consumer in round-robin");
     assert_eq!(d.consumer_tag(), Some(tag.as_str()));
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     broker.check_invariants().unwrap();
 }
 
@@ -105,7 +105,7 @@ fn prefetch_limits_unacked_per_consumer() {
     let first = drain(&mut c);
     assert_eq!(bodies(&first), ["1", "2"]);
     assert_eq!(ready(&ch, "q"), 3);
-    first[0].ack().unwrap();
+    first[0].ack(BasicAckOptions::default()).unwrap();
     assert_eq!(drain_bodies(&mut c), ["3"]);
     ch.basic_ack(3, BasicAckOptions { multiple: true }).unwrap();
     let next = drain(&mut c);
@@ -203,7 +203,7 @@ fn exclusive_consumer_refuses_others() {
     );
     publish(&ch, "", "q", "m");
     let d = ex.try_recv().expect("the exclusive consumer still works");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
 
     ch.basic_cancel("ex", Default::default()).unwrap();
     let ch3 = conn.channel().unwrap();
@@ -367,10 +367,10 @@ fn no_ack_consumer() {
     let tags: Vec<u64> = ds.iter().map(|d| d.delivery_tag()).collect();
     assert_eq!(tags, [2, 3, 4]);
     assert_eq!(ready(&ch, "q"), 0);
-    first.ack().unwrap();
+    first.ack(BasicAckOptions::default()).unwrap();
 
     channel_error(
-        ds[0].ack(),
+        ds[0].ack(BasicAckOptions::default()),
         ReplyCode::PreconditionFailed,
         Some("PRECONDITION_FAILED - unknown delivery tag 2"),
     );
@@ -450,7 +450,7 @@ fn basic_get_is_not_a_consumer() {
     publish_all(&ch, "ad", &["1", "2"]);
     let d = get(&ch, "ad").unwrap();
     assert_eq!(passive(&ch, "ad").unwrap().consumer_count, 0);
-    d.reject(true).unwrap();
+    d.reject(BasicRejectOptions { requeue: true }).unwrap();
     assert_eq!(get_all(&ch, "ad"), ["1", "2"]);
     ch.close();
     drop(conn);
@@ -481,7 +481,7 @@ fn basic_cancel_ends_the_iterator() {
     assert_eq!(ready(&ch, "q"), 1);
     assert_eq!(passive(&ch, "q").unwrap().consumer_count, 0);
     for d in &got {
-        d.ack().unwrap();
+        d.ack(BasicAckOptions::default()).unwrap();
     }
     ch.basic_cancel("c", Default::default()).unwrap();
     ch.basic_cancel("never-existed", Default::default())
@@ -516,7 +516,8 @@ fn consumer_thread_receives_all() {
         let mut got = Vec::new();
         for d in consumer {
             got.push(body(&d));
-            d.ack().expect("ack from the consumer thread");
+            d.ack(BasicAckOptions::default())
+                .expect("ack from the consumer thread");
         }
         got
     });
@@ -549,7 +550,8 @@ fn competing_consumer_threads_with_prefetch() {
                 let mut n = 0usize;
                 while let Ok(d) = c.recv_timeout(WAIT) {
                     let b = body(&d);
-                    d.ack().expect("ack from a consumer thread");
+                    d.ack(BasicAckOptions::default())
+                        .expect("ack from a consumer thread");
                     tx.send(b).expect("main thread listens");
                     n += 1;
                 }
@@ -624,7 +626,7 @@ fn global_qos_is_shared_by_the_channels_consumers() {
         "the first consumer takes the shared credit"
     );
     assert!(got_b.is_empty(), "nothing left for the second consumer");
-    got_a[0].ack().unwrap();
+    got_a[0].ack(BasicAckOptions::default()).unwrap();
     let more = drain(&mut ca).len() + drain(&mut cb).len();
     assert_eq!(
         more, 1,

@@ -455,7 +455,7 @@ fn build(dir: &Path, layout: Layout) {
         "created",
         "orders",
         "order.created",
-        BindOptions::default(),
+        QueueBindOptions::default(),
         FieldTable::new(),
     )
     .unwrap();
@@ -463,7 +463,7 @@ fn build(dir: &Path, layout: Layout) {
         "all",
         "orders",
         "order.#",
-        BindOptions::default(),
+        QueueBindOptions::default(),
         FieldTable::new(),
     )
     .unwrap();
@@ -471,7 +471,7 @@ fn build(dir: &Path, layout: Layout) {
         "audit-log",
         "audit",
         "",
-        BindOptions::default(),
+        QueueBindOptions::default(),
         FieldTable::new(),
     )
     .unwrap();
@@ -479,7 +479,7 @@ fn build(dir: &Path, layout: Layout) {
         "audit",
         "orders",
         "order.cancelled",
-        BindOptions::default(),
+        ExchangeBindOptions::default(),
         FieldTable::new(),
     )
     .unwrap();
@@ -513,15 +513,27 @@ fn build(dir: &Path, layout: Layout) {
     compact(&broker);
     for _ in 0..60 {
         let got = ch.basic_get("all", BasicGetOptions::default()).unwrap();
-        got.expect("a message").delivery.ack().unwrap();
+        got.expect("a message")
+            .delivery
+            .ack(BasicAckOptions::default())
+            .unwrap();
     }
     for _ in 0..20 {
         let got = ch.basic_get("created", BasicGetOptions::default()).unwrap();
-        got.expect("a message").delivery.nack(true).unwrap();
+        got.expect("a message")
+            .delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .unwrap();
     }
     for _ in 0..10 {
         let got = ch.basic_get("created", BasicGetOptions::default()).unwrap();
-        got.expect("a message").delivery.nack(false).unwrap();
+        got.expect("a message")
+            .delivery
+            .nack(BasicNackOptions::default())
+            .unwrap();
     }
     broker.sync().unwrap();
 }

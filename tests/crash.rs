@@ -86,7 +86,7 @@ fn crash_child() {
             let id = u64::from_le_bytes(g.delivery.body()[..8].try_into().unwrap());
             // Announced before the ack: a kill after it leaves the ack's fate unknown.
             writeln!(out.lock(), "G {id}").unwrap();
-            g.delivery.ack().unwrap();
+            g.delivery.ack(BasicAckOptions::default()).unwrap();
             acked.push(id);
         }
         broker.sync().unwrap();

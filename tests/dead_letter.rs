@@ -26,7 +26,7 @@ fn nack_without_requeue_dead_letters() {
         .basic_get("work", BasicGetOptions::default())
         .unwrap()
         .unwrap();
-    g.delivery.nack(false).unwrap();
+    g.delivery.nack(BasicNackOptions::default()).unwrap();
     let d = get(&ch, "dlq").expect("dead-lettered");
     assert_eq!(body(&d), "m");
     assert_eq!(d.exchange(), "dlx");
@@ -59,7 +59,12 @@ fn multiple_nack_keeps_order_and_requeue_does_not_dead_letter() {
     publish_all(&ch, "work", &["a", "b", "c", "d"]);
     let mut c = consume(&ch, "work", "c");
     let got = drain(&mut c);
-    got[3].nack(true).unwrap();
+    got[3]
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
     ch.basic_nack(
         got[2].delivery_tag(),
         BasicNackOptions {
@@ -89,14 +94,14 @@ fn missing_dead_letter_exchange_drops_until_declared() {
         .basic_get("work", BasicGetOptions::default())
         .unwrap()
         .unwrap();
-    g.delivery.reject(false).unwrap();
+    g.delivery.reject(BasicRejectOptions::default()).unwrap();
     declare_exchange(&ch, "later", ExchangeKind::Fanout);
     bind(&ch, "dlq", "later", "");
     let g = ch
         .basic_get("work", BasicGetOptions::default())
         .unwrap()
         .unwrap();
-    g.delivery.reject(false).unwrap();
+    g.delivery.reject(BasicRejectOptions::default()).unwrap();
     assert_eq!(get_all(&ch, "dlq"), ["kept"]);
     broker.check_invariants().unwrap();
 }
@@ -113,7 +118,7 @@ fn rejecting_into_the_same_queue_counts_up() {
             .basic_get("q", BasicGetOptions::default())
             .unwrap()
             .unwrap();
-        g.delivery.nack(false).unwrap();
+        g.delivery.nack(BasicNackOptions::default()).unwrap();
         let again = ch
             .basic_get("q", BasicGetOptions::default())
             .unwrap()
@@ -121,7 +126,13 @@ fn rejecting_into_the_same_queue_counts_up() {
         let x = death(&again.delivery, 0);
         assert_eq!(x.get("count"), Some(&FieldValue::I64(expected)));
         assert_eq!(text(&x, "queue"), Some("q"));
-        again.delivery.nack(true).unwrap();
+        again
+            .delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .unwrap();
     }
     broker.check_invariants().unwrap();
 }
@@ -150,7 +161,7 @@ fn a_persistent_dead_letter_moves_atomically_between_durable_queues() {
             .basic_get("work", BasicGetOptions::default())
             .unwrap()
             .unwrap();
-        g.delivery.reject(false).unwrap();
+        g.delivery.reject(BasicRejectOptions::default()).unwrap();
         broker.sync().unwrap();
     }
     store.crash();
@@ -192,7 +203,7 @@ fn a_client_supplied_x_death_is_not_history() {
         Some(&FieldValue::I64(5)),
         "delivered as published"
     );
-    d.reject(false).unwrap();
+    d.reject(BasicRejectOptions::default()).unwrap();
     let d = get(&ch, "dlq").unwrap();
     assert_eq!(deaths(&d).len(), 1, "the broker's history only");
     assert_eq!(death(&d, 0).get("count"), Some(&FieldValue::I64(1)));
@@ -216,7 +227,10 @@ fn the_death_history_survives_a_restart() {
     let reject_once = |broker: &Broker| {
         let conn = broker.connect();
         let ch = conn.channel().unwrap();
-        get(&ch, "work").unwrap().reject(false).unwrap();
+        get(&ch, "work")
+            .unwrap()
+            .reject(BasicRejectOptions::default())
+            .unwrap();
         broker.sync().unwrap();
     };
     {
@@ -257,7 +271,10 @@ fn dead_letters_keep_their_bcc_routes() {
         .with("CC", vec![FieldValue::from("cc1")])
         .with("BCC", vec![FieldValue::from("bcc1")]);
     publish_headers(&ch, "in", "orig", "m", headers);
-    get(&ch, "work").unwrap().reject(false).unwrap();
+    get(&ch, "work")
+        .unwrap()
+        .reject(BasicRejectOptions::default())
+        .unwrap();
     for queue in ["by-key", "by-cc", "by-bcc"] {
         assert_eq!(ready(&ch, queue), 1, "{queue}");
     }
@@ -271,7 +288,7 @@ fn dead_letters_keep_their_bcc_routes() {
         "x-death lists the publish key and CC, not BCC"
     );
     // Dead-lettered again from 'by-bcc' (no routing key): the BCC key still routes it.
-    d.reject(false).unwrap();
+    d.reject(BasicRejectOptions::default()).unwrap();
     assert_eq!(ready(&ch, "by-bcc"), 1, "BCC routes the second hop too");
     assert_eq!(ready(&ch, "by-key"), 2);
     assert_eq!(ready(&ch, "by-cc"), 2);
@@ -280,7 +297,10 @@ fn dead_letters_keep_their_bcc_routes() {
     declare_args(&ch, "replaced", replaced);
     let headers = FieldTable::new().with("BCC", vec![FieldValue::from("bcc1")]);
     publish_headers(&ch, "", "replaced", "r", headers);
-    get(&ch, "replaced").unwrap().reject(false).unwrap();
+    get(&ch, "replaced")
+        .unwrap()
+        .reject(BasicRejectOptions::default())
+        .unwrap();
     assert_eq!(ready(&ch, "by-bcc"), 1, "not routed by BCC");
     assert_eq!(ready(&ch, "by-key"), 3);
     broker.check_invariants().unwrap();
@@ -318,6 +338,9 @@ fn bcc_routes_survive_a_restart() {
     let broker = Broker::open(dir.path()).unwrap();
     let conn = broker.connect();
     let ch = conn.channel().unwrap();
-    get(&ch, "work").unwrap().reject(false).unwrap();
+    get(&ch, "work")
+        .unwrap()
+        .reject(BasicRejectOptions::default())
+        .unwrap();
     assert_eq!(get_all(&ch, "by-bcc"), ["m"]);
 }

@@ -160,8 +160,8 @@ fn acked_messages_do_not_come_back() {
             .unwrap();
         let a = c.recv().unwrap();
         let b = c.recv().unwrap();
-        a.ack().unwrap();
-        c.recv().unwrap().ack().unwrap(); // c
+        a.ack(BasicAckOptions::default()).unwrap();
+        c.recv().unwrap().ack(BasicAckOptions::default()).unwrap(); // c
         drop(b); // delivered, never acked
         broker.sync().unwrap();
         store.crash();
@@ -319,7 +319,12 @@ fn delivery_counts_survive_a_restart() {
                 .unwrap()
                 .unwrap();
             assert_eq!(g.delivery.delivery_count(), expected);
-            g.delivery.nack(true).unwrap();
+            g.delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .unwrap();
         }
         broker.sync().unwrap();
     }
@@ -333,7 +338,7 @@ fn delivery_counts_survive_a_restart() {
         .unwrap();
     assert_eq!(g.delivery.delivery_count(), 3);
     assert!(g.delivery.redelivered());
-    g.delivery.ack().unwrap();
+    g.delivery.ack(BasicAckOptions::default()).unwrap();
     broker.sync().unwrap();
     assert!(
         ch.basic_get("q", BasicGetOptions::default())

@@ -140,8 +140,14 @@ fn every_call_after_channel_error_is_channel_closed() {
     let cause = CloseCause::Error(e.clone());
     assert_eq!(ch.close_cause().as_deref(), Some(&cause));
     assert_all_closed(&ch, &cause);
-    closed_with(d.ack(), Some(ReplyCode::NotFound));
-    closed_with(d.nack(true), Some(ReplyCode::NotFound));
+    closed_with(d.ack(BasicAckOptions::default()), Some(ReplyCode::NotFound));
+    closed_with(
+        d.nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        }),
+        Some(ReplyCode::NotFound),
+    );
     let late = ch.basic_get("q", Default::default()).unwrap_err();
     assert_eq!(late.reply_code(), Some(ReplyCode::NotFound));
     assert_eq!(
@@ -183,13 +189,13 @@ fn other_channels_survive_a_soft_error() {
 
     assert!(!conn.is_closed());
     assert!(!ch1.is_closed());
-    held.ack().unwrap();
+    held.ack(BasicAckOptions::default()).unwrap();
     publish(&ch1, "", "q", "after");
     let d = c
         .try_recv()
         .expect("the consumer on the healthy channel still receives");
     assert_eq!(body(&d), "after");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     let ch3 = conn.channel().expect("the connection still opens channels");
     assert_eq!(ready(&ch3, "q"), 0);
     broker.check_invariants().unwrap();

@@ -4,6 +4,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
+use coney::BasicAckOptions;
 use coney::{
     BasicProperties, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     ExchangeKind, FieldTable, FieldValue, ReplyCode, Returned,
@@ -23,7 +24,7 @@ fn default_exchange_routes_by_queue_name() {
     assert_eq!(body(&d), "o1");
     assert_eq!(d.exchange(), "");
     assert_eq!(d.routing_key(), "orders");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     assert_eq!(ready(&ch, "orders"), 0);
     assert_eq!(ready(&ch, "invoices"), 0);
     broker.check_invariants().unwrap();
@@ -791,7 +792,7 @@ fn exchange_to_exchange_binding() {
     assert_eq!(body(&d), "ab");
     assert_eq!(d.exchange(), "src");
     assert_eq!(d.routing_key(), "a.b");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     assert!(get_all(&ch, "via-dst").is_empty());
     broker.check_invariants().unwrap();
 }
@@ -939,7 +940,7 @@ fn internal_exchange_refuses_publish_but_routes_e2e() {
     let d = get(&ch, "q").expect("routed through the internal exchange");
     assert_eq!(body(&d), "via-front");
     assert_eq!(d.exchange(), "front");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     assert_eq!(ready(&ch, "q"), 0);
     broker.check_invariants().unwrap();
 }
@@ -1002,7 +1003,7 @@ fn alternate_exchange_catches_unroutable() {
     assert_eq!(body(&d), "miss");
     assert_eq!(d.exchange(), "main");
     assert_eq!(d.routing_key(), "other");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     assert_eq!(ready(&ch, "unrouted"), 0);
     let returned = returned.lock().unwrap();
     assert_eq!(returned.len(), 1, "only the orphan publish is returned");
@@ -1038,7 +1039,7 @@ fn cc_and_bcc_add_routing_keys() {
             ]))
         );
         assert_eq!(h.get("app"), Some(&FieldValue::from("kept")));
-        d.ack().unwrap();
+        d.ack(BasicAckOptions::default()).unwrap();
         assert!(get(&ch, q).is_none(), "{q}: one copy only");
     }
     assert!(get(&ch, "q4").is_none());

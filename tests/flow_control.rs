@@ -96,7 +96,7 @@ fn the_memory_watermark_blocks_publishers_until_consumers_drain() {
             .basic_get("q", BasicGetOptions::default())
             .unwrap()
             .expect("a queued message");
-        got.delivery.ack().unwrap();
+        got.delivery.ack(BasicAckOptions::default()).unwrap();
         drained += 1;
     }
     publisher.join().unwrap().unwrap();
@@ -119,7 +119,7 @@ fn purging_or_deleting_a_queue_gives_its_memory_back() {
     let ch = conn.channel().unwrap();
     common::declare(&ch, "q");
     fill_until_blocked(&broker, &ch);
-    ch.queue_purge("q", BindOptions::default()).unwrap();
+    ch.queue_purge("q", QueuePurgeOptions::default()).unwrap();
     assert!(!broker.health().publishers_blocked);
     assert_eq!(broker.health().memory_bytes, 0);
     fill_until_blocked(&broker, &ch);
@@ -144,7 +144,7 @@ fn unacked_messages_count_until_settled() {
         .unwrap()
         .unwrap();
     assert_eq!(broker.health().memory_bytes, queued, "unacked still held");
-    got.delivery.ack().unwrap();
+    got.delivery.ack(BasicAckOptions::default()).unwrap();
     assert_eq!(broker.health().memory_bytes, queued / 10 * 9);
 }
 

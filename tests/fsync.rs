@@ -102,7 +102,10 @@ fn fsync_child() {
         mark(&format!("confirmed round {round}"));
         for _ in 0..10 {
             let got = ch.basic_get(QUEUE, BasicGetOptions::default()).unwrap();
-            got.expect("a message").delivery.ack().unwrap();
+            got.expect("a message")
+                .delivery
+                .ack(BasicAckOptions::default())
+                .unwrap();
         }
         broker.sync().unwrap();
         mark(&format!("synced acks of round {round}"));

@@ -158,7 +158,11 @@ fn unacked_messages_do_not_count() {
     let held = get(&ch, "q").unwrap();
     assert_eq!(publish_confirmed(&confirm, "q", &["2"]), [true]);
     // §4.3: a requeue may take a reject-publish queue over its limit.
-    held.nack(true).unwrap();
+    held.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
     assert_eq!(ready(&ch, "q"), 2, "reject-publish never drops");
     assert_eq!(get_all(&ch, "q"), ["1", "2"]);
 }
@@ -172,7 +176,11 @@ fn drop_head_applies_on_requeue() {
     publish_all(&ch, "q", &["1", "2", "3"]); // "1" dropped
     let two = get(&ch, "q").unwrap();
     publish(&ch, "", "q", "4"); // ready: 3, 4
-    two.nack(true).unwrap(); // back at its place: 2, 3, 4 → over: "2" dropped
+    two.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap(); // back at its place: 2, 3, 4 → over: "2" dropped
     assert_eq!(get_all(&ch, "q"), ["3", "4"]);
     assert_eq!(broker.death_stats("q").unwrap().dropped.maxlen, 2);
 }

@@ -37,7 +37,7 @@ impl Subscriber for Collect {
     fn record(&self, _: &Id, _: &Record<'_>) {}
     fn record_follows_from(&self, _: &Id, _: &Id) {}
     fn event(&self, event: &Event<'_>) {
-        let mut fields = Fields(Vec::new());
+        let mut fields = Fields(vec![format!("level={}", event.metadata().level())]);
         event.record(&mut fields);
         self.0.lock().unwrap().push(fields.0);
     }
@@ -67,7 +67,10 @@ fn dead_letters_and_drops_are_logged_without_bodies() {
                 props,
             )
             .unwrap();
-            get(&ch, queue).unwrap().reject(false).unwrap();
+            get(&ch, queue)
+                .unwrap()
+                .reject(BasicRejectOptions::default())
+                .unwrap();
         }
     });
     let events = collect.0.lock().unwrap().clone();
@@ -84,11 +87,74 @@ fn dead_letters_and_drops_are_logged_without_bodies() {
         "{dead}"
     );
     assert!(dead.contains("dead-lettered"), "{dead}");
+    assert!(
+        dead.contains("level=INFO"),
+        "a dead-lettering is an info: {dead}"
+    );
     let dropped = find("m-2");
     assert!(dropped.contains("queue=plain") && dropped.contains("reason=rejected"));
     assert!(dropped.contains("dropped"), "{dropped}");
     assert!(
+        dropped.contains("level=WARN"),
+        "a drop is a warning: {dropped}"
+    );
+    assert!(
         events.iter().flatten().all(|f| !f.contains("secret")),
         "bodies never logged"
     );
+}
+
+/// Every way a message is lost for good is a warning: expired without a dead-letter exchange,
+/// over a length limit without one, and dead-lettered to an exchange that routes it nowhere.
+#[test]
+fn messages_lost_for_good_are_warnings() {
+    let collect = Collect::default();
+    let clock = ManualClock::new(0);
+    tracing::subscriber::with_default(collect.clone(), || {
+        let broker = Broker::builder().clock(clock.clone()).in_memory();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        let declare = |name: &str, args: FieldTable| {
+            ch.queue_declare(name, QueueDeclareOptions::default(), args)
+                .unwrap()
+        };
+        declare("ttl", FieldTable::new().with("x-message-ttl", 1_000i64));
+        declare("short", FieldTable::new().with("x-max-length", 1i64));
+        declare(
+            "nowhere",
+            FieldTable::new()
+                .with("x-dead-letter-exchange", "")
+                .with("x-dead-letter-routing-key", "no-such-queue"),
+        );
+        let publish = |queue: &str, id: &str| {
+            let props = BasicProperties::default().with_message_id(id);
+            ch.basic_publish("", queue, Default::default(), b"body", props)
+                .unwrap()
+        };
+        publish("ttl", "expired-1");
+        publish("short", "maxlen-1");
+        publish("short", "maxlen-2");
+        publish("nowhere", "unrouted-1");
+        get(&ch, "nowhere")
+            .unwrap()
+            .reject(BasicRejectOptions::default())
+            .unwrap();
+        clock.advance(std::time::Duration::from_secs(1));
+        assert_eq!(ready(&ch, "ttl"), 0, "expired");
+    });
+    let events = collect.0.lock().unwrap().clone();
+    for (id, reason) in [
+        ("expired-1", "reason=expired"),
+        ("maxlen-1", "reason=maxlen"),
+        ("unrouted-1", "reason=rejected"),
+    ] {
+        let event = events
+            .iter()
+            .find(|e| e.iter().any(|f| f.contains(id)))
+            .unwrap_or_else(|| panic!("no event for {id}: {events:?}"))
+            .join(" ");
+        assert!(event.contains(reason), "{event}");
+        assert!(event.contains("dropped"), "{event}");
+        assert!(event.contains("level=WARN"), "{event}");
+    }
 }

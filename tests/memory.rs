@@ -48,7 +48,11 @@ fn memory_child() {
             .basic_consume("q", "", BasicConsumeOptions::default(), FieldTable::new())
             .unwrap();
         for _ in 0..messages {
-            consumer.recv().expect("a delivery").ack().unwrap();
+            consumer
+                .recv()
+                .expect("a delivery")
+                .ack(BasicAckOptions::default())
+                .unwrap();
         }
         ch.basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .unwrap();

@@ -1199,7 +1199,7 @@ impl World {
             }
             Op::Purge { slot, queue } => {
                 let n = self.chans[slot]
-                    .queue_purge(&self.queues[queue], BindOptions::default())
+                    .queue_purge(&self.queues[queue], QueuePurgeOptions::default())
                     .unwrap();
                 let mq = &mut self.m_queues[queue];
                 let mut purged: Vec<MMsg> = std::mem::take(&mut mq.returns).into();
@@ -1215,7 +1215,7 @@ impl World {
             }
             Op::CloseConnection { conn } => {
                 let old = std::mem::replace(&mut self.conns[conn], self.broker.connect());
-                drop(old);
+                old.close(); // its channels are still held: dropping it would not close it
                 let mut slots: Vec<usize> = (conn * 2..conn * 2 + 2).collect();
                 slots.sort_by_key(|&s| self.m_chans[s].opened);
                 for slot in slots {

@@ -19,7 +19,10 @@ fn dlx_policy(pattern: &str, routing_key: &str) -> Policy {
 }
 
 fn reject_one(ch: &Channel, queue: &str) {
-    get(ch, queue).expect("a message").reject(false).unwrap();
+    get(ch, queue)
+        .expect("a message")
+        .reject(BasicRejectOptions::default())
+        .unwrap();
 }
 
 /// §5.1: a dead-letter exchange set by policy applies to the queues its pattern matches, to

@@ -97,13 +97,13 @@ fn all_fourteen_properties_round_trip() {
     let d = c.try_recv().expect("delivered at consume");
     assert_eq!(d.properties(), &props);
     assert_eq!(&d.body()[..], b"{}");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     ch.basic_publish("", "q", Default::default(), Vec::new(), props.clone())
         .unwrap();
     let d = c.try_recv().unwrap();
     assert_eq!(d.properties(), &props);
     assert!(d.body().is_empty());
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     broker.check_invariants().unwrap();
 }
 
@@ -116,12 +116,12 @@ fn headers_of_every_kind_round_trip() {
     publish_headers(&ch, "", "q", "consume", every_kind());
     let g = get(&ch, "q").unwrap();
     assert_eq!(g.properties().headers.as_ref(), Some(&every_kind()));
-    g.ack().unwrap();
+    g.ack(BasicAckOptions::default()).unwrap();
     let mut c = consume(&ch, "q", "c");
     let d = c.try_recv().unwrap();
     assert_eq!(body(&d), "consume");
     assert_eq!(d.properties().headers.as_ref(), Some(&every_kind()));
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     broker.check_invariants().unwrap();
 }
 
@@ -375,7 +375,7 @@ fn delivery_reports_exchange_and_routing_key() {
     assert_eq!(d.routing_key(), "order.created");
     assert!(!d.redelivered());
     assert_eq!(d.consumer_tag(), None);
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     broker.check_invariants().unwrap();
 }
 
@@ -455,7 +455,7 @@ fn routing_key_is_not_stripped_of_cr_lf() {
     publish(&ch, "amq.topic", "line\r\nbreak", "m");
     let d = get(&ch, "q").unwrap();
     assert_eq!(d.routing_key(), "line\r\nbreak");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     broker.check_invariants().unwrap();
 }
 

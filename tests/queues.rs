@@ -3,6 +3,8 @@
 
 mod common;
 
+use coney::BasicAckOptions;
+use coney::BasicRejectOptions;
 use coney::{
     BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, FieldTable,
     FieldValue, QueueDeclareOptions, QueueDeleteOptions, ReplyCode,
@@ -409,7 +411,7 @@ fn exclusive_queue_deleted_with_its_connection() {
     assert_eq!(drain(&mut c).len(), 2);
     assert!(queue_exists(&broker, "ex"));
 
-    drop(owner);
+    owner.close(); // its channels are still held: dropping it would not close it
     assert!(matches!(
         c.recv_timeout(WAIT),
         Err(RecvTimeoutError::Disconnected)
@@ -481,7 +483,7 @@ fn auto_delete_never_without_a_consumer() {
         .unwrap();
     publish_all(&ch, "ad", &["1", "2"]);
     let d = get(&ch, "ad").unwrap();
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     assert_eq!(get_all(&ch, "ad"), ["2"]);
     ch.close();
     let ch = conn.channel().unwrap();
@@ -513,8 +515,14 @@ fn delete_if_empty_counts_ready_only() {
     let ch3 = conn.channel().unwrap();
     assert_eq!(ch3.queue_delete("q", if_empty).unwrap(), 0);
     assert!(!queue_exists(&broker, "q"));
-    held.ack().expect("ack after delete is accepted");
-    other.nack(true).expect("nack after delete is accepted");
+    held.ack(BasicAckOptions::default())
+        .expect("ack after delete is accepted");
+    other
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .expect("nack after delete is accepted");
     assert!(!ch.is_closed());
     broker.check_invariants().unwrap();
 }
@@ -568,7 +576,7 @@ fn delete_returns_ready_count_and_is_idempotent() {
     let d = get(&ch, "q").unwrap();
     assert_eq!(ch.queue_delete("q", Default::default()).unwrap(), 2);
     assert_eq!(ch.queue_delete("q", Default::default()).unwrap(), 0);
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     assert!(!ch.is_closed());
     broker.check_invariants().unwrap();
 }
@@ -593,9 +601,14 @@ fn delete_ends_consumers_and_later_acks_are_accepted() {
     ));
     assert!(c.recv().is_none());
 
-    ds[0].ack().unwrap();
-    ds[1].nack(true).unwrap();
-    ds[2].reject(false).unwrap();
+    ds[0].ack(BasicAckOptions::default()).unwrap();
+    ds[1]
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
+    ds[2].reject(BasicRejectOptions::default()).unwrap();
     assert!(!ch.is_closed());
     let _again = consume(&ch, "other", "c");
     broker.check_invariants().unwrap();
@@ -623,7 +636,7 @@ fn purge_leaves_unacked_messages() {
     let d = get(&ch, "q").unwrap();
     assert_eq!(body(&d), "1");
     assert!(d.redelivered());
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     assert_eq!(ch.queue_purge("q", Default::default()).unwrap(), 0);
     broker.check_invariants().unwrap();
 }
@@ -665,7 +678,7 @@ fn empty_queue_name_means_last_declared() {
         .unwrap();
     let d = c.try_recv().unwrap();
     assert_eq!(body(&d), "for-consumer");
-    d.ack().unwrap();
+    d.ack(BasicAckOptions::default()).unwrap();
     drop(c);
     assert_eq!(ch.queue_delete("", Default::default()).unwrap(), 0);
     assert!(!queue_exists(&broker, &name));
@@ -809,8 +822,13 @@ fn acks_after_auto_delete_are_accepted() {
     assert_eq!(ds.len(), 2);
     ch.basic_cancel("c", Default::default()).unwrap();
     assert!(!queue_exists(&broker, "ad"));
-    ds[0].ack().unwrap();
-    ds[1].nack(true).unwrap();
+    ds[0].ack(BasicAckOptions::default()).unwrap();
+    ds[1]
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
     assert!(!ch.is_closed());
     broker.check_invariants().unwrap();
 }

@@ -100,11 +100,16 @@ fn delivery_limit_dead_letters_after_limit_plus_one_deliveries() {
         "absent on the first delivery"
     );
     assert!(!first.redelivered());
-    first.nack(true).unwrap();
+    first
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
     let second = c.try_recv().unwrap();
     assert_eq!(delivery_count_header(&second), Some(1));
     assert!(second.redelivered());
-    second.reject(true).unwrap();
+    second.reject(BasicRejectOptions { requeue: true }).unwrap();
     assert!(c.try_recv().is_err(), "limit 1: no third delivery");
     let d = get(&ch, "dlq").expect("dead-lettered");
     assert_eq!(text(&death(&d, 0), "reason"), Some("delivery_limit"));
@@ -132,7 +137,11 @@ fn default_and_small_limits() {
         let mut n = 0;
         while let Some(d) = get(&ch, name) {
             n += 1;
-            d.nack(true).unwrap();
+            d.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .unwrap();
         }
         assert_eq!(n, deliveries, "{name}");
         assert_eq!(broker.death_stats(name).unwrap().dropped.delivery_limit, 1);
@@ -169,8 +178,16 @@ fn requeue_goes_to_the_front() {
         publish_all(&ch, q, &["a", "b", "c"]);
         let a = get(&ch, q).unwrap();
         let b = get(&ch, q).unwrap();
-        b.nack(true).unwrap();
-        a.nack(true).unwrap();
+        b.nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
+        a.nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
     }
     assert_eq!(get_all(&ch, "qq"), ["b", "a", "c"]);
     assert_eq!(get_all(&ch, "cq"), ["a", "b", "c"]);
@@ -190,7 +207,13 @@ fn the_count_survives_a_restart() {
         ch.basic_publish("", "qq", Default::default(), b"m".to_vec(), props)
             .unwrap();
         for _ in 0..2 {
-            get(&ch, "qq").unwrap().nack(true).unwrap();
+            get(&ch, "qq")
+                .unwrap()
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .unwrap();
         }
         broker.sync().unwrap();
     }
@@ -200,7 +223,11 @@ fn the_count_survives_a_restart() {
     let ch = conn.channel().unwrap();
     let d = get(&ch, "qq").expect("recovered");
     assert_eq!(delivery_count_header(&d), Some(2));
-    d.nack(true).unwrap();
+    d.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
     assert!(
         get(&ch, "qq").is_none(),
         "third return: over the limit of 2"

@@ -62,7 +62,7 @@ fn sync_abort_child() {
         })
     };
     locked_rx.recv().unwrap();
-    first.ack().unwrap(); // the lock is held: the ack waits in the queue's inbox
+    first.ack(BasicAckOptions::default()).unwrap(); // the lock is held: the ack waits in the queue's inbox
     broker.sync().unwrap();
     let mut out = std::io::stdout().lock();
     writeln!(out, "\nSYNCED").unwrap();

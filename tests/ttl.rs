@@ -158,7 +158,11 @@ fn requeue_keeps_the_original_deadline() {
     publish(&ch, "", "q", "m");
     let d = get(&ch, "q").unwrap();
     clock.advance(ms(1000)); // expires while unacked: nothing happens to it yet
-    d.nack(true).unwrap();
+    d.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
     assert!(get(&ch, "q").is_none(), "back past its deadline: expired");
     assert_eq!(broker.death_stats("q").unwrap().dropped.expired, 1);
 
@@ -166,7 +170,11 @@ fn requeue_keeps_the_original_deadline() {
     let mut c = consume(&ch, "zero", "c");
     publish(&ch, "", "zero", "z");
     let d = c.try_recv().unwrap();
-    d.nack(true).unwrap();
+    d.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
     assert!(
         drain(&mut c).is_empty(),
         "a requeued TTL-0 message expires at once"
@@ -254,7 +262,7 @@ fn delayed_retry_through_a_wait_queue() {
             assert_eq!(text(&w, "reason"), Some("rejected"));
             assert_eq!(w.get("count"), Some(&FieldValue::I64(round as i64)));
         }
-        d.reject(false).unwrap();
+        d.reject(BasicRejectOptions::default()).unwrap();
         clock.advance(ms(4999));
         assert!(c.try_recv().is_err(), "not before the delay");
         clock.advance(ms(1));

@@ -236,7 +236,7 @@ fn server_cancel(sinks: Vec<Sink>) {
 mod tests {
     use crate::ExchangeKind;
     use crate::runtime::Broker;
-    use crate::types::{BindOptions, ExchangeDeclareOptions, FieldTable, QueueDeclareOptions};
+    use crate::types::{ExchangeDeclareOptions, FieldTable, QueueBindOptions, QueueDeclareOptions};
     use std::sync::Arc;
 
     #[test]
@@ -251,8 +251,14 @@ mod tests {
             let q = format!("q{i}");
             ch.queue_declare(&q, QueueDeclareOptions::default(), FieldTable::new())
                 .expect("declare");
-            ch.queue_bind(&q, "t", "a.#", BindOptions::default(), FieldTable::new())
-                .expect("bind");
+            ch.queue_bind(
+                &q,
+                "t",
+                "a.#",
+                QueueBindOptions::default(),
+                FieldTable::new(),
+            )
+            .expect("bind");
         }
         let before = broker.inner.snapshot.load_full();
         ch.queue_declare("new", QueueDeclareOptions::default(), FieldTable::new())

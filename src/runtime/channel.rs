@@ -2,7 +2,9 @@
 //!
 //! Soft errors close the channel (later calls return [`Error::ChannelClosed`] with the cause),
 //! hard errors close the connection, as in RabbitMQ (§12). Dropping the last handle of a
-//! channel (its clones and its consumers) closes it, requeueing its unacked messages.
+//! channel (its clones and its consumers) closes it, requeueing its unacked messages. A channel
+//! keeps its connection open: the connection closes once its handle and all its channels are
+//! gone.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use smallvec::SmallVec;
 
 use super::admin::Failure;
 use super::confirm::{ConfirmCell, Waited};
-use super::connection::ConnectionInner;
+use super::connection::{ConnectionHandle, ConnectionInner};
 use super::consumer::{Consumer, Delivery};
 use super::persist::Job;
 use super::queue::{GetOutcome, QueueCell, QueueGuard, Settle, Sink};
@@ -30,8 +32,9 @@ use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 use crate::types::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicProperties, BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
-    BindOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeKind,
-    FieldTable, FieldValue, Message, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    ExchangeKind, ExchangeUnbindOptions, FieldTable, FieldValue, IntoBody, Message,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 
 /// Largest name (queue, exchange, routing key, consumer tag): an AMQP short string.
@@ -44,12 +47,16 @@ pub struct Channel {
     _guard: Arc<CloseOnDrop>,
 }
 
-/// Closes the channel when the last application handle goes.
-struct CloseOnDrop(Arc<ChannelInner>);
+/// Closes the channel when the last application handle goes; then lets go of the connection,
+/// which closes if no other handle of it is left.
+struct CloseOnDrop {
+    channel: Arc<ChannelInner>,
+    _connection: Arc<ConnectionHandle>,
+}
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.close_with(Arc::new(CloseCause::Client));
+        self.channel.close_with(Arc::new(CloseCause::Client));
     }
 }
 
@@ -69,6 +76,10 @@ pub(crate) struct ChannelInner {
 }
 
 type ReturnHandler = Box<dyn FnMut(Returned) + Send>;
+
+/// What [`Channel::confirm_listener`] returns: a receiver of the channel's publisher confirms
+/// (a crossbeam channel's receiver, re-exported so users need not depend on crossbeam).
+pub type ConfirmListener = crossbeam_channel::Receiver<ConfirmEvent>;
 
 /// An unroutable message published with `mandatory`, handed back (`basic.return`, §2.7).
 #[derive(Clone, Debug, PartialEq)]
@@ -108,7 +119,8 @@ pub struct GetMessage {
 }
 
 impl Channel {
-    pub(crate) fn open(conn: Arc<ConnectionInner>) -> Self {
+    pub(crate) fn open(connection: Arc<ConnectionHandle>) -> Self {
+        let conn = connection.inner().clone();
         let broker = conn.broker.clone();
         let inner = Arc::new(ChannelInner {
             id: broker.next_id(),
@@ -128,7 +140,10 @@ impl Channel {
             .lock()
             .insert(inner.id, Arc::downgrade(&inner));
         Self {
-            _guard: Arc::new(CloseOnDrop(inner.clone())),
+            _guard: Arc::new(CloseOnDrop {
+                channel: inner.clone(),
+                _connection: connection,
+            }),
             inner,
         }
     }
@@ -195,7 +210,7 @@ impl Channel {
         destination: &str,
         source: &str,
         routing_key: &str,
-        _options: BindOptions,
+        _options: ExchangeBindOptions,
         arguments: FieldTable,
     ) -> Result<()> {
         self.exchange_binding(true, destination, source, routing_key, arguments)
@@ -207,7 +222,7 @@ impl Channel {
         destination: &str,
         source: &str,
         routing_key: &str,
-        _options: BindOptions,
+        _options: ExchangeUnbindOptions,
         arguments: FieldTable,
     ) -> Result<()> {
         self.exchange_binding(false, destination, source, routing_key, arguments)
@@ -265,7 +280,7 @@ impl Channel {
         queue: &str,
         exchange: &str,
         routing_key: &str,
-        _options: BindOptions,
+        _options: QueueBindOptions,
         arguments: FieldTable,
     ) -> Result<()> {
         self.queue_binding(true, queue, exchange, routing_key, arguments)
@@ -305,7 +320,7 @@ impl Channel {
     }
 
     /// `queue.purge`: removes ready messages, returns how many (§1.8).
-    pub fn queue_purge(&self, queue: &str, _options: BindOptions) -> Result<u32> {
+    pub fn queue_purge(&self, queue: &str, _options: QueuePurgeOptions) -> Result<u32> {
         let inner = &self.inner;
         let name = inner.queue_name(queue)?;
         let snap = inner.broker.snapshot.load();
@@ -355,14 +370,14 @@ impl Channel {
         exchange: &str,
         routing_key: &str,
         options: BasicPublishOptions,
-        body: impl Into<Bytes>,
+        body: impl IntoBody,
         properties: BasicProperties,
     ) -> Result<()> {
         self.inner.publish(
             exchange,
             routing_key,
             options,
-            body.into(),
+            body.into_body(),
             properties,
             None,
         )
@@ -376,7 +391,7 @@ impl Channel {
         exchange: &str,
         routing_key: &str,
         options: BasicPublishOptions,
-        body: impl Into<Bytes>,
+        body: impl IntoBody,
         properties: BasicProperties,
         timeout: Duration,
     ) -> Result<()> {
@@ -385,7 +400,7 @@ impl Channel {
             exchange,
             routing_key,
             options,
-            body.into(),
+            body.into_body(),
             properties,
             deadline,
         )
@@ -419,7 +434,7 @@ impl Channel {
 
     /// A receiver of the ack / nack frames from now on, as RabbitMQ sends them (coalesced
     /// with `multiple`). Replaces any earlier listener.
-    pub fn confirm_listener(&self) -> crossbeam_channel::Receiver<ConfirmEvent> {
+    pub fn confirm_listener(&self) -> ConfirmListener {
         self.inner.confirms.listen()
     }
 

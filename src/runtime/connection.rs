@@ -1,5 +1,10 @@
-//! A connection: owns channels and exclusive queues; closing it (or dropping it) closes every
-//! channel, requeueing their unacked messages, and deletes its exclusive queues (§1.5, §4.4).
+//! A connection: owns channels and exclusive queues; closing it closes every channel,
+//! requeueing their unacked messages, and deletes its exclusive queues (§1.5, §4.4).
+//!
+//! Lifetime: the [`Connection`] handle and every [`Channel`] opened on it share one
+//! [`ConnectionHandle`]; the connection closes when the last of them is dropped (or at
+//! [`Connection::close`], or when the broker closes). So `broker.connect().channel()?` gives a
+//! working channel, as in lapin, where a channel holds the connection's internals.
 
 use std::sync::{Arc, Weak};
 
@@ -11,11 +16,24 @@ use super::flow::BlockedNotice;
 use crate::core::topology::ConnectionId;
 use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 
-/// A connection to the broker. Dropping it closes it.
+/// A connection to the broker. It stays open while this handle or any of its channels is
+/// alive; [`Connection::close`] closes it (and its channels) at once.
 pub struct Connection {
     inner: Arc<ConnectionInner>,
-    /// Keeps this connection's blocked handler registered; dropped with the connection.
+    handle: Arc<ConnectionHandle>,
+}
+
+/// Shared by a [`Connection`] and its [`Channel`]s: the last one dropped closes the connection.
+pub(crate) struct ConnectionHandle {
+    inner: Arc<ConnectionInner>,
+    /// Keeps this connection's blocked handler registered; dropped with the last handle.
     blocked_handler: Arc<()>,
+}
+
+impl Drop for ConnectionHandle {
+    fn drop(&mut self) {
+        self.inner.close(Arc::new(CloseCause::Client));
+    }
 }
 
 pub(crate) struct ConnectionInner {
@@ -30,15 +48,24 @@ struct ConnectionState {
 }
 
 impl Connection {
+    /// Opens a connection on `broker`; one of a closed broker is closed already
+    /// ([`CloseCause::BrokerClosed`]).
     pub(crate) fn open(broker: Arc<BrokerInner>) -> Self {
         let id = ConnectionId(broker.next_id());
         let state = Mutex::new(ConnectionState {
             channels: Vec::new(),
             closed: None,
         });
+        let inner = Arc::new(ConnectionInner { id, broker, state });
+        if !inner.broker.register_connection(&inner) {
+            inner.state.lock().closed = Some(Arc::new(CloseCause::BrokerClosed));
+        }
         Self {
-            inner: Arc::new(ConnectionInner { id, broker, state }),
-            blocked_handler: Arc::new(()),
+            handle: Arc::new(ConnectionHandle {
+                inner: inner.clone(),
+                blocked_handler: Arc::new(()),
+            }),
+            inner,
         }
     }
 
@@ -63,7 +90,7 @@ impl Connection {
             inner.close(Arc::new(CloseCause::Error(e.clone())));
             return Err(Error::Connection(e));
         }
-        let ch = Channel::open(inner.clone());
+        let ch = Channel::open(self.handle.clone());
         st.channels.push(Arc::downgrade(&ch.inner));
         Ok(ch)
     }
@@ -77,21 +104,31 @@ impl Connection {
         self.inner
             .broker
             .flow
-            .register(&self.blocked_handler, Box::new(handler));
+            .register(&self.handle.blocked_handler, Box::new(handler));
     }
 
-    /// Closes the connection.
-    pub fn close(self) {}
+    /// Closes the connection and every channel on it (their unacked messages are requeued),
+    /// and deletes its exclusive queues, even while channels of it are still held: their
+    /// calls then return [`Error::ChannelClosed`].
+    pub fn close(self) {
+        self.inner.close(Arc::new(CloseCause::Client));
+    }
 
-    /// Whether the connection is closed (by the application or by a hard error).
+    /// Whether the connection is closed (by the application, by a hard error or by the
+    /// broker's close).
     pub fn is_closed(&self) -> bool {
         self.inner.closed().is_some()
     }
+
+    /// Why the connection closed, if it did.
+    pub fn close_cause(&self) -> Option<Arc<CloseCause>> {
+        self.inner.closed()
+    }
 }
 
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.inner.close(Arc::new(CloseCause::Client));
+impl ConnectionHandle {
+    pub(crate) fn inner(&self) -> &Arc<ConnectionInner> {
+        &self.inner
     }
 }
 
@@ -114,6 +151,7 @@ impl ConnectionInner {
         for ch in channels.iter().filter_map(Weak::upgrade) {
             ch.close_with(channel_cause.clone());
         }
+        self.broker.connections.lock().remove(&self.id.0);
         // Exclusive queues are never durable: no store is involved.
         let _ = self.broker.delete_exclusive_queues(self.id);
     }

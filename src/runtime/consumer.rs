@@ -116,27 +116,22 @@ impl Delivery {
         self.consumer_tag.as_deref()
     }
 
-    /// Acknowledges this delivery on its channel.
-    pub fn ack(&self) -> Result<()> {
-        self.channel
-            .basic_ack(self.delivery_tag, BasicAckOptions::default())
+    /// Acknowledges this delivery on its channel (`basic.ack`; with `multiple`, every
+    /// outstanding delivery of the channel up to this one), as lapin's `Acker::ack`.
+    pub fn ack(&self, options: BasicAckOptions) -> Result<()> {
+        self.channel.basic_ack(self.delivery_tag, options)
     }
 
-    /// Negatively acknowledges this delivery; `requeue` puts it back in its queue.
-    pub fn nack(&self, requeue: bool) -> Result<()> {
-        self.channel.basic_nack(
-            self.delivery_tag,
-            BasicNackOptions {
-                multiple: false,
-                requeue,
-            },
-        )
+    /// Negatively acknowledges this delivery (`basic.nack`): `requeue` puts it back in its
+    /// queue, else it is dead-lettered or dropped; `multiple` as for [`Delivery::ack`].
+    pub fn nack(&self, options: BasicNackOptions) -> Result<()> {
+        self.channel.basic_nack(self.delivery_tag, options)
     }
 
-    /// Rejects this delivery; `requeue` puts it back in its queue.
-    pub fn reject(&self, requeue: bool) -> Result<()> {
-        self.channel
-            .basic_reject(self.delivery_tag, BasicRejectOptions { requeue })
+    /// Rejects this delivery (`basic.reject`): `requeue` puts it back in its queue, else it is
+    /// dead-lettered or dropped.
+    pub fn reject(&self, options: BasicRejectOptions) -> Result<()> {
+        self.channel.basic_reject(self.delivery_tag, options)
     }
 }
 

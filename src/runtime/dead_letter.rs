@@ -106,7 +106,7 @@ impl BrokerInner {
         let done = cycles == 0 && refused == 0;
         if done {
             source.deaths.count(reason, true);
-            tracing::debug!(
+            tracing::info!(
                 queue = &*source.meta.name,
                 reason = reason.as_str(),
                 message_id = entry.message.properties.message_id.as_deref().unwrap_or(""),

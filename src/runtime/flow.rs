@@ -82,6 +82,8 @@ pub(crate) struct FlowControl {
 struct FlowState {
     memory_alarm: bool,
     backlog_alarm: bool,
+    /// The broker closed: nobody waits any more (a waiting publisher finds its channel closed).
+    shut: bool,
     /// Each connection's handler, by connection; dropped connections are pruned.
     handlers: Vec<(Weak<()>, Arc<Mutex<BlockedHandler>>)>,
 }
@@ -174,12 +176,13 @@ impl FlowControl {
             return true;
         }
         let mut state = self.state.lock();
-        while state.memory_alarm || state.backlog_alarm {
+        while (state.memory_alarm || state.backlog_alarm) && !state.shut {
             match deadline {
                 None => self.unblocked.wait(&mut state),
                 Some(deadline) => {
                     if self.unblocked.wait_until(&mut state, deadline).timed_out()
                         && (state.memory_alarm || state.backlog_alarm)
+                        && !state.shut
                     {
                         return false;
                     }
@@ -187,6 +190,12 @@ impl FlowControl {
             }
         }
         true
+    }
+
+    /// Lets every waiting publisher go, and every later one pass: the broker closed.
+    pub(crate) fn shutdown(&self) {
+        self.state.lock().shut = true;
+        self.unblocked.notify_all();
     }
 
     /// Registers a connection's handler; it lives as long as `owner`. If an alarm is raised,

@@ -22,13 +22,13 @@ mod timer;
 
 use std::collections::HashMap;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-pub use channel::{Channel, GetMessage, QueueDeclareOk, Returned};
+pub use channel::{Channel, ConfirmListener, GetMessage, QueueDeclareOk, Returned};
 pub use connection::Connection;
 pub use consumer::{Consumer, Delivery};
 pub use crossbeam_channel::{RecvTimeoutError, TryRecvError};
@@ -40,7 +40,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::core::channel::QueueId;
 use crate::core::shared::Map;
 use crate::core::topology::Topology;
-use crate::error::Result;
+use crate::error::{CloseCause, Error, Result};
 use crate::store::{CompactStats, SledOptions, SledStore, Store};
 use persist::Persistence;
 use queue::{QueueCell, QueueEnv};
@@ -63,7 +63,7 @@ pub struct Limits {
     pub no_ack_window: u32,
     /// Largest AMQP frame, in bytes (RabbitMQ's default: 131,072). A message's properties
     /// (its content header) and a method's argument table must fit one frame, as on the wire:
-    /// beyond, the call is refused with [`Error::InvalidInput`](crate::Error::InvalidInput),
+    /// beyond, the call is refused with [`Error::InvalidInput`],
     /// as a client library refuses to encode such a frame, and nothing is closed. At most
     /// [`FRAME_MAX_CEILING`] takes effect, so every record stays within what the store
     /// accepts.
@@ -127,7 +127,9 @@ pub struct ReasonCounts {
 /// What became of the messages a queue removed without an ack: republished through its
 /// dead-letter exchange to at least one queue, or dropped (no dead-letter exchange, no route,
 /// a cycle, or a refused publish). Each event is also logged through `tracing` with the queue,
-/// the reason and the message id.
+/// the reason and the message id: a dead-lettering at `INFO`, a drop at `WARN` (the message is
+/// lost). An unroutable publish is not logged: the publisher chose what happens to it
+/// (`mandatory` returns it), and RabbitMQ drops it silently too.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeathStats {
     /// Dead-lettered, per reason.
@@ -169,9 +171,33 @@ impl Health {
 }
 
 /// An in-process broker. Cheap to clone; clones share the broker.
+///
+/// # Closing
+/// [`Broker::close`] closes it; so does dropping the last `Broker` handle (the clones are
+/// what counts: connections, channels, consumers and deliveries do not keep a broker open).
+/// Closing closes every connection (their channels requeue their unacked messages), stops the
+/// broker's threads (the flusher, which also compacts, and the timer thread), writes
+/// everything to the store, flushes it and releases its directory, so [`Broker::open`] on the
+/// same directory succeeds at once. Handles still held afterwards fail with
+/// [`Error::is_broker_closed`] errors rather than keep anything open. Calls that race with
+/// the close may or may not take effect, as calls racing with a connection's close.
 #[derive(Clone)]
 pub struct Broker {
     inner: Arc<BrokerInner>,
+    /// Shared by the application's handles only: the last one dropped closes the broker.
+    _owner: Arc<CloseOnDrop>,
+}
+
+/// Closes the broker when the application's last [`Broker`] handle goes.
+struct CloseOnDrop(Arc<BrokerInner>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.close() {
+            // The failure was already reported to the calls it failed; nobody is left to tell.
+            tracing::warn!("closing the broker as its last handle was dropped: {e}");
+        }
+    }
 }
 
 /// Builds a [`Broker`] with a chosen clock, limits and seed.
@@ -305,32 +331,37 @@ impl BrokerBuilder {
         flow: Arc<flow::FlowControl>,
     ) -> Broker {
         let timers = Timers::start(self.clock.clone());
+        let inner = Arc::new_cyclic(|me| {
+            for cell in snapshot.queues.values() {
+                cell.attach(QueueEnv {
+                    broker: me.clone(),
+                    clock: self.clock.clone(),
+                    timers: timers.clone(),
+                    flow: flow.clone(),
+                });
+            }
+            BrokerInner {
+                timers,
+                me: me.clone(),
+                snapshot: ArcSwap::from_pointee(snapshot),
+                admin: Mutex::new(Admin {
+                    rng: SplitMix64(self.seed),
+                    policies,
+                }),
+                clock: self.clock,
+                limits: self.limits,
+                next_id: AtomicU64::new(1),
+                channels: Mutex::new(HashMap::new()),
+                connections: Mutex::new(HashMap::new()),
+                closed: AtomicBool::new(false),
+                close_outcome: Mutex::new(None),
+                persistence,
+                flow,
+            }
+        });
         Broker {
-            inner: Arc::new_cyclic(|me| {
-                for cell in snapshot.queues.values() {
-                    cell.attach(QueueEnv {
-                        broker: me.clone(),
-                        clock: self.clock.clone(),
-                        timers: timers.clone(),
-                        flow: flow.clone(),
-                    });
-                }
-                BrokerInner {
-                    timers,
-                    me: me.clone(),
-                    snapshot: ArcSwap::from_pointee(snapshot),
-                    admin: Mutex::new(Admin {
-                        rng: SplitMix64(self.seed),
-                        policies,
-                    }),
-                    clock: self.clock,
-                    limits: self.limits,
-                    next_id: AtomicU64::new(1),
-                    channels: Mutex::new(HashMap::new()),
-                    persistence,
-                    flow,
-                }
-            }),
+            _owner: Arc::new(CloseOnDrop(inner.clone())),
+            inner,
         }
     }
 }
@@ -355,6 +386,7 @@ impl Broker {
     /// queue's inbox for that thread; `sync` first has every queue hand such records to the
     /// store, so the ack is durable when `sync` returns.
     pub fn sync(&self) -> Result<()> {
+        self.inner.check_open()?;
         let Some(p) = &self.inner.persistence else {
             return Ok(());
         };
@@ -362,7 +394,7 @@ impl Broker {
         for cell in snapshot.queues.values() {
             cell.quiesce();
         }
-        Ok(p.sync()?)
+        p.sync().map_err(|e| self.inner.store_error(e))
     }
 
     /// What the broker can still promise: whether it has a store, the failure that poisoned
@@ -437,6 +469,7 @@ impl Broker {
     }
 
     fn compact(&self, if_due: bool) -> Result<Option<CompactStats>> {
+        self.inner.check_open()?;
         let Some(p) = &self.inner.persistence else {
             return Ok(None);
         };
@@ -444,16 +477,31 @@ impl Broker {
         for cell in snapshot.queues.values() {
             cell.quiesce();
         }
-        Ok(p.compact(if_due)?)
+        p.compact(if_due).map_err(|e| self.inner.store_error(e))
     }
 
     /// Bytes the store occupies on disk (0 in memory): for the sled store, its active
     /// generation's log and blob files.
     pub fn size_on_disk(&self) -> Result<u64> {
-        match &self.inner.persistence {
-            Some(p) => Ok(p.store().size_on_disk()?),
+        self.inner.check_open()?;
+        match self.inner.persistence.as_ref().and_then(|p| p.store()) {
+            Some(store) => Ok(store.size_on_disk()?),
             None => Ok(0),
         }
+    }
+
+    /// Closes the broker (see "Closing" above): every connection, the broker's threads, and
+    /// the store, after writing and flushing everything to it; its directory is released when
+    /// this returns. Returns the storage error if that last flush failed (or the store had
+    /// failed before). Closing again returns what the first close returned; a close that
+    /// races with another waits for it.
+    pub fn close(&self) -> Result<()> {
+        self.inner.close()
+    }
+
+    /// Whether the broker is closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
     }
 
     /// Dead-letterings and drops of queue `name` since it was declared (or recovered);
@@ -473,7 +521,9 @@ impl Broker {
         BrokerBuilder::default()
     }
 
-    /// Opens a connection. It owns its exclusive queues; dropping it closes it.
+    /// Opens a connection. It owns its exclusive queues; it closes once it and its channels
+    /// are dropped. On a closed broker the connection is closed already (its `channel()`
+    /// fails with [`CloseCause::BrokerClosed`]).
     pub fn connect(&self) -> Connection {
         Connection::open(self.inner.clone())
     }
@@ -553,6 +603,13 @@ pub(crate) struct BrokerInner {
     limits: Limits,
     next_id: AtomicU64,
     channels: Mutex<HashMap<u64, Weak<channel::ChannelInner>>>,
+    /// Open connections, closed by [`BrokerInner::close`]; a connection removes itself when
+    /// it closes.
+    connections: Mutex<HashMap<u64, Weak<connection::ConnectionInner>>>,
+    /// Set once, at the start of the close; read without a lock.
+    closed: AtomicBool,
+    /// The first close's outcome; its lock serialises closes.
+    close_outcome: Mutex<Option<Result<()>>>,
     persistence: Option<Arc<Persistence>>,
     timers: Arc<Timers>,
     flow: Arc<flow::FlowControl>,
@@ -571,6 +628,70 @@ impl BrokerInner {
             timers: self.timers.clone(),
             flow: self.flow.clone(),
         }
+    }
+}
+
+impl BrokerInner {
+    /// Registers a connection, unless the broker is closed (then `false`). Under the
+    /// registry's lock, so a close sees every connection opened before it.
+    fn register_connection(&self, conn: &Arc<connection::ConnectionInner>) -> bool {
+        let mut reg = self.connections.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        reg.insert(conn.id.0, Arc::downgrade(conn));
+        true
+    }
+
+    /// A store call's failure: [`Error::BrokerClosed`] if the broker closed meanwhile (the
+    /// flusher stopped before it got to the call).
+    fn store_error(&self, e: crate::store::StoreError) -> Error {
+        if self.closed.load(Ordering::Acquire) {
+            Error::BrokerClosed
+        } else {
+            Error::Storage(e)
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::BrokerClosed);
+        }
+        Ok(())
+    }
+
+    /// Closes the broker: connections first (their channels requeue, and the requeues reach
+    /// the store's queue), then the timers, then the store (everything written and flushed,
+    /// the flusher stopped, the directory released), then flow control lets any waiting
+    /// publisher go (to find its channel closed).
+    fn close(&self) -> Result<()> {
+        let mut outcome = self.close_outcome.lock();
+        if let Some(done) = &*outcome {
+            return done.clone();
+        }
+        let connections: Vec<_> = {
+            let reg = self.connections.lock();
+            self.closed.store(true, Ordering::Release);
+            reg.values().filter_map(Weak::upgrade).collect()
+        };
+        let cause = Arc::new(CloseCause::BrokerClosed);
+        for conn in connections {
+            conn.close(cause.clone());
+        }
+        self.timers.shutdown();
+        let result = match &self.persistence {
+            Some(p) => {
+                let snapshot = self.snapshot.load();
+                for cell in snapshot.queues.values() {
+                    cell.quiesce();
+                }
+                p.close().map_err(Error::Storage)
+            }
+            None => Ok(()),
+        };
+        self.flow.shutdown();
+        *outcome = Some(result.clone());
+        result
     }
 }
 

@@ -13,6 +13,9 @@
 //! A message acked before the batch holding its record is written cancels that record: it is
 //! never written, but its confirm is still released with the batch.
 //!
+//! The broker's close sends a last job (`Job::Stop`), answered after a flush of everything sent
+//! before it; the flusher then ends, and the store is dropped, which closes it.
+//!
 //! Compaction ([`Store::compact`]) runs on the flusher too, between groups: on demand
 //! (`Broker::compact_store`, a job like any other, so it comes after everything sent before
 //! it), and by itself when the store says one is due ([`Store::compaction_due`]: most of its
@@ -106,6 +109,9 @@ pub(crate) enum Job {
     Definitions(Batch, Sender<Result<(), StoreError>>),
     /// Answered once everything sent before is durable.
     Sync(Sender<Result<(), StoreError>>),
+    /// The broker closes: answered once everything sent before is durable; the flusher then
+    /// stops.
+    Stop(Sender<Result<(), StoreError>>),
     /// Compacts the store after everything sent before is written; answered with what it did.
     /// With `if_due`, only if the store says a compaction is due (`None` otherwise).
     Compact {
@@ -153,7 +159,8 @@ impl Written {
 
 /// The broker's link to its store.
 pub(crate) struct Persistence {
-    store: Arc<dyn Store>,
+    /// Taken (and dropped, which closes the store) by [`Persistence::close`].
+    store: Mutex<Option<Arc<dyn Store>>>,
     tx: Sender<Job>,
     /// The first failure the flusher met: later durable operations are refused with it.
     poisoned: Arc<OnceLock<StoreError>>,
@@ -191,7 +198,7 @@ impl Persistence {
             })
             .expect("spawning the flusher thread");
         Arc::new(Self {
-            store,
+            store: Mutex::new(Some(store)),
             tx,
             poisoned,
             thread: Mutex::new(Some(thread)),
@@ -210,8 +217,9 @@ impl Persistence {
         }
     }
 
-    pub(crate) fn store(&self) -> &dyn Store {
-        &*self.store
+    /// The store; `None` once closed.
+    pub(crate) fn store(&self) -> Option<Arc<dyn Store>> {
+        self.store.lock().clone()
     }
 
     pub(crate) fn send(&self, job: Job) {
@@ -243,6 +251,28 @@ impl Persistence {
         self.send(Job::Compact { if_due, reply });
         rx.recv()
             .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())))
+    }
+}
+
+impl Persistence {
+    /// Writes and flushes everything sent so far, stops the flusher, then drops the store
+    /// (closing it: a sled store releases its directory). Returns the last flush's outcome.
+    /// Jobs sent afterwards are dropped (their waiters hear that the flusher stopped).
+    pub(crate) fn close(&self) -> Result<(), StoreError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Job::Stop(tx));
+        let result = rx
+            .recv()
+            .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())));
+        let thread = self.thread.lock().take();
+        if let Some(t) = thread
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+        let store = self.store.lock().take();
+        drop(store);
+        result
     }
 }
 
@@ -304,7 +334,8 @@ fn run(
         // durability outright (`Broker::sync`, definitions).
         let explicit = jobs
             .iter()
-            .any(|j| matches!(j, Job::Sync(_) | Job::Definitions(..)));
+            .any(|j| matches!(j, Job::Sync(_) | Job::Definitions(..) | Job::Stop(_)));
+        let stop = jobs.iter().any(|j| matches!(j, Job::Stop(_)));
         let wrote = result.as_ref().is_ok_and(|wrote| *wrote);
         let result = result.and_then(|_| match mode {
             Durability::Periodic { .. } if !explicit => Ok(()),
@@ -327,6 +358,9 @@ fn run(
         // After the group's answers: its confirms do not wait for the compaction.
         for (if_due, reply) in compactions {
             let _ = reply.send(compact(store, if_due, poisoned));
+        }
+        if stop {
+            break;
         }
         if let Some(auto) = &mut auto {
             auto.after_group(Instant::now(), wrote);
@@ -561,7 +595,7 @@ fn group_batch(jobs: &[Job]) -> Batch {
                 }
             }
             Job::Definitions(batch, _) => ops.extend(batch.ops().iter().cloned().map(Some)),
-            Job::Sync(_) | Job::Compact { .. } => {}
+            Job::Sync(_) | Job::Stop(_) | Job::Compact { .. } => {}
         }
     }
     Batch::from(ops.into_iter().flatten().collect::<Vec<_>>())
@@ -619,7 +653,7 @@ fn answer(
                     Err(_) => nacked.push(seq),
                 }
             }
-            Job::Definitions(_, tx) | Job::Sync(tx) => {
+            Job::Definitions(_, tx) | Job::Sync(tx) | Job::Stop(tx) => {
                 let _ = tx.send(outcome);
             }
             _ => {}

@@ -449,10 +449,11 @@ impl QueueCell {
         self.held.lock().len()
     }
 
-    /// A message left for good without being dead-lettered: counted, logged, its record gone.
+    /// A message left for good without being dead-lettered: counted, logged as a warning (it
+    /// is lost), its record gone.
     pub(crate) fn dropped(&self, entry: &Entry, reason: DeathReason, why: &'static str) {
         self.deaths.count(reason, false);
-        tracing::info!(
+        tracing::warn!(
             queue = &*self.meta.name,
             reason = reason.as_str(),
             message_id = entry.message.properties.message_id.as_deref().unwrap_or(""),

@@ -33,7 +33,10 @@ pub(crate) fn rebuild(
     now_ms: u64,
 ) -> Result<(Snapshot, Vec<Compiled>)> {
     let mut read = Read::default();
-    persistence.store().recover_into(&mut read)?;
+    let store = persistence
+        .store()
+        .expect("a broker being opened has not been closed");
+    store.recover_into(&mut read)?;
     let Read {
         definitions,
         messages,

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -42,6 +42,8 @@ pub(crate) struct Timers {
     stop: AtomicBool,
     /// The waker a manual clock calls (it holds only a weak reference).
     waker: Mutex<Option<WakeFn>>,
+    /// The timer thread, if the clock needs one; joined by [`Timers::shutdown`].
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Timers {
@@ -53,6 +55,7 @@ impl Timers {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             waker: Mutex::new(None),
+            thread: Mutex::new(None),
         });
         let weak = Arc::downgrade(&timers);
         let waker: WakeFn = Arc::new(move |now| {
@@ -67,9 +70,10 @@ impl Timers {
             let spawned = thread::Builder::new()
                 .name("coney-timers".into())
                 .spawn(move || watch(weak, clock));
-            if spawned.is_err() {
+            match spawned {
+                Ok(thread) => *timers.thread.lock() = Some(thread),
                 // Without the thread, expiry still happens on the queue's next operation.
-                timers.stop.store(true, Ordering::Relaxed);
+                Err(_) => timers.stop.store(true, Ordering::Relaxed),
             }
         }
         timers
@@ -87,9 +91,13 @@ impl Timers {
         }
     }
 
-    /// Runs every timer due at `now_ms`, on this thread.
+    /// Runs every timer due at `now_ms`, on this thread (none once stopped: a manual clock
+    /// moved after the broker closed).
     pub(crate) fn run_due(&self, now_ms: u64) {
         loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
             let next = {
                 let mut due = self.due.lock();
                 match due.first_key_value() {
@@ -111,6 +119,18 @@ impl Timers {
         self.stop.store(true, Ordering::Relaxed);
         let _guard = self.due.lock();
         self.wake.notify_all();
+    }
+
+    /// Stops the timers and waits for the timer thread to end (unless called on it).
+    pub(crate) fn shutdown(&self) {
+        self.stop();
+        let thread = self.thread.lock().take();
+        if let Some(t) = thread
+            && t.thread().id() != thread::current().id()
+        {
+            let _ = t.join();
+        }
+        self.due.lock().clear();
     }
 }
 

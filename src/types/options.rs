@@ -1,4 +1,5 @@
 //! Per-method option structs, named and shaped as lapin names them. All implement `Default`.
+//! Methods without flags take none: `queue_unbind` has no options struct, as in lapin.
 
 /// Options of `exchange_declare`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,9 +51,30 @@ pub struct QueueDeleteOptions {
     pub nowait: bool,
 }
 
-/// Options of `queue_bind`, `queue_unbind`, `exchange_bind`, `exchange_unbind`, `queue_purge`.
+/// Options of `queue_bind`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BindOptions {
+pub struct QueueBindOptions {
+    /// Accepted for compatibility.
+    pub nowait: bool,
+}
+
+/// Options of `queue_purge`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueuePurgeOptions {
+    /// Accepted for compatibility.
+    pub nowait: bool,
+}
+
+/// Options of `exchange_bind`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExchangeBindOptions {
+    /// Accepted for compatibility.
+    pub nowait: bool,
+}
+
+/// Options of `exchange_unbind`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExchangeUnbindOptions {
     /// Accepted for compatibility.
     pub nowait: bool,
 }

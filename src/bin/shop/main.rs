@@ -1,5 +1,6 @@
 //! The reference application: for now a small publish / consume / ack demo on the embedded broker.
 
+use coney::BasicAckOptions;
 use coney::{
     BasicConsumeOptions, BasicProperties, BasicPublishOptions, Broker, FieldTable,
     QueueDeclareOptions,
@@ -43,7 +44,7 @@ fn main() -> coney::Result<()> {
         let d = consumer
             .recv()
             .expect("consumer ends only when the channel closes");
-        d.ack()?;
+        d.ack(BasicAckOptions::default())?;
         received += 1;
     }
     producer.join().expect("producer thread panicked")?;
