@@ -22,6 +22,7 @@ use super::connection::{ConnectionHandle, ConnectionInner};
 use super::consumer::{Consumer, Delivery};
 use super::persist::Job;
 use super::queue::{GetOutcome, QueueCell, QueueGuard, Settle, Sink};
+use super::reply_to::{REPLY_QUEUE, REPLY_TO, REPLY_TO_PREFIX};
 use super::{BrokerInner, Limits, Snapshot};
 use crate::core::channel::{ChannelState, ConsumerRecord, Outstanding, QueueId};
 use crate::core::confirm::ConfirmEvent;
@@ -71,6 +72,8 @@ pub(crate) struct ChannelInner {
     /// Unacked consumer deliveries on the channel, counted against `global_limit`.
     global_in_flight: AtomicU32,
     last_queue: Mutex<Option<Arc<str>>>,
+    /// The channel's direct reply-to address while it has a reply consumer.
+    reply_address: Mutex<Option<Arc<str>>>,
     returns: Mutex<Option<ReturnHandler>>,
     confirms: Arc<ConfirmCell>,
 }
@@ -131,6 +134,7 @@ impl Channel {
             global_limit: AtomicU32::new(0),
             global_in_flight: AtomicU32::new(0),
             last_queue: Mutex::new(None),
+            reply_address: Mutex::new(None),
             returns: Mutex::new(None),
             confirms: Arc::default(),
         });
@@ -262,6 +266,18 @@ impl Channel {
         inner.check_open()?;
         let name = name_arg("queue", queue)?;
         let arguments = table_arg("queue arguments", arguments, &inner.broker.limits)?;
+        if name == REPLY_TO || name.starts_with(REPLY_TO_PREFIX) {
+            // The direct reply-to pseudo-queue, or a requester's address: any declare is
+            // passive; a live address (or the pseudo-queue) has its one consumer.
+            if name != REPLY_TO && !inner.broker.replies.exists(&name) {
+                return Err(inner.fail(no_queue(&name)));
+            }
+            return Ok(QueueDeclareOk {
+                name: name.into_owned(),
+                message_count: 0,
+                consumer_count: 1,
+            });
+        }
         let r = inner
             .broker
             .declare_queue(&name, options, arguments, inner.conn.id);
@@ -488,6 +504,9 @@ impl Channel {
             Arc::from(name_arg("consumer tag", consumer_tag)?)
         };
         let arguments = table_arg("consumer arguments", arguments, &inner.broker.limits)?;
+        if &*name == REPLY_TO {
+            return self.consume_replies(tag, options);
+        }
         let priority = match arguments.get("x-priority") {
             None => 0,
             Some(v) => match v.as_i64().and_then(|p| i32::try_from(p).ok()) {
@@ -569,7 +588,7 @@ impl Channel {
             rx,
             tag,
             self.clone(),
-            cell,
+            Some(cell),
             id,
             options.no_ack,
         ))
@@ -594,6 +613,44 @@ impl Channel {
             GetOutcome::Deleted => Err(inner.fail(no_queue(&name))),
             GetOutcome::ChannelClosed => Err(inner.closed_error()),
         }
+    }
+
+    /// `basic.consume` of the direct reply-to pseudo-queue: a no-ack consumer of the replies
+    /// to this channel's requests.
+    fn consume_replies(&self, tag: Arc<str>, options: BasicConsumeOptions) -> Result<Consumer> {
+        let inner = &self.inner;
+        let refuse = |text: &str| {
+            Err(inner.fail(AmqpError::new(
+                ReplyCode::PreconditionFailed,
+                text.to_owned(),
+            )))
+        };
+        if !options.no_ack {
+            return refuse("reply consumer cannot acknowledge");
+        }
+        if inner.reply_address.lock().is_some() {
+            return refuse("reply consumer already set");
+        }
+        let id = ConsumerId(inner.broker.next_id());
+        {
+            let mut st = inner.state.lock();
+            if let Some(cause) = st.closed() {
+                return Err(Error::ChannelClosed(cause.clone()));
+            }
+            let record = ConsumerRecord {
+                id,
+                queue: REPLY_QUEUE,
+            };
+            if let Err(e) = st.handle_consume(tag.clone(), record) {
+                drop(st);
+                return Err(inner.fail(e));
+            }
+        }
+        let address: Arc<str> = Arc::from(inner.broker.admin.lock().rng.name(REPLY_TO_PREFIX));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        inner.broker.replies.add(address.clone(), inner, tx);
+        *inner.reply_address.lock() = Some(address);
+        Ok(Consumer::new(rx, tag, self.clone(), None, id, true))
     }
 
     /// `basic.cancel`: the consumer stops; its unacked messages stay outstanding and ackable
@@ -793,6 +850,12 @@ impl ChannelInner {
     /// Removes a consumer from its queue (dropping its sender ends its iterator) and
     /// auto-deletes the queue if that was its last consumer.
     fn cancel_in_queue(&self, record: ConsumerRecord, snap: &Snapshot) {
+        if record.queue == REPLY_QUEUE {
+            if let Some(address) = self.reply_address.lock().take() {
+                self.broker.replies.remove(&address);
+            }
+            return;
+        }
         let Some(cell) = snap.queues.get(&record.queue) else {
             return;
         };
@@ -964,6 +1027,19 @@ impl ChannelInner {
                 return Err(self.fail(AmqpError::new(ReplyCode::PreconditionFailed, text)));
             }
         };
+        if properties.reply_to.as_deref() == Some(REPLY_TO) {
+            // Direct reply-to: the channel's own address replaces the pseudo-queue's name.
+            let address = self.reply_address.lock().clone();
+            match address {
+                Some(address) => properties.reply_to = Some(address.to_string()),
+                None => {
+                    return Err(self.fail(AmqpError::new(
+                        ReplyCode::PreconditionFailed,
+                        "fast reply consumer does not exist",
+                    )));
+                }
+            }
+        }
         let (extra_keys, bcc) = self.result(sender_selected_keys(&mut properties))?;
         let mut keys: SmallVec<[&str; 1]> = SmallVec::new();
         keys.push(routing_key);
@@ -978,8 +1054,13 @@ impl ChannelInner {
             p.check()?; // nothing is enqueued if its record cannot be written
         }
         let seq = self.confirms.publish();
+        // A reply to a direct reply-to address goes straight to its consumer; it counts as
+        // routed even if the requester is gone (then it is dropped).
+        let replied = ex.name.is_empty()
+            && keys.iter().any(|k| k.starts_with(REPLY_TO_PREFIX))
+            && self.reply(&keys, &properties, &body);
         if cells.is_empty() {
-            if options.mandatory {
+            if options.mandatory && !replied {
                 self.return_unroutable(&exchange, routing_key, properties, body);
             }
             // Unroutable: confirmed at once, after the return (§8).
@@ -1070,6 +1151,26 @@ impl ChannelInner {
             }
         }
         Ok(())
+    }
+
+    /// Delivers a message published to the default exchange to every direct reply-to address
+    /// among `keys`; returns whether any key was such an address.
+    #[cold]
+    fn reply(&self, keys: &[&str], properties: &BasicProperties, body: &Bytes) -> bool {
+        let mut any = false;
+        for key in keys.iter().filter(|k| k.starts_with(REPLY_TO_PREFIX)) {
+            any = true;
+            let message = Arc::new(Message {
+                exchange: Arc::from(""),
+                routing_key: Arc::from(*key),
+                properties: properties.clone(),
+                body: body.clone(),
+                dead_lettered: false,
+                bcc: Vec::new(),
+            });
+            self.broker.replies.deliver(key, message);
+        }
+        any
     }
 
     fn return_unroutable(

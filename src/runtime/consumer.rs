@@ -28,6 +28,17 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
+    /// A direct reply-to reply (no-ack, never redelivered).
+    pub(crate) fn reply(tag: u64, message: Arc<Message>) -> Self {
+        Self {
+            tag,
+            redelivered: false,
+            delivery_count: 0,
+            count_header: false,
+            message,
+        }
+    }
+
     pub(crate) fn new(tag: u64, d: &Dispatch, count_header: bool) -> Self {
         Self {
             tag,
@@ -154,7 +165,8 @@ pub struct Consumer {
     rx: Receiver<Pending>,
     tag: Arc<str>,
     channel: Channel,
-    queue: Arc<QueueCell>,
+    /// The queue it consumes from (`None` for a direct reply-to consumer).
+    queue: Option<Arc<QueueCell>>,
     id: ConsumerId,
     no_ack: bool,
     /// No-ack deliveries taken but not yet reported to the queue as window credit.
@@ -166,7 +178,7 @@ impl Consumer {
         rx: Receiver<Pending>,
         tag: Arc<str>,
         channel: Channel,
-        queue: Arc<QueueCell>,
+        queue: Option<Arc<QueueCell>>,
         id: ConsumerId,
         no_ack: bool,
     ) -> Self {
@@ -208,13 +220,15 @@ impl Consumer {
         if self.channel.inner.is_closed() {
             return None; // its deliveries were requeued when the channel closed
         }
-        if self.no_ack {
+        if self.no_ack
+            && let Some(queue) = &self.queue
+        {
             self.unreported += 1;
             if self.unreported >= self.channel.inner.broker.limits.no_ack_window / 2 {
                 let n = std::mem::take(&mut self.unreported);
-                let mut s = self.queue.lock();
+                let mut s = queue.lock();
                 s.core.handle_credit(self.id, n);
-                self.queue.dispatch(&mut s);
+                queue.dispatch(&mut s);
             }
         }
         Some(Delivery::from_pending(

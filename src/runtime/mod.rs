@@ -18,6 +18,7 @@ mod persist;
 mod policy;
 mod queue;
 mod recover;
+mod reply_to;
 mod timer;
 
 use std::collections::HashMap;
@@ -357,6 +358,7 @@ impl BrokerBuilder {
                 close_outcome: Mutex::new(None),
                 persistence,
                 flow,
+                replies: reply_to::ReplyRoutes::default(),
             }
         });
         Broker {
@@ -613,6 +615,8 @@ pub(crate) struct BrokerInner {
     persistence: Option<Arc<Persistence>>,
     timers: Arc<Timers>,
     flow: Arc<flow::FlowControl>,
+    /// Direct reply-to consumers, by address.
+    replies: reply_to::ReplyRoutes,
 }
 
 impl BrokerInner {
