@@ -1,4 +1,4 @@
-//! Expiry costs O(expired) per tick, not O(queue length) (SEMANTICS.md §7.1).
+//! Expiry costs O(expired) per tick, not O(queue length).
 //!
 //! Group `expiry_tick`: a queue with an `x-message-ttl` holds `L` messages whose deadlines are
 //! spread 100 per millisecond, on a manual clock. Outside the timed region 100 new messages are

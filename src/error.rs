@@ -1,7 +1,7 @@
 //! The crate's error type, carrying AMQP reply codes where RabbitMQ would send one.
 //!
 //! Soft errors (3xx/4xx) close the channel, hard errors (5xx) close the connection, as in
-//! RabbitMQ (SEMANTICS.md §12). Once closed, every later call on the channel or connection
+//! RabbitMQ. Once closed, every later call on the channel or connection
 //! returns [`Error::ChannelClosed`] / [`Error::ConnectionClosed`] carrying the original cause.
 
 use std::fmt;

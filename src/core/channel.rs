@@ -2,7 +2,7 @@
 //! deliveries, consumer tags and the prefetch setting for new consumers.
 //!
 //! # Invariants
-//! - delivery tags are issued from 1, strictly increasing, never reused (§3.5);
+//! - delivery tags are issued from 1, strictly increasing, never reused;
 //! - every ledger entry has a tag below `next_tag`;
 //! - a closed channel holds no ledger entries and no consumers.
 
@@ -148,7 +148,7 @@ impl ChannelState {
 
     /// Takes the deliveries an ack/nack/reject settles: `tag` alone, or with `multiple` every
     /// outstanding tag up to it (`tag = 0` with `multiple` = all). An unknown tag is a 406 and
-    /// nothing is taken (§4.2).
+    /// nothing is taken.
     pub fn handle_settle(&mut self, tag: u64, multiple: bool) -> Result<Settled, AmqpError> {
         if multiple && tag == 0 {
             return Ok(self.ledger.take_all().into_iter().collect());
@@ -188,7 +188,7 @@ impl ChannelState {
         self.ledger.take_all()
     }
 
-    /// Registers a consumer tag; `Err` if the tag is in use on this channel (530, §3.1).
+    /// Registers a consumer tag; `Err` if the tag is in use on this channel (530).
     pub fn handle_consume(
         &mut self,
         tag: Arc<str>,
@@ -204,7 +204,7 @@ impl ChannelState {
         Ok(())
     }
 
-    /// Forgets a consumer tag (client cancel or server cancel); unknown tags are fine (§11.1).
+    /// Forgets a consumer tag (client cancel or server cancel); unknown tags are fine.
     pub fn handle_cancel(&mut self, tag: &str) -> Option<ConsumerRecord> {
         self.consumers.remove(tag)
     }
@@ -219,7 +219,7 @@ impl ChannelState {
         }
     }
 
-    /// Sets the prefetch applied to consumers created from now on (§3.3, `global = false`).
+    /// Sets the prefetch applied to consumers created from now on (`global = false`).
     pub fn handle_qos(&mut self, prefetch: u16) {
         self.prefetch = prefetch;
     }

@@ -1,5 +1,5 @@
 //! Publisher confirms of one channel as a pure state machine: sequence numbers, the set still
-//! unanswered, and RabbitMQ's coalescing of answers into `multiple` acks and nacks (§8).
+//! unanswered, and RabbitMQ's coalescing of answers into `multiple` acks and nacks.
 //!
 //! # Invariants
 //! - sequence numbers are issued from 1, +1 per publish after `confirm.select`;

@@ -1,5 +1,5 @@
 //! Exchanges, queue definitions and bindings: the declare / bind / delete rules of RabbitMQ
-//! (SEMANTICS.md §1-§2) and routing. Pure: no locks, the runtime publishes snapshots of it.
+//! 4.2 and routing. Pure: no locks, the runtime publishes snapshots of it.
 //!
 //! # Costs
 //! The runtime clones the topology for every change and publishes the clone while publishers
@@ -62,7 +62,7 @@ pub struct QueueDeclared {
 /// The queues a publish routes to (rarely more than a few: kept on the stack).
 pub type Targets = SmallVec<[QueueId; 4]>;
 
-/// Names of the exchanges every broker starts with (§2.1), and their kinds.
+/// Names of the exchanges every broker starts with, and their kinds.
 pub const PREDECLARED: [(&str, ExchangeKind); 7] = [
     ("", ExchangeKind::Direct),
     ("amq.direct", ExchangeKind::Direct),
@@ -73,7 +73,7 @@ pub const PREDECLARED: [(&str, ExchangeKind); 7] = [
     ("amq.rabbitmq.trace", ExchangeKind::Topic),
 ];
 
-/// Classic-queue argument keys compared on redeclare (§1.3).
+/// Classic-queue argument keys compared on redeclare.
 const CLASSIC_KNOWN_ARGS: [&str; 14] = [
     "x-expires",
     "x-message-ttl",
@@ -110,7 +110,7 @@ const QUORUM_KNOWN_ARGS: [&str; 15] = [
     "x-queue-leader-locator",
 ];
 
-/// Arguments that belong to other queue types only: 406 on a classic queue (§1.4).
+/// Arguments that belong to other queue types only: 406 on a classic queue.
 const OTHER_TYPE_ARGS: [&str; 6] = [
     "x-delivery-limit",
     "x-dead-letter-strategy",
@@ -264,7 +264,7 @@ impl Topology {
     }
 
     /// The queue `name` if `conn` may use it: 404 if missing, 405 if exclusive to another
-    /// connection (§1.5).
+    /// connection.
     pub fn queue_for(&self, name: &str, conn: ConnectionId) -> Result<&Arc<QueueMeta>, AmqpError> {
         let q = self.queues.get(name).ok_or_else(|| no_queue(name))?;
         if q.exclusive_owner.is_some_and(|o| o != conn) {
@@ -273,7 +273,7 @@ impl Topology {
         Ok(q)
     }
 
-    /// The exchange `name` for publishing: 404 if missing, 403 if internal (§2.7).
+    /// The exchange `name` for publishing: 404 if missing, 403 if internal.
     pub fn exchange_for_publish(&self, name: &str) -> Result<&Arc<Exchange>, AmqpError> {
         let ex = self.exchange(name).ok_or_else(|| no_exchange(name))?;
         if ex.internal {
@@ -287,7 +287,7 @@ impl Topology {
 
     // ---- exchanges ------------------------------------------------------------------------
 
-    /// `exchange.declare` (§2.2). Returns whether the exchange was created.
+    /// `exchange.declare`. Returns whether the exchange was created.
     pub fn declare_exchange(
         &mut self,
         name: &str,
@@ -336,7 +336,7 @@ impl Topology {
         Ok(true)
     }
 
-    /// `exchange.delete` (§2.2). Idempotent for missing exchanges. Returns whether one was
+    /// `exchange.delete`. Idempotent for missing exchanges. Returns whether one was
     /// deleted.
     pub fn delete_exchange(&mut self, name: &str, if_unused: bool) -> Result<bool, AmqpError> {
         if name.is_empty() {
@@ -363,7 +363,7 @@ impl Topology {
 
     // ---- queues ---------------------------------------------------------------------------
 
-    /// `queue.declare` (§1.1-§1.4). `server_name` makes an `amq.gen-` name when `name` is
+    /// `queue.declare`. `server_name` makes an `amq.gen-` name when `name` is
     /// empty. The caller fills message and consumer counts from the queue's state.
     pub fn declare_queue(
         &mut self,
@@ -468,8 +468,8 @@ impl Topology {
         Ok(meta)
     }
 
-    /// Removes a queue and every binding to it (auto-deleting exchanges left without bindings,
-    /// §2.2). Returns its definition if it existed.
+    /// Removes a queue and every binding to it (auto-deleting exchanges left without
+    /// bindings). Returns its definition if it existed.
     pub fn remove_queue(&mut self, name: &str) -> Option<Arc<QueueMeta>> {
         let meta = self.queues.remove(name)?;
         self.queues_by_id.remove(&meta.id);
@@ -489,7 +489,7 @@ impl Topology {
 
     // ---- bindings -------------------------------------------------------------------------
 
-    /// `queue.bind` / `exchange.bind` (§2.3). Returns whether a new binding was made.
+    /// `queue.bind` / `exchange.bind`. Returns whether a new binding was made.
     pub fn bind(
         &mut self,
         source: &str,
@@ -539,7 +539,7 @@ impl Topology {
         Ok(true)
     }
 
-    /// `queue.unbind` / `exchange.unbind` (§2.3): idempotent. Returns whether a binding went.
+    /// `queue.unbind` / `exchange.unbind`: idempotent. Returns whether a binding went.
     pub fn unbind(
         &mut self,
         source: &str,
@@ -585,8 +585,8 @@ impl Topology {
     // ---- routing --------------------------------------------------------------------------
 
     /// Routes a message published to `exchange` with `routing_keys` (the publish key, then CC
-    /// and BCC keys, §2.4) into `out`: each queue at most once, exchange-to-exchange bindings and
-    /// alternate exchanges followed, each exchange visited once (§2.6).
+    /// and BCC keys) into `out`: each queue at most once, exchange-to-exchange bindings and
+    /// alternate exchanges followed, each exchange visited once.
     pub fn route(
         &self,
         exchange: &Exchange,
@@ -872,7 +872,7 @@ impl Topology {
         }
     }
 
-    /// Deletes auto-delete exchanges among `candidates` that lost their last binding (§2.2).
+    /// Deletes auto-delete exchanges among `candidates` that lost their last binding.
     fn auto_delete_exchanges(&mut self, candidates: Vec<Arc<str>>) {
         for name in candidates {
             let gone = self
@@ -1015,7 +1015,7 @@ fn check_arg_equivalence(
     ))
 }
 
-/// Validates a new queue's arguments (§1.4): 406 `invalid arg` on the first bad one.
+/// Validates a new queue's arguments: 406 `invalid arg` on the first bad one.
 fn validate_queue_arguments(name: &str, args: &FieldTable) -> Result<(), AmqpError> {
     let invalid = |key: &str, reason: String| {
         AmqpError::new(

@@ -130,7 +130,7 @@ impl BrokerInner {
         })
     }
 
-    /// Deletes a queue unused since `due - x-expires` (§7.2), if it is still unused; its
+    /// Deletes a queue unused since `due - x-expires`, if it is still unused; its
     /// messages are not dead-lettered.
     pub(crate) fn expire_queue(&self, id: QueueId, due: u64) -> Result<(), Failure> {
         self.update(|snap, _| {
@@ -153,7 +153,7 @@ impl BrokerInner {
         })
     }
 
-    /// Deletes an auto-delete queue whose last consumer went, if it still has none (§1.6).
+    /// Deletes an auto-delete queue whose last consumer went, if it still has none.
     pub(crate) fn auto_delete_queue(&self, id: QueueId) -> Result<(), Failure> {
         self.update(|snap, _| {
             let Some(cell) = snap.queues.get(&id).cloned() else {
@@ -210,7 +210,7 @@ impl From<StoreError> for Failure {
 }
 
 /// Marks a locked queue deleted and cancels its consumers (their channels forget them, their
-/// iterators end, §11.1); returns its ready count.
+/// iterators end); returns its ready count.
 fn take_for_deletion(s: &mut super::queue::QueueShared) -> u64 {
     s.deleted = true;
     let n = s.core.ready_len();
@@ -225,7 +225,7 @@ fn remove_queue(snap: &mut Snapshot, name: &str, id: QueueId) {
     snap.queues.remove(&id);
 }
 
-/// The queue is gone: its consumers' channels forget them and their iterators end (§11.1).
+/// The queue is gone: its consumers' channels forget them and their iterators end.
 fn server_cancel(sinks: Vec<Sink>) {
     for sink in sinks {
         sink.channel.state.lock().handle_cancel(&sink.tag);

@@ -80,7 +80,7 @@ impl ConfirmCell {
         rx
     }
 
-    /// The channel closed: pending numbers stay unanswered (§8), waiters return.
+    /// The channel closed: pending numbers stay unanswered, waiters return.
     pub(crate) fn close(&self) {
         let mut st = self.state.lock();
         st.closed = true;

@@ -1,5 +1,5 @@
 //! A connection: owns channels and exclusive queues; closing it closes every channel,
-//! requeueing their unacked messages, and deletes its exclusive queues (§1.5, §4.4).
+//! requeueing their unacked messages, and deletes its exclusive queues.
 //!
 //! Lifetime: the [`Connection`] handle and every [`Channel`] opened on it share one
 //! [`ConnectionHandle`]; the connection closes when the last of them is dropped (or at

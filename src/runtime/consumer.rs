@@ -22,7 +22,7 @@ pub(crate) struct Pending {
     tag: u64,
     redelivered: bool,
     delivery_count: u32,
-    /// Whether the delivery carries the `x-delivery-count` header (quorum queues, §6.2).
+    /// Whether the delivery carries the `x-delivery-count` header (quorum queues).
     count_header: bool,
     message: Arc<Message>,
 }
@@ -92,7 +92,7 @@ impl Delivery {
         self.delivery_tag
     }
 
-    /// Whether the message was delivered before and came back (§3.6).
+    /// Whether the message was delivered before and came back.
     pub fn redelivered(&self) -> bool {
         self.redelivered
     }

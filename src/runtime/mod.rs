@@ -112,7 +112,7 @@ impl Default for Limits {
     }
 }
 
-/// Messages one queue removed without an ack, per reason (SEMANTICS.md §5.2).
+/// Messages one queue removed without an ack, per reason.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReasonCounts {
     /// Rejected or nacked without requeue.
@@ -732,7 +732,7 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    /// `prefix` + base64url (no padding) of 16 random bytes: 22 characters (§1.1, §3.1).
+    /// `prefix` + base64url (no padding) of 16 random bytes: 22 characters.
     fn name(&mut self, prefix: &str) -> String {
         const ALPHABET: &[u8; 64] =
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";

@@ -1,7 +1,7 @@
 //! Recovery on open: definitions first (exchanges, queues, bindings), then each queue's
 //! messages in sequence order. Messages come back flagged redelivered: the broker cannot know
 //! which had reached a consumer before the restart (as RabbitMQ classic queues after an
-//! unclean stop, SEMANTICS.md §3.6).
+//! unclean stop).
 
 use std::sync::Arc;
 

@@ -1,5 +1,5 @@
-//! The broker's timers: when a queue's head message expires (§7.1) and when an unused queue
-//! expires (`x-expires`, §7.2).
+//! The broker's timers: when a queue's head message expires and when an unused queue
+//! expires (`x-expires`).
 //!
 //! A queue schedules only the deadline of the message next in line, so the timers cost
 //! O(expired) per tick, never a scan of a queue. With a [`ManualClock`](crate::ManualClock)

@@ -1,6 +1,6 @@
 //! AMQP 0-9-1 field tables and field values (the `headers` property, queue and binding arguments).
 //!
-//! The value kinds are the ones RabbitMQ encodes (SEMANTICS.md §9.1): `t` bool, `b` i8, `B` u8,
+//! The value kinds are the ones RabbitMQ encodes: `t` bool, `b` i8, `B` u8,
 //! `s` i16, `u` u16, `I` i32, `i` u32, `l` i64, `f` f32, `d` f64, `D` decimal, `S` long string,
 //! `x` byte array, `A` array, `T` timestamp, `F` table, `V` void.
 
@@ -270,7 +270,7 @@ impl FieldValue {
         }
     }
 
-    /// Equality as RabbitMQ's argument equivalence check sees it (SEMANTICS.md §1.3): all integer
+    /// Equality as RabbitMQ's argument equivalence check sees it: all integer
     /// kinds form one class, the two float kinds another, everything else compares by exact kind.
     pub fn equivalent(&self, other: &FieldValue) -> bool {
         if let (Some(a), Some(b)) = (self.integer_class(), other.integer_class()) {

@@ -19,7 +19,7 @@ pub struct Message {
     pub body: Bytes,
     /// Whether the broker dead-lettered it: only then are its `x-death` headers the broker's
     /// own history, continued at the next dead-lettering. A client-supplied `x-death` is not
-    /// interpreted and is overwritten (RabbitMQ 4.x, SEMANTICS.md §5.4).
+    /// interpreted and is overwritten (RabbitMQ 4.x).
     pub dead_lettered: bool,
     /// The keys of its `BCC` header, which publish removed from the headers: RabbitMQ still
     /// routes a dead letter with them when no dead-letter routing key replaces its keys.

@@ -1,4 +1,4 @@
-//! The 14 `basic` message properties of AMQP 0-9-1 (SEMANTICS.md §9.1), lapin-style builders.
+//! The 14 `basic` message properties of AMQP 0-9-1, lapin-style builders.
 
 use serde::{Deserialize, Serialize};
 

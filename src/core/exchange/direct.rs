@@ -1,4 +1,4 @@
-//! Direct exchange: a binding key byte-equal to the routing key (§2.5).
+//! Direct exchange: a binding key byte-equal to the routing key.
 
 use std::sync::Arc;
 

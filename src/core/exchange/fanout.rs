@@ -1,4 +1,4 @@
-//! Fanout exchange: every bound destination, routing key ignored (§2.5).
+//! Fanout exchange: every bound destination, routing key ignored.
 
 use super::Destination;
 use crate::core::shared::SharedSet;

@@ -1,6 +1,6 @@
 //! Headers exchange matching: a binding's arguments against a message's `headers` table.
 //!
-//! Rules (SEMANTICS.md §2.5, RabbitMQ `rabbit_exchange_type_headers.erl`):
+//! Rules (RabbitMQ `rabbit_exchange_type_headers.erl`):
 //!
 //! - The binding argument `x-match` picks the mode ([`XMatch`]): `all` (the default), `any`,
 //!   `all-with-x`, `any-with-x`. `x-match` itself is never compared. `all`/`any` also skip every
@@ -73,8 +73,8 @@ pub fn parse_x_match(args: &FieldTable) -> Result<XMatch, String> {
 /// values and compares the bare Erlang terms):
 ///
 /// - integers of every kind compare by value (`signedint 5` equals `long 5`); integers and
-///   floats compare by value too (`double 5.0` equals `signedint 5`; SEMANTICS.md records this
-///   from RabbitMQ 3.10, which compares with Erlang `==`);
+///   floats compare by value too (`double 5.0` equals `signedint 5`, as RabbitMQ 3.10
+///   compares them with Erlang `==`);
 /// - a `float` compares as the double it widens to (`float 0.1` is not `double 0.1`);
 /// - long strings and byte arrays compare by bytes, with each other too (both are Erlang
 ///   binaries); a string never equals a number (`longstr "5"` is not `long 5`);

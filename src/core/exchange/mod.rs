@@ -1,4 +1,4 @@
-//! Exchanges, their bindings and routing (SEMANTICS.md §2).
+//! Exchanges, their bindings and routing.
 //!
 //! The kinds, one file each:
 //! - [`direct`]: binding key equal to the routing key;
@@ -67,7 +67,7 @@ pub enum Destination {
     Exchange(Arc<str>),
 }
 
-/// One binding from an exchange. Identity is all three fields (§2.3).
+/// One binding from an exchange. Identity is all three fields.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Binding {
     /// Where it leads.

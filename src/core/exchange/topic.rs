@@ -1,6 +1,6 @@
 //! Topic exchange matching: a word trie of binding patterns, and a naive reference matcher.
 //!
-//! Rules (SEMANTICS.md §2.5): binding patterns and routing keys are split on `.` into words; `""`
+//! Rules: binding patterns and routing keys are split on `.` into words; `""`
 //! is zero words, `"a..b"` is `["a", "", "b"]` and `"."` is `["", ""]`. A literal pattern word
 //! matches an equal key word (the empty word matches the empty word), `*` matches exactly one
 //! word (an empty word counts) and `#` matches zero or more words. Only a whole word equal to `*`
@@ -57,7 +57,7 @@ pub fn naive_match(pattern: &str, key: &str) -> bool {
 
 /// The number of `#` words in a topic binding pattern.
 ///
-/// RabbitMQ 4.3.5+ rejects patterns with more than 2 (SEMANTICS.md §2.3); coney follows the 4.2
+/// RabbitMQ 4.3.5+ rejects patterns with more than 2; coney follows the 4.2
 /// rules by default and accepts any number, as the trie does.
 pub fn hash_wildcards(pattern: &str) -> usize {
     words(pattern).filter(|w| *w == "#").count()
@@ -529,7 +529,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Routing keys of the reference matrix (SEMANTICS.md §2.5, from routing_SUITE.erl).
+    /// Routing keys of the reference matrix (from routing_SUITE.erl).
     const KEYS: [&str; 6] = ["a.b.c", "a.b", "a.b.b", "", "oneword", "a.a.a.a.a"];
 
     /// Each binding pattern of the matrix with the keys (by column) it matches.
@@ -560,7 +560,7 @@ mod tests {
         ]
     };
 
-    /// Edge rules of §2.5 and the word-splitting rules, as (pattern, key, matches).
+    /// RabbitMQ's edge rules of topic matching and the word-splitting rules, as (pattern, key, matches).
     const EDGES: &[(&str, &str, bool)] = &[
         ("a.#", "a", true),
         ("a.#.b", "a.b", true),

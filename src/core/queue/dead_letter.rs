@@ -1,4 +1,4 @@
-//! Dead-lettering as RabbitMQ does it (SEMANTICS.md §5): where a dead-lettered message goes
+//! Dead-lettering as RabbitMQ does it: where a dead-lettered message goes
 //! (the queue's dead-letter exchange and routing key) and what it becomes (`x-death` history,
 //! `x-first-death-*` and `x-last-death-*` headers, no `expiration`), and the cycle rule that
 //! drops a message looping without a rejection.
@@ -57,7 +57,7 @@ pub struct DeadLetterTarget {
 
 impl DeadLetterTarget {
     /// The target of a queue with `arguments` under a policy's dead-letter exchange and routing
-    /// key: each argument overrides the policy's value (§5.1).
+    /// key: each argument overrides the policy's value.
     pub fn resolve(
         arguments: &FieldTable,
         policy_exchange: Option<&str>,
@@ -86,7 +86,7 @@ pub struct DeadLettered {
     pub routing_keys: Vec<String>,
 }
 
-/// Dead-letters `message` from `queue` for `reason` at `now_ms` (§5.3, §5.4).
+/// Dead-letters `message` from `queue` for `reason` at `now_ms`.
 pub fn dead_letter(
     message: &Message,
     queue: &str,
@@ -173,7 +173,7 @@ pub fn dead_letter(
 }
 
 /// Whether a message dead-lettered for `reason` must be dropped instead of entering `target`
-/// (§5.5): only for `expired`, `maxlen` and `delivery_limit`, and only if the history from its
+/// (RabbitMQ's cycle detection): only for `expired`, `maxlen` and `delivery_limit`, and only if the history from its
 /// newest death back to its most recent death in `target` holds no rejection.
 pub fn is_cycle(message: &Message, target: &str, reason: DeathReason) -> bool {
     if reason == DeathReason::Rejected {
@@ -258,7 +258,7 @@ mod tests {
             .and_then(FieldValue::as_str)
     }
 
-    /// §5.4 (`dead_letter_headers`): the fields of a first death, and the expiration moved.
+    /// As in RabbitMQ's `dead_letter_headers`: the fields of a first death, and the expiration moved.
     #[test]
     fn a_first_death_records_everything() {
         let cc = FieldTable::new().with("CC", vec![FieldValue::from("cc1")]);
@@ -311,8 +311,8 @@ mod tests {
         );
     }
 
-    /// §5.4 (`dead_letter_headers_cycle`, `..._should_be_appended_for_each_event`,
-    /// `..._first_death`): a repeat increments and moves to the front keeping its first
+    /// As in RabbitMQ's `dead_letter_headers_cycle`, `..._should_be_appended_for_each_event`
+    /// and `..._first_death`: a repeat increments and moves to the front keeping its first
     /// values; a new pair is prepended; first-death headers never change.
     #[test]
     fn history_counts_repeats_and_keeps_the_first_death() {
@@ -378,7 +378,7 @@ mod tests {
         );
     }
 
-    /// §5.5: an expiry loop back into the same queue is a cycle; a loop through a rejection is
+    /// An expiry loop back into the same queue is a cycle; a loop through a rejection is
     /// not; a rejection itself never is.
     #[test]
     fn cycles_are_loops_without_a_rejection() {

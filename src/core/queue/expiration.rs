@@ -1,4 +1,4 @@
-//! The `expiration` message property: parsing and validation as RabbitMQ does it (§7.1).
+//! The `expiration` message property: parsing and validation as RabbitMQ does it.
 
 use crate::core::topology::TTL_MAX_MS;
 
@@ -33,7 +33,7 @@ pub fn parse_expiration(text: &str) -> Result<u64, String> {
 mod tests {
     use super::*;
 
-    /// SEMANTICS.md §7.1: the accepted and refused forms, with RabbitMQ's reasons.
+    /// The accepted and refused forms, with RabbitMQ's reasons.
     #[test]
     fn expiration_forms() {
         assert_eq!(parse_expiration("0"), Ok(0));
