@@ -160,8 +160,8 @@ impl Default for SledOptions {
 /// that a torn write leaves the other one valid). On open, a tree whose counter is below the
 /// file's lost writes a flush had made durable: [`StoreError::CorruptStore`]. The file is
 /// written after the flush, so after a kill or a power cut it can lag the tree, never lead it
-/// (no false alarm); it is fsynced when the store closes and at most every
-/// [`COMMIT_FILE_SYNC_INTERVAL`] by a flush, so a power cut can leave it up to that much
+/// (no false alarm); it is fsynced when the store closes and by a flush at most once a
+/// second, so a power cut can leave it up to that much
 /// behind, which weakens the check and never fails it. A store without either (written before
 /// the counter existed) opens and gets them. A compaction copies the counter and writes the
 /// new generation's commit file, synced, before the switch.
@@ -238,8 +238,8 @@ struct Generation {
 /// file is brought up to date on stable storage, see "Lost writes"), then closes sled, whose own
 /// drop flushes what it holds and waits until that is written. After a write failure (a full
 /// disk) that wait never ends in sled 0.34 (its log buffer is never marked stable), so all of
-/// it runs on a thread of its own and the store waits for it at most [`CLOSE_WAIT`]
-/// ([`CLOSE_WAIT_POISONED`] once poisoned). If it does not finish, that thread is left behind,
+/// it runs on a thread of its own and the store waits for it at most 30 s
+/// (2 s once poisoned). If it does not finish, that thread is left behind,
 /// holding the directory's locks until the process ends: nothing it could still write was
 /// confirmed, and the store returns.
 impl Drop for SledStore {
@@ -358,7 +358,7 @@ impl SledStore {
     /// (see "Lost writes" and "Damage" above), and [`StoreError::Storage`] on any other failure.
     ///
     /// A snapshot file sled was still writing when its process died (`snap.*.generating`) is
-    /// removed if sled refuses to open because of it (see [`remove_unfinished_snapshots`]).
+    /// removed if sled refuses to open because of it.
     /// What an interrupted compaction left behind is removed once the active generation opened
     /// (see "Compaction" above).
     pub fn open(path: impl AsRef<Path>, options: SledOptions) -> Result<SledStore, StoreError> {
