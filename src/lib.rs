@@ -128,7 +128,7 @@ pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 pub use runtime::Durability;
 pub use runtime::{
     BlockedNotice, Broker, BrokerBuilder, Channel, ConfirmListener, Connection, Consumer,
-    DeathStats, Delivery, FRAME_MAX_CEILING, GetMessage, Health, Limits, Policy, QueueDeclareOk,
-    ReasonCounts, RecvTimeoutError, Returned, TryRecvError,
+    DEFAULT_USER, DeathStats, Delivery, FRAME_MAX_CEILING, GetMessage, Health, Limits, Policy,
+    QueueDeclareOk, ReasonCounts, RecvTimeoutError, Returned, TryRecvError,
 };
 pub use types::*;

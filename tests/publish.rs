@@ -487,3 +487,30 @@ fn invalid_expiration_is_refused_at_publish() {
     assert_eq!(ready(&ch, "q"), 1, "refused publishes enqueue nothing");
     broker.check_invariants().unwrap();
 }
+
+/// RabbitMQ validates `user_id`: it must name the user the connection logged in as
+/// (`guest` by default), else 406 and the channel closes; `connect_as` logs in as another.
+#[test]
+fn user_id_must_name_the_connections_user() {
+    let (broker, conn, ch) = setup();
+    declare(&ch, "q");
+    let as_guest = BasicProperties::default().with_user_id("guest");
+    ch.basic_publish("", "q", Default::default(), b"ok", as_guest)
+        .unwrap();
+    let other = conn.channel().unwrap();
+    let as_svc = BasicProperties::default().with_user_id("svc");
+    let r = other.basic_publish("", "q", Default::default(), b"no", as_svc.clone());
+    channel_error(
+        r,
+        ReplyCode::PreconditionFailed,
+        Some(
+            "PRECONDITION_FAILED - user_id property set to 'svc' but authenticated user was 'guest'",
+        ),
+    );
+    let svc = broker.connect_as("svc");
+    let svc_ch = svc.channel().unwrap();
+    svc_ch
+        .basic_publish("", "q", Default::default(), b"svc", as_svc)
+        .unwrap();
+    assert_eq!(get_all(&ch, "q"), ["ok", "svc"]);
+}

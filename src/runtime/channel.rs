@@ -1018,15 +1018,6 @@ impl ChannelInner {
         }
         let snap = self.broker.snapshot.load();
         let ex = self.result(snap.topology.exchange_for_publish(&exchange))?;
-        let message_ttl = match properties.expiration.as_deref().map(parse_expiration) {
-            None => None,
-            Some(Ok(ttl)) => Some(ttl),
-            Some(Err(reason)) => {
-                let expiration = properties.expiration.as_deref().unwrap_or_default();
-                let text = format!("invalid expiration '{expiration}': {reason}");
-                return Err(self.fail(AmqpError::new(ReplyCode::PreconditionFailed, text)));
-            }
-        };
         if properties.reply_to.as_deref() == Some(REPLY_TO) {
             // Direct reply-to: the channel's own address replaces the pseudo-queue's name.
             let address = self.reply_address.lock().clone();
@@ -1040,7 +1031,25 @@ impl ChannelInner {
                 }
             }
         }
+        let message_ttl = match properties.expiration.as_deref().map(parse_expiration) {
+            None => None,
+            Some(Ok(ttl)) => Some(ttl),
+            Some(Err(reason)) => {
+                let expiration = properties.expiration.as_deref().unwrap_or_default();
+                let text = format!("invalid expiration '{expiration}': {reason}");
+                return Err(self.fail(AmqpError::new(ReplyCode::PreconditionFailed, text)));
+            }
+        };
         let (extra_keys, bcc) = self.result(sender_selected_keys(&mut properties))?;
+        if let Some(user) = properties.user_id.as_deref()
+            && user != &*self.conn.user
+        {
+            let text = format!(
+                "user_id property set to '{user}' but authenticated user was '{}'",
+                self.conn.user
+            );
+            return Err(self.fail(AmqpError::new(ReplyCode::PreconditionFailed, text)));
+        }
         let mut keys: SmallVec<[&str; 1]> = SmallVec::new();
         keys.push(routing_key);
         keys.extend(extra_keys.iter().chain(&bcc).map(String::as_str));

@@ -39,6 +39,8 @@ impl Drop for ConnectionHandle {
 pub(crate) struct ConnectionInner {
     pub(crate) id: ConnectionId,
     pub(crate) broker: Arc<BrokerInner>,
+    /// The user it acts as: a published `user_id` must name it.
+    pub(crate) user: Arc<str>,
     state: Mutex<ConnectionState>,
 }
 
@@ -50,13 +52,18 @@ struct ConnectionState {
 impl Connection {
     /// Opens a connection on `broker`; one of a closed broker is closed already
     /// ([`CloseCause::BrokerClosed`]).
-    pub(crate) fn open(broker: Arc<BrokerInner>) -> Self {
+    pub(crate) fn open(broker: Arc<BrokerInner>, user: &str) -> Self {
         let id = ConnectionId(broker.next_id());
         let state = Mutex::new(ConnectionState {
             channels: Vec::new(),
             closed: None,
         });
-        let inner = Arc::new(ConnectionInner { id, broker, state });
+        let inner = Arc::new(ConnectionInner {
+            id,
+            broker,
+            user: Arc::from(user),
+            state,
+        });
         if !inner.broker.register_connection(&inner) {
             inner.state.lock().closed = Some(Arc::new(CloseCause::BrokerClosed));
         }

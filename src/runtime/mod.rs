@@ -84,6 +84,9 @@ pub struct Limits {
     pub dead_letter_retry_ms: u64,
 }
 
+/// The user [`Broker::connect`] acts as: RabbitMQ's default user.
+pub const DEFAULT_USER: &str = "guest";
+
 /// The largest [`Limits::frame_max`] that takes effect (512 KiB).
 pub const FRAME_MAX_CEILING: u32 = 512 * 1024;
 
@@ -527,7 +530,16 @@ impl Broker {
     /// are dropped. On a closed broker the connection is closed already (its `channel()`
     /// fails with [`CloseCause::BrokerClosed`]).
     pub fn connect(&self) -> Connection {
-        Connection::open(self.inner.clone())
+        Connection::open(self.inner.clone(), DEFAULT_USER)
+    }
+
+    /// Opens a connection acting as `user` (as a client logs in as a user): a message
+    /// published on it with a `user_id` property that names anyone else is refused, as
+    /// RabbitMQ validates `user_id` (406 PRECONDITION_FAILED, a channel error). There are no
+    /// passwords or permissions. [`Broker::connect`] acts as RabbitMQ's default user,
+    /// `guest`.
+    pub fn connect_as(&self, user: &str) -> Connection {
+        Connection::open(self.inner.clone(), user)
     }
 
     /// Walks the whole broker and checks every invariant of the core (queues, channels,
