@@ -44,8 +44,8 @@
 //!   active one holds nothing unsettled, which receives nothing meanwhile; `basic.get` on q7 is
 //!   refused with 405;
 //! - q7 has no delivery limit (`x-delivery-limit` -1): a client's requeue (nack, reject,
-//!   recover) re-appends at the tail, a return by channel close or consumer drop goes to the
-//!   front;
+//!   recover) re-appends at the tail of the normal lane, a return by channel close or consumer
+//!   drop goes to the front;
 //! - accounting: after every step `check_invariants()` holds, every published message is in
 //!   exactly one place (acked, consumed without ack, purged, ready or unacked in some queue,
 //!   which covers dead-lettered messages, or dropped for a counted reason) and
@@ -382,6 +382,9 @@ struct MMsg {
     key: usize,
     /// Its `priority` property (kept when dead-lettered).
     priority: Option<u8>,
+    /// Re-appended by a client's requeue to a quorum queue's normal lane, whatever its
+    /// priority (RabbitMQ 4.0-4.2).
+    demoted: bool,
     /// `x-death`: (queue, reason, count), most recent first (§5.4).
     deaths: Vec<(usize, Reason, u32)>,
     /// `x-first-death-queue` / `-reason`.
@@ -481,8 +484,8 @@ impl MQueue {
         }
         let level = |m: &MMsg| m.priority.unwrap_or(0);
         if self.spec.quorum {
-            let high = self.ready.iter().position(|m| level(m) > 4);
-            let normal = self.ready.iter().position(|m| level(m) <= 4);
+            let high = self.ready.iter().position(|m| level(m) > 4 && !m.demoted);
+            let normal = self.ready.iter().position(|m| level(m) <= 4 || m.demoted);
             match (high, normal) {
                 (Some(h), Some(n)) if self.served == 2 && self.ready[n].seq < self.ready[h].seq => {
                     Some(n)
@@ -984,6 +987,7 @@ impl World {
                 expiration: None,
                 key,
                 priority: msg.priority,
+                demoted: false,
                 deaths,
                 first_death: msg.first_death.or(Some((q, reason))),
             };
@@ -1097,6 +1101,7 @@ impl World {
                             // No delivery limit: a client's requeue re-appends at the tail
                             // as a new message (§4.3, RabbitMQ 4.0-4.2).
                             back.seq = mq.next_seq;
+                            back.demoted = true;
                             mq.next_seq += 1;
                             mq.insert_ready(back);
                         } else if spec.quorum {
@@ -1244,6 +1249,7 @@ impl World {
                     expiration,
                     key: queue,
                     priority,
+                    demoted: false,
                     deaths: Vec::new(),
                     first_death: None,
                 };

@@ -292,3 +292,19 @@ fn tail_requeue_survives_a_restart() {
     assert_eq!(delivery_count_header(&a), Some(1));
     broker.check_invariants().unwrap();
 }
+
+/// RabbitMQ 4.0-4.2 re-appends a message requeued without delivery limit to the normal
+/// priority level whatever its priority (`rabbit_fifo_q:in(no, ...)` for `#requeue{}`).
+#[test]
+fn unlimited_requeue_re_appends_at_normal_priority() {
+    let (_broker, _conn, ch) = setup();
+    declare_quorum(&ch, "qq", quorum().with("x-delivery-limit", -1i32));
+    let high = BasicProperties::default().with_priority(9);
+    ch.basic_publish("", "qq", Default::default(), b"high".to_vec(), high)
+        .unwrap();
+    publish(&ch, "", "qq", "normal");
+    let d = get(&ch, "qq").unwrap();
+    assert_eq!(body(&d), "high");
+    d.nack(true).unwrap();
+    assert_eq!(get_all(&ch, "qq"), ["normal", "high"]);
+}

@@ -258,8 +258,8 @@ impl Channel {
     ///   its deliveries. An exclusive consume of a classic such queue is refused (403), as is
     ///   `basic.get` on a quorum one (405);
     /// - `x-delivery-limit: -1` (quorum queues): no delivery limit; a nack or reject with
-    ///   requeue (and `basic.recover`) then re-appends the message at the tail of the queue,
-    ///   while messages of a closed channel still go back to the front.
+    ///   requeue (and `basic.recover`) then re-appends the message at the tail of the queue
+    ///   (at normal priority), while messages of a closed channel still go back to the front.
     pub fn queue_declare(
         &self,
         queue: &str,

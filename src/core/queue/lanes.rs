@@ -8,7 +8,9 @@
 //! - `Weighted`: a quorum queue (RabbitMQ 4.0-4.2) has two lanes, "high" (priority > 4) and
 //!   "normal" (4 or less, or absent); while both hold messages, two of every three deliveries
 //!   come from the high lane (`rabbit_fifo_q`, `WEIGHT = 2`, described below at
-//!   [`Lanes::head_lane`]).
+//!   [`Lanes::head_lane`]). A message a client requeues on a quorum queue without delivery
+//!   limit is re-appended to the normal lane whatever its priority
+//!   ([`Lanes::insert_normal`]), so the normal lane may hold high-priority messages.
 //!
 //! Every lane is ordered by sequence number: a message goes back to its own lane at its
 //! original position when requeued. The head as [`Lanes::front`] sees it is what a delivery,
@@ -125,6 +127,21 @@ impl Lanes {
             LaneKind::Fifo => 0,
             _ => self.lane_of(&entry),
         };
+        self.insert_into(index, entry);
+    }
+
+    /// Inserts into a quorum queue's normal lane whatever the entry's priority: RabbitMQ
+    /// 4.0-4.2 re-enqueues a message requeued without delivery limit there
+    /// (`rabbit_fifo:apply/3` for `#requeue{}` calls `rabbit_fifo_q:in(no, ...)`). Other
+    /// kinds insert into the entry's own lane.
+    pub(super) fn insert_normal(&mut self, entry: Entry) {
+        match self.kind {
+            LaneKind::Weighted { .. } => self.insert_into(1, entry),
+            _ => self.insert(entry),
+        }
+    }
+
+    fn insert_into(&mut self, index: usize, entry: Entry) {
         let lane = &mut self.lanes[index];
         let at = match lane.back() {
             Some(last) if last.seq > entry.seq => lane.partition_point(|e| e.seq < entry.seq),
@@ -159,7 +176,8 @@ impl Lanes {
         self.lanes.iter_mut().for_each(shrink);
     }
 
-    /// Each lane ordered by sequence number and holding only its own priorities; `len` agrees.
+    /// Each lane ordered by sequence number and holding only its own priorities (a quorum
+    /// queue's normal lane may hold any, see [`Lanes::insert_normal`]); `len` agrees.
     pub(super) fn check_invariants(&self) -> Result<(), String> {
         let mut total = 0;
         for (i, lane) in self.lanes.iter().enumerate() {
@@ -170,7 +188,8 @@ impl Lanes {
                     return Err(format!("lane {i} not ordered by seq at {}", e.seq));
                 }
                 prev = Some(e.seq);
-                if self.lane_of(e) != i {
+                let normal = matches!(self.kind, LaneKind::Weighted { .. }) && i == 1;
+                if self.lane_of(e) != i && !normal {
                     return Err(format!("seq {} in lane {i}, not its own", e.seq));
                 }
             }

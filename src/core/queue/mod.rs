@@ -147,8 +147,10 @@ pub enum RequeueTo {
     /// return because the holder went away: channel closed, receiver dropped).
     Return,
     /// A client's nack or reject with requeue (or `basic.recover`) on a quorum queue without
-    /// delivery limit: re-appended at the tail under this new sequence number, reserved by the
-    /// caller, as RabbitMQ 4.0-4.2 re-enqueues it as a new log entry.
+    /// delivery limit: re-appended at the tail of the normal-priority lane under this new
+    /// sequence number, reserved by the caller, as RabbitMQ 4.0-4.2 re-enqueues it as a new
+    /// log entry. (After a restart it is back in the lane of its own priority, at that
+    /// number's position.)
     Tail(u64),
 }
 
@@ -416,7 +418,10 @@ impl Queue {
             enqueued_at_ms: entry.enqueued_at_ms,
         };
         match (self.config.kind, to) {
-            (QueueKind::Quorum, RequeueTo::Tail(_)) => self.insert_ready(entry),
+            (QueueKind::Quorum, RequeueTo::Tail(_)) => {
+                self.add_waiting(&entry);
+                self.ready.insert_normal(entry);
+            }
             (QueueKind::Classic, _) => {
                 self.insert_ready(entry);
                 // A classic queue applies drop-head on requeue too (`requeue_and_run` calls
