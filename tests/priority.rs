@@ -112,8 +112,8 @@ fn drop_head_drops_the_highest_priority_first() {
     assert_eq!(get_all(&ch, "pq"), ["low-a", "low-b"]);
 }
 
-/// TTL expires at the head as deliveries see it: an expired high-priority message goes, then
-/// the live low-priority one is delivered.
+/// TTL expires at the head as deliveries see it: the high-priority message is the head though
+/// published last, so it expires at its deadline; the low-priority one stays.
 #[test]
 fn ttl_expires_at_the_priority_head() {
     let clock = ManualClock::new(1_000);
@@ -121,18 +121,18 @@ fn ttl_expires_at_the_priority_head() {
     let conn = broker.connect();
     let ch = conn.channel().unwrap();
     declare_args(&ch, "pq", max_priority(5));
+    publish_priority(&ch, "pq", "low", Some(1));
     let mut expiring = BasicProperties::default().with_expiration("100");
     expiring.priority = Some(5);
     ch.basic_publish("", "pq", Default::default(), b"high".to_vec(), expiring)
         .unwrap();
-    publish_priority(&ch, "pq", "low", Some(1));
     clock.advance(Duration::from_millis(100));
     assert_eq!(ready(&ch, "pq"), 1, "the expired head is gone");
     assert_eq!(get_all(&ch, "pq"), ["low"]);
     assert_eq!(broker.death_stats("pq").unwrap().dropped.expired, 1);
 }
 
-/// Purge empties every priority.
+/// Purge empties every priority; the queue keeps its priorities afterwards.
 #[test]
 fn purge_empties_every_priority() {
     let (_broker, _conn, ch) = setup();
@@ -143,6 +143,9 @@ fn purge_empties_every_priority() {
     assert_eq!(ch.queue_purge("pq", Default::default()).unwrap(), 4);
     assert_eq!(ready(&ch, "pq"), 0);
     assert!(get(&ch, "pq").is_none());
+    publish_priority(&ch, "pq", "after-low", Some(0));
+    publish_priority(&ch, "pq", "after-high", Some(2));
+    assert_eq!(get_all(&ch, "pq"), ["after-high", "after-low"]);
 }
 
 /// Persistent messages of a durable priority queue come back after a restart in the same
