@@ -811,7 +811,8 @@ impl ChannelInner {
     /// Removes a consumer from its queue (dropping its sender ends its iterator) and
     /// auto-deletes the queue if that was its last consumer. With `hand_over`, a
     /// single-active-consumer queue delivers to the consumer that takes over at once; a
-    /// closing channel delivers later, after requeueing what it held (§11.3).
+    /// closing channel delivers later, after requeueing what it held, so that the consumer
+    /// taking over receives those messages first.
     fn cancel_in_queue(&self, record: ConsumerRecord, snap: &Snapshot, hand_over: bool) {
         let Some(cell) = snap.queues.get(&record.queue) else {
             return;

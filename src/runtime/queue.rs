@@ -49,7 +49,7 @@ pub(crate) enum Settle {
     /// The client sent them back: nack or reject with requeue, `basic.recover`.
     Requeue,
     /// Their holder went away (channel closed, a consumer's receiver dropped): back to the
-    /// queue as returns, never re-appended at the tail (§4.3).
+    /// queue as returns (a quorum queue serves them first), never re-appended at the tail.
     Return,
     Reject,
 }

@@ -1,5 +1,8 @@
 //! What a queue's arguments (and a policy, where one applies) make of it: its type, TTL,
-//! length limits, delivery limit, priorities and single active consumer (SEMANTICS.md §6, §7).
+//! length limits and delivery limit (SEMANTICS.md §6, §7).
+//!
+//! Message priorities (`x-max-priority`) and single active consumer come from the arguments
+//! alone: RabbitMQ's policies cannot set them.
 
 use crate::types::FieldTable;
 

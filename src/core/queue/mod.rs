@@ -596,8 +596,8 @@ impl Queue {
 
     /// Whether a new consumer may join: `Err` with RabbitMQ's reason if an exclusive consumer
     /// holds the queue, an exclusive one is asked for while others exist, or an exclusive one
-    /// is asked for on a classic single-active-consumer queue (§3.1,
-    /// `exclusive_consume_unavailable` in `rabbit_amqqueue_process`).
+    /// is asked for on a classic single-active-consumer queue (`exclusive_consume_unavailable`
+    /// in `rabbit_amqqueue_process`).
     pub fn can_consume(&self, exclusive: bool) -> Result<(), ExclusiveUse> {
         let single_active =
             self.consumers.is_single_active() && self.config.kind == QueueKind::Classic;
