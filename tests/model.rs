@@ -30,6 +30,22 @@
 //!   `requeue_and_run` does), q5
 //!   `x-max-length` 2 `reject-publish` (publish refused when ready + 1 > 2, nacked on the
 //!   confirm-mode channels, never dead-lettered);
+//! - priority queues (https://www.rabbitmq.com/docs/priority): publishes carry a random
+//!   `priority` (or none); q6 has `x-max-priority` 3 (highest first, FIFO within a level, above
+//!   the maximum counted as the maximum, requeue to the own level's original position, drop-head
+//!   and expiry at that head); the quorum queues q3 and q7 serve their two levels (above 4 high)
+//!   two high for one normal while both wait, a normal one only when older than the high head
+//!   (`rabbit_fifo_q`);
+//! - consumer priorities (`x-priority`, random): the highest group with credit first,
+//!   round-robin inside it;
+//! - single active consumer on q6 (classic) and q7 (quorum): only the active consumer receives;
+//!   when it leaves, the waiting one of highest priority (earliest among equals) takes over,
+//!   after a closing channel's requeue; on q7 a higher-priority consumer takes over once the
+//!   active one holds nothing unsettled, which receives nothing meanwhile; `basic.get` on q7 is
+//!   refused with 405;
+//! - q7 has no delivery limit (`x-delivery-limit` -1): a client's requeue (nack, reject,
+//!   recover) re-appends at the tail of the normal lane, a return by channel close or consumer
+//!   drop goes to the front;
 //! - accounting: after every step `check_invariants()` holds, every published message is in
 //!   exactly one place (acked, consumed without ack, purged, ready or unacked in some queue,
 //!   which covers dead-lettered messages, or dropped for a counted reason) and
@@ -88,6 +104,12 @@ struct QSpec {
     reject_publish: bool,
     /// `x-delivery-limit` (quorum).
     delivery_limit: Option<u32>,
+    /// `x-delivery-limit: -1` (quorum): no limit, client requeues go to the tail.
+    unlimited: bool,
+    /// `x-max-priority` (classic).
+    max_priority: Option<u8>,
+    /// `x-single-active-consumer`.
+    sac: bool,
 }
 
 const PLAIN: QSpec = QSpec {
@@ -98,9 +120,12 @@ const PLAIN: QSpec = QSpec {
     max_len: None,
     reject_publish: false,
     delivery_limit: None,
+    unlimited: false,
+    max_priority: None,
+    sac: false,
 };
 
-const QUEUES: usize = 6;
+const QUEUES: usize = 8;
 
 const SPECS: [QSpec; QUEUES] = [
     // q0: dead-letters into q1 (DLRK); messages expire only by their own `expiration`.
@@ -144,13 +169,31 @@ const SPECS: [QSpec; QUEUES] = [
         reject_publish: true,
         ..PLAIN
     },
+    // q6: priorities 0-3, at most 3 ready (drop-head, no dead-letter exchange), single active
+    // consumer.
+    QSpec {
+        max_priority: Some(3),
+        max_len: Some(3),
+        sac: true,
+        ..PLAIN
+    },
+    // q7: quorum, no delivery limit, single active consumer.
+    QSpec {
+        quorum: true,
+        unlimited: true,
+        sac: true,
+        ..PLAIN
+    },
 ];
 
 /// How taken deliveries are settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum How {
     Ack,
+    /// The client's requeue: nack, reject, recover.
     Requeue,
+    /// The holder went away: channel close, consumer drop.
+    Return,
     Reject,
 }
 
@@ -201,6 +244,12 @@ fn confirming(slot: usize) -> bool {
     slot % 2 == 1
 }
 
+/// Message priorities the publishes use.
+const PRIORITIES: [Option<u8>; 5] = [None, Some(0), Some(2), Some(5), Some(9)];
+
+/// Consumer priorities the consumes use.
+const CONSUMER_PRIORITIES: [i32; 4] = [0, 0, 1, 2];
+
 /// Per-message TTLs the publishes use.
 const EXPIRATIONS: [Option<&str>; 4] = [None, Some("0"), Some("50"), Some("200")];
 
@@ -210,6 +259,7 @@ enum Op {
         slot: usize,
         queue: usize,
         expiration: Option<&'static str>,
+        priority: Option<u8>,
     },
     Get {
         slot: usize,
@@ -221,6 +271,7 @@ enum Op {
         queue: usize,
         no_ack: bool,
         prefetch: u16,
+        priority: i32,
     },
     Recv {
         consumer: usize,
@@ -274,8 +325,9 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     let slot = 0..SLOTS;
-    // The quorum queue a little more often: its delivery limit needs three returns.
-    let queue = prop_oneof![5 => 0..QUEUES, 1 => Just(3)];
+    // The quorum queue a little more often: its delivery limit needs three returns; the
+    // single-active-consumer queues too: a hand-over needs two consumers and a backlog.
+    let queue = prop_oneof![5 => 0..QUEUES, 1 => Just(3), 2 => 6..QUEUES];
     let expiration = prop_oneof![
         5 => Just(EXPIRATIONS[0]),
         1 => Just(EXPIRATIONS[1]),
@@ -283,11 +335,17 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(EXPIRATIONS[3]),
     ];
     prop_oneof![
-        7 => (slot.clone(), queue.clone(), expiration)
-            .prop_map(|(slot, queue, expiration)| Op::Publish { slot, queue, expiration }),
+        7 => (slot.clone(), queue.clone(), expiration, prop::sample::select(&PRIORITIES[..]))
+            .prop_map(|(slot, queue, expiration, priority)| Op::Publish { slot, queue, expiration, priority }),
         2 => (slot.clone(), queue.clone(), any::<bool>()).prop_map(|(slot, queue, no_ack)| Op::Get { slot, queue, no_ack }),
-        2 => (slot.clone(), queue.clone(), prop::bool::weighted(0.2), prop_oneof![Just(0u16), 1u16..4])
-            .prop_map(|(slot, queue, no_ack, prefetch)| Op::Consume { slot, queue, no_ack, prefetch }),
+        2 => (
+            slot.clone(),
+            queue.clone(),
+            prop::bool::weighted(0.2),
+            prop_oneof![Just(0u16), 1u16..4],
+            prop::sample::select(&CONSUMER_PRIORITIES[..]),
+        )
+            .prop_map(|(slot, queue, no_ack, prefetch, priority)| Op::Consume { slot, queue, no_ack, prefetch, priority }),
         5 => (0..6usize).prop_map(|consumer| Op::Recv { consumer }),
         3 => (slot.clone(), any::<usize>(), prop::bool::weighted(0.3)).prop_map(|(slot, pick, multiple)| Op::Ack { slot, pick, multiple }),
         3 => (slot.clone(), any::<usize>(), any::<bool>(), any::<bool>())
@@ -322,6 +380,11 @@ struct MMsg {
     expiration: Option<&'static str>,
     /// The queue whose name is its routing key.
     key: usize,
+    /// Its `priority` property (kept when dead-lettered).
+    priority: Option<u8>,
+    /// Re-appended by a client's requeue to a quorum queue's normal lane, whatever its
+    /// priority (RabbitMQ 4.0-4.2).
+    demoted: bool,
     /// `x-death`: (queue, reason, count), most recent first (§5.4).
     deaths: Vec<(usize, Reason, u32)>,
     /// `x-first-death-queue` / `-reason`.
@@ -352,15 +415,25 @@ struct MConsumer {
     prefetch: u32,
     no_ack: bool,
     in_flight: u32,
+    /// `x-priority`.
+    priority: i32,
 }
 
 #[derive(Debug)]
 struct MQueue {
+    spec: QSpec,
     /// Quorum returns lane, served first (§4.3).
     returns: VecDeque<MMsg>,
-    /// Ordered by sequence number.
+    /// Ordered by sequence number, all priorities together ([`MQueue::head_index`] picks).
     ready: Vec<MMsg>,
+    /// Quorum queues: dequeues from `ready` modulo 3 (`rabbit_fifo_q`'s counter).
+    served: u8,
+    /// In service order: priority descending, round-robin inside a priority.
     consumers: Vec<MConsumer>,
+    /// Single active consumer: the one that receives.
+    active: Option<usize>,
+    /// Single active consumer (quorum): the active one waits to hand over to a higher one.
+    quiescing: bool,
     next_seq: u64,
     /// A publish was accepted under a length limit: the next housekeeping checks it.
     limit_check: bool,
@@ -375,12 +448,16 @@ struct MQueue {
     dropped: [u64; 4],
 }
 
-impl Default for MQueue {
-    fn default() -> Self {
+impl MQueue {
+    fn new(spec: QSpec) -> Self {
         Self {
+            spec,
             returns: VecDeque::new(),
             ready: Vec::new(),
+            served: 0,
             consumers: Vec::new(),
+            active: None,
+            quiescing: false,
             next_seq: 0,
             limit_check: false,
             effects: Vec::new(),
@@ -397,15 +474,107 @@ impl MQueue {
         self.returns.len() + self.ready.len()
     }
 
+    /// Which ready message goes next: classic priority queues the oldest of the highest
+    /// (clamped) priority; quorum queues the oldest high one (priority above 4), or the oldest
+    /// normal one when the high lane had its two turns and the normal one is older; else the
+    /// oldest.
+    fn head_index(&self) -> Option<usize> {
+        if self.ready.is_empty() {
+            return None;
+        }
+        let level = |m: &MMsg| m.priority.unwrap_or(0);
+        if self.spec.quorum {
+            let high = self.ready.iter().position(|m| level(m) > 4 && !m.demoted);
+            let normal = self.ready.iter().position(|m| level(m) <= 4 || m.demoted);
+            match (high, normal) {
+                (Some(h), Some(n)) if self.served == 2 && self.ready[n].seq < self.ready[h].seq => {
+                    Some(n)
+                }
+                (Some(h), _) => Some(h),
+                (None, n) => n,
+            }
+        } else if let Some(max) = self.spec.max_priority {
+            let top = self.ready.iter().map(|m| level(m).min(max)).max()?;
+            self.ready.iter().position(|m| level(m).min(max) == top)
+        } else {
+            Some(0)
+        }
+    }
+
     fn head(&self) -> Option<&MMsg> {
-        self.returns.front().or_else(|| self.ready.first())
+        self.returns
+            .front()
+            .or_else(|| self.head_index().map(|i| &self.ready[i]))
     }
 
     fn pop(&mut self) -> Option<MMsg> {
-        match self.returns.pop_front() {
-            Some(m) => Some(m),
-            None if self.ready.is_empty() => None,
-            None => Some(self.ready.remove(0)),
+        if let Some(m) = self.returns.pop_front() {
+            return Some(m);
+        }
+        let i = self.head_index()?;
+        if self.spec.quorum {
+            self.served = if self.served == 2 { 0 } else { self.served + 1 };
+        }
+        Some(self.ready.remove(i))
+    }
+
+    /// Adds a consumer at the back of its priority group; on a single-active-consumer queue
+    /// the first one becomes active.
+    fn add_consumer(&mut self, c: MConsumer) {
+        if self.spec.sac && self.active.is_none() {
+            self.active = Some(c.key);
+        }
+        self.insert_consumer(c);
+        self.reconsider();
+    }
+
+    fn insert_consumer(&mut self, c: MConsumer) {
+        let at = self.consumers.partition_point(|x| x.priority >= c.priority);
+        self.consumers.insert(at, c);
+    }
+
+    fn remove_consumer(&mut self, key: usize) {
+        self.consumers.retain(|c| c.key != key);
+        if self.active == Some(key) {
+            self.active = None;
+        }
+        self.reconsider();
+    }
+
+    /// Single active consumer: with none active, the first in service order becomes active;
+    /// a quorum queue's active consumer outranked by a waiting one hands over when it holds
+    /// nothing (or is no-ack), else quiesces.
+    fn reconsider(&mut self) {
+        if !self.spec.sac {
+            return;
+        }
+        let Some(at) = self
+            .active
+            .and_then(|k| self.consumers.iter().position(|c| c.key == k))
+        else {
+            self.active = self.consumers.first().map(|c| c.key);
+            self.quiescing = false;
+            return;
+        };
+        if !self.spec.quorum {
+            return;
+        }
+        let active = &self.consumers[at];
+        let challenger = self
+            .consumers
+            .iter()
+            .find(|c| c.key != active.key)
+            .filter(|c| c.priority > active.priority)
+            .map(|c| c.key);
+        match challenger {
+            None => self.quiescing = false,
+            Some(next) if active.no_ack || active.in_flight == 0 => {
+                self.active = Some(next);
+                self.quiescing = false;
+                let old = self.consumers.remove(at);
+                self.insert_consumer(old);
+            }
+            Some(_) => self.quiescing = true,
         }
     }
 
@@ -549,6 +718,15 @@ fn queue_args(spec: &QSpec) -> FieldTable {
     if let Some(limit) = spec.delivery_limit {
         args.insert("x-delivery-limit", i64::from(limit));
     }
+    if spec.unlimited {
+        args.insert("x-delivery-limit", -1i64);
+    }
+    if let Some(max) = spec.max_priority {
+        args.insert("x-max-priority", i64::from(max));
+    }
+    if spec.sac {
+        args.insert("x-single-active-consumer", true);
+    }
     args
 }
 
@@ -601,7 +779,7 @@ impl World {
                 .queue_declare(&name, opts, queue_args(spec))
                 .unwrap();
             w.queues.push(name);
-            w.m_queues.push(MQueue::default());
+            w.m_queues.push(MQueue::new(*spec));
         }
         w
     }
@@ -683,17 +861,34 @@ impl World {
                 })
                 .collect();
             let mq = &mut self.m_queues[q];
-            let Some(i) = mq.consumers.iter().enumerate().position(|(i, c)| {
+            let can = |i: usize, c: &MConsumer| {
                 (c.no_ack || c.prefetch == 0 || c.in_flight < c.prefetch) && admits[i]
-            }) else {
+            };
+            // Single active consumer: only the active one, unless it quiesces; otherwise the
+            // first with credit in service order, which moves to the back of its group.
+            let pick = if mq.spec.sac {
+                mq.active
+                    .filter(|_| !mq.quiescing)
+                    .and_then(|k| mq.consumers.iter().position(|c| c.key == k))
+                    .filter(|&i| can(i, &mq.consumers[i]))
+            } else {
+                mq.consumers.iter().enumerate().position(|(i, c)| can(i, c))
+            };
+            let Some(i) = pick else {
                 break;
             };
-            let mut c = mq.consumers.remove(i);
-            c.in_flight += 1;
+            let (key, no_ack) = if mq.spec.sac {
+                let c = &mut mq.consumers[i];
+                c.in_flight += 1;
+                (c.key, c.no_ack)
+            } else {
+                let mut c = mq.consumers.remove(i);
+                c.in_flight += 1;
+                let picked = (c.key, c.no_ack);
+                mq.insert_consumer(c);
+                picked
+            };
             let msg = mq.pop().unwrap();
-            let key = c.key;
-            let no_ack = c.no_ack;
-            mq.consumers.push(c);
             let slot = self.slot_of(key);
             let ch = &mut self.m_chans[slot];
             let tag = ch.next_tag;
@@ -791,6 +986,8 @@ impl World {
                 deadline: None,
                 expiration: None,
                 key,
+                priority: msg.priority,
+                demoted: false,
                 deaths,
                 first_death: msg.first_death.or(Some((q, reason))),
             };
@@ -835,6 +1032,9 @@ impl World {
             && let Some(c) = self.m_queues[q].consumers.iter_mut().find(|c| c.key == key)
         {
             c.in_flight -= 1;
+            if c.in_flight == 0 {
+                self.m_queues[q].reconsider();
+            }
         }
     }
 
@@ -888,15 +1088,22 @@ impl World {
                 match how {
                     How::Ack => self.settled.push((msg.id, Gone::Acked)),
                     How::Reject => mq.effects.push((msg.clone(), Reason::Rejected)),
-                    How::Requeue => {
+                    How::Requeue | How::Return => {
                         // Every return counts (§6.2); over the limit it is dead-lettered.
-                        let back = MMsg {
+                        let mut back = MMsg {
                             delivered: true,
                             count: msg.count + 1,
                             ..msg.clone()
                         };
                         if spec.delivery_limit.is_some_and(|l| back.count > l) {
                             mq.effects.push((back, Reason::DeliveryLimit));
+                        } else if spec.quorum && spec.unlimited && how == How::Requeue {
+                            // No delivery limit: a client's requeue re-appends at the tail
+                            // as a new message (§4.3, RabbitMQ 4.0-4.2).
+                            back.seq = mq.next_seq;
+                            back.demoted = true;
+                            mq.next_seq += 1;
+                            mq.insert_ready(back);
                         } else if spec.quorum {
                             mq.returns.push_back(back);
                         } else {
@@ -943,25 +1150,41 @@ impl World {
             return false;
         }
         tc.registered = false;
-        self.m_queues[tc.queue].consumers.retain(|c| c.key != key);
+        self.m_queues[tc.queue].remove_consumer(key);
         true
     }
 
-    /// The model side of a channel closing: consumers cancelled, then unacked requeued.
+    /// A consumer left by cancel: a single-active-consumer queue delivers to the one taking
+    /// over at once.
+    fn m_hand_over(&mut self, q: usize) {
+        if SPECS[q].sac {
+            self.m_dispatch(q, None);
+            self.m_route_dead(q);
+        }
+    }
+
+    /// The model side of a channel closing: consumers cancelled, then unacked returned, then
+    /// the single-active-consumer queues among theirs deliver to whoever took over.
     fn m_close_channel(&mut self, slot: usize) {
-        let keys: Vec<usize> = self
+        let keys: Vec<(usize, usize)> = self
             .consumers
             .iter()
-            .filter(|t| t.slot == slot)
-            .map(|t| t.key)
+            .filter(|t| t.slot == slot && t.registered)
+            .map(|t| (t.key, t.queue))
             .collect();
-        for key in &keys {
+        for (key, _) in &keys {
             self.m_unregister(*key);
         }
         let taken = std::mem::take(&mut self.m_chans[slot].ledger)
             .into_iter()
             .collect();
-        self.m_apply(slot, taken, How::Requeue, true);
+        self.m_apply(slot, taken, How::Return, true);
+        let mut queues: Vec<usize> = keys.iter().map(|&(_, q)| q).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        for q in queues {
+            self.m_hand_over(q);
+        }
         // Consumers of a closed channel yield nothing more; drop them.
         self.consumers.retain(|t| t.slot != slot);
     }
@@ -996,10 +1219,14 @@ impl World {
                 slot,
                 queue,
                 expiration,
+                priority,
             } => {
                 let id = self.next_id;
                 self.next_id += 1;
-                let mut props = BasicProperties::default();
+                let mut props = BasicProperties {
+                    priority,
+                    ..Default::default()
+                };
                 if let Some(e) = expiration {
                     props = props.with_expiration(e);
                 }
@@ -1021,6 +1248,8 @@ impl World {
                     deadline: None,
                     expiration,
                     key: queue,
+                    priority,
+                    demoted: false,
                     deaths: Vec::new(),
                     first_death: None,
                 };
@@ -1037,9 +1266,17 @@ impl World {
                 queue,
                 no_ack,
             } => {
-                let got = self.chans[slot]
-                    .basic_get(&self.queues[queue], BasicGetOptions { no_ack })
-                    .unwrap();
+                let got =
+                    self.chans[slot].basic_get(&self.queues[queue], BasicGetOptions { no_ack });
+                if SPECS[queue].quorum && SPECS[queue].sac {
+                    // Refused on a quorum single-active-consumer queue (405), channel closed.
+                    let err = got.expect_err("basic.get on a quorum SAC queue");
+                    prop_assert_eq!(err.reply_code(), Some(ReplyCode::ResourceLocked));
+                    self.m_close_channel(slot);
+                    self.reopen(slot);
+                    return Ok(());
+                }
+                let got = got.unwrap();
                 // Expired messages at the head go first, never returned (§7.1).
                 self.m_expire_head(queue, None);
                 let expected = match self.m_queues[queue].pop() {
@@ -1075,6 +1312,7 @@ impl World {
                 queue,
                 no_ack,
                 prefetch,
+                priority,
             } => {
                 if self.consumers.len() >= 6 {
                     return Ok(());
@@ -1085,17 +1323,19 @@ impl World {
                     no_ack,
                     ..Default::default()
                 };
+                let args = FieldTable::new().with("x-priority", priority);
                 let real = ch
-                    .basic_consume(&self.queues[queue], "", opts, FieldTable::new())
+                    .basic_consume(&self.queues[queue], "", opts, args)
                     .unwrap();
                 self.m_chans[slot].prefetch = prefetch;
                 let key = self.next_key;
                 self.next_key += 1;
-                self.m_queues[queue].consumers.push(MConsumer {
+                self.m_queues[queue].add_consumer(MConsumer {
                     key,
                     prefetch: u32::from(prefetch),
                     no_ack,
                     in_flight: 0,
+                    priority,
                 });
                 self.consumers.push(TConsumer {
                     real: Some(real),
@@ -1155,23 +1395,32 @@ impl World {
                 let Some(tc) = self.consumers.get(consumer) else {
                     return Ok(());
                 };
-                let (slot, key, tag) =
-                    (tc.slot, tc.key, tc.real.as_ref().unwrap().tag().to_owned());
+                let (slot, key, queue, tag) = (
+                    tc.slot,
+                    tc.key,
+                    tc.queue,
+                    tc.real.as_ref().unwrap().tag().to_owned(),
+                );
                 self.chans[slot]
                     .basic_cancel(&tag, BasicCancelOptions::default())
                     .unwrap();
-                self.m_unregister(key);
+                if self.m_unregister(key) {
+                    self.m_hand_over(queue);
+                }
             }
             Op::DropConsumer { consumer } => {
                 let Some(tc) = self.consumers.get_mut(consumer) else {
                     return Ok(());
                 };
-                let (key, slot, no_ack) = (tc.key, tc.slot, tc.no_ack);
+                let (key, slot, no_ack, queue) = (tc.key, tc.slot, tc.no_ack, tc.queue);
                 let buffered: Vec<Seen> = tc.buffer.drain(..).collect();
                 drop(tc.real.take());
-                // Model of `Consumer`'s drop: cancel, then requeue together the deliveries it had
-                // not handed out that are still outstanding.
-                self.m_unregister(key);
+                // Model of `Consumer`'s drop: cancel (a single-active-consumer queue hands
+                // over at once), then return together the deliveries it had not handed out
+                // that are still outstanding.
+                if self.m_unregister(key) {
+                    self.m_hand_over(queue);
+                }
                 self.consumers.remove(consumer);
                 if !no_ack {
                     let ledger = &mut self.m_chans[slot].ledger;
@@ -1179,7 +1428,7 @@ impl World {
                         .iter()
                         .filter_map(|s| ledger.remove(&s.tag).map(|e| (s.tag, e)))
                         .collect();
-                    self.m_apply(slot, taken, How::Requeue, false);
+                    self.m_apply(slot, taken, How::Return, false);
                 }
             }
             Op::GlobalQos { slot, limit } => {

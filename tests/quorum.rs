@@ -234,3 +234,130 @@ fn the_count_survives_a_restart() {
     );
     assert_eq!(broker.death_stats("qq").unwrap().dropped.delivery_limit, 1);
 }
+
+/// §4.3 (RabbitMQ 4.0-4.2): without a delivery limit (`x-delivery-limit` -1), a nack or reject
+/// with requeue (and `basic.recover`) re-appends the message at the tail; a return because
+/// the channel closed still goes to the front.
+#[test]
+fn unlimited_requeue_goes_to_the_tail_and_channel_loss_to_the_front() {
+    let (_broker, conn, ch) = setup();
+    declare_quorum(&ch, "qq", quorum().with("x-delivery-limit", -1i32));
+    publish_all(&ch, "qq", &["a", "b", "c"]);
+    let a = get(&ch, "qq").unwrap();
+    a.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let b = get(&ch, "qq").unwrap();
+    assert_eq!(body(&b), "b");
+    b.reject(BasicRejectOptions { requeue: true }).unwrap();
+    let c = get(&ch, "qq").unwrap();
+    ch.basic_recover(BasicRecoverOptions { requeue: true })
+        .unwrap();
+    let again = get(&ch, "qq").unwrap();
+    assert_eq!(body(&again), "a", "c went to the tail, after a and b");
+    assert!(again.redelivered());
+    assert_eq!(delivery_count_header(&again), Some(1));
+    again.ack(BasicAckOptions::default()).unwrap();
+    drop(c);
+    // A channel's loss returns its messages to the front.
+    let other = conn.channel().unwrap();
+    let b = get(&other, "qq").unwrap();
+    assert_eq!(body(&b), "b");
+    publish(&ch, "", "qq", "d");
+    other.close();
+    assert_eq!(get_all(&ch, "qq"), ["b", "c", "d"]);
+}
+
+/// §6.1: a negative delivery limit set by policy (with no argument) also makes requeues go to
+/// the tail; with the default limit they go to the front.
+#[test]
+fn unlimited_by_policy_requeues_to_the_tail() {
+    let (broker, _conn, ch) = setup();
+    declare_quorum(&ch, "qq", quorum());
+    let unlimited = Policy {
+        pattern: "^qq$".into(),
+        priority: 0,
+        definition: PolicyDefinition {
+            delivery_limit: Some(-1),
+            ..Default::default()
+        },
+    };
+    publish_all(&ch, "qq", &["a", "b"]);
+    get(&ch, "qq")
+        .unwrap()
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(get_all(&ch, "qq"), ["a", "b"], "limited: to the front");
+    broker.set_policy("unlimited", unlimited).unwrap();
+    publish_all(&ch, "qq", &["a", "b"]);
+    get(&ch, "qq")
+        .unwrap()
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(get_all(&ch, "qq"), ["b", "a"], "unlimited: to the tail");
+}
+
+/// A message re-appended at the tail of a durable quorum queue keeps that place and its
+/// delivery count across a restart, and is stored once.
+#[test]
+fn tail_requeue_survives_a_restart() {
+    let store = MemoryStore::new();
+    {
+        let broker = Broker::builder().open_store(store.clone()).unwrap();
+        let conn = broker.connect();
+        let ch = conn.channel().unwrap();
+        declare_quorum(&ch, "qq", quorum().with("x-delivery-limit", -1i32));
+        for b in ["a", "b"] {
+            let props = BasicProperties::default().with_delivery_mode(2);
+            ch.basic_publish("", "qq", Default::default(), b.as_bytes().to_vec(), props)
+                .unwrap();
+        }
+        get(&ch, "qq")
+            .unwrap()
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .unwrap();
+        broker.sync().unwrap();
+    }
+    store.crash();
+    let broker = Broker::builder().open_store(store).unwrap();
+    let conn = broker.connect();
+    let ch = conn.channel().unwrap();
+    assert_eq!(ready(&ch, "qq"), 2);
+    let b = get(&ch, "qq").unwrap();
+    assert_eq!(body(&b), "b");
+    let a = get(&ch, "qq").unwrap();
+    assert_eq!(body(&a), "a");
+    assert_eq!(delivery_count_header(&a), Some(1));
+    broker.check_invariants().unwrap();
+}
+
+/// RabbitMQ 4.0-4.2 re-appends a message requeued without delivery limit to the normal
+/// priority level whatever its priority (`rabbit_fifo_q:in(no, ...)` for `#requeue{}`).
+#[test]
+fn unlimited_requeue_re_appends_at_normal_priority() {
+    let (_broker, _conn, ch) = setup();
+    declare_quorum(&ch, "qq", quorum().with("x-delivery-limit", -1i32));
+    let high = BasicProperties::default().with_priority(9);
+    ch.basic_publish("", "qq", Default::default(), b"high".to_vec(), high)
+        .unwrap();
+    publish(&ch, "", "qq", "normal");
+    let d = get(&ch, "qq").unwrap();
+    assert_eq!(body(&d), "high");
+    d.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(get_all(&ch, "qq"), ["normal", "high"]);
+}

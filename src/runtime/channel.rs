@@ -256,6 +256,28 @@ impl Channel {
     // ---- queues ---------------------------------------------------------------------------
 
     /// `queue.declare` (§1.1-§1.4). An empty name asks for a server-named queue.
+    ///
+    /// Among the arguments, as RabbitMQ 4.2 treats them:
+    /// - `x-max-priority` (classic queues, 0 to 255, <https://www.rabbitmq.com/docs/priority>):
+    ///   messages with a higher `priority` property are delivered (and fetched by `basic.get`)
+    ///   first, FIFO within a priority; a message without one counts as 0, one above the
+    ///   maximum as the maximum; a requeued message returns to its own priority at its
+    ///   original position; `drop-head` and TTL expiry take the head in that same order. A
+    ///   quorum queue refuses the argument (406) and always has two levels instead: priority
+    ///   above 4 is high, the rest normal, and while both wait, two high messages go for each
+    ///   normal one;
+    /// - `x-single-active-consumer: true` (classic and quorum,
+    ///   <https://www.rabbitmq.com/docs/consumers#single-active-consumer>): only one consumer
+    ///   receives at a time, the first registered; the others wait (and count in
+    ///   `consumer_count`) until it is cancelled or its channel closes, when the waiting
+    ///   consumer of highest priority, the earliest among equals, takes over (after a channel
+    ///   close, it receives the requeued messages of the old one first). On a quorum queue a
+    ///   waiting consumer of higher priority also takes over once the active one has settled
+    ///   its deliveries. An exclusive consume of a classic such queue is refused (403), as is
+    ///   `basic.get` on a quorum one (405);
+    /// - `x-delivery-limit: -1` (quorum queues): no delivery limit; a nack or reject with
+    ///   requeue (and `basic.recover`) then re-appends the message at the tail of the queue
+    ///   (at normal priority), while messages of a closed channel still go back to the front.
     pub fn queue_declare(
         &self,
         queue: &str,
@@ -594,7 +616,9 @@ impl Channel {
         ))
     }
 
-    /// `basic.get`: the head message, or `Ok(None)` if the queue is empty (§3.4).
+    /// `basic.get`: the head message (highest priority first on a priority queue), or
+    /// `Ok(None)` if the queue is empty (§3.4). A quorum queue with single active consumer
+    /// refuses it with 405, as RabbitMQ does.
     pub fn basic_get(&self, queue: &str, options: BasicGetOptions) -> Result<Option<GetMessage>> {
         let inner = &self.inner;
         let name = inner.queue_name(queue)?;
@@ -604,6 +628,14 @@ impl Channel {
                 .queue_for(&name, inner.conn.id)
                 .map(|m| snap.queues[&m.id].clone()),
         )?;
+        if cell.is_quorum() && cell.config().single_active_consumer {
+            return Err(inner.fail(AmqpError::new(
+                ReplyCode::ResourceLocked,
+                format!(
+                    "cannot obtain access to locked queue '{name}' in vhost '/'. basic.get operations are not supported by quorum queues with single active consumer"
+                ),
+            )));
+        }
         match cell.get(inner, options.no_ack) {
             GetOutcome::Got(delivery, remaining) => Ok(Some(GetMessage {
                 delivery,
@@ -827,14 +859,14 @@ impl ChannelInner {
     /// Requeues those of `tags` still outstanding; the rest are ignored.
     pub(crate) fn requeue_outstanding(&self, tags: &[u64]) {
         let taken = self.state.lock().handle_take_outstanding(tags);
-        self.apply(&taken, Settle::Requeue);
+        self.apply(&taken, Settle::Return);
     }
 
     pub(crate) fn cancel(&self, tag: &str) -> Result<()> {
         self.check_open()?;
         let record = self.state.lock().handle_cancel(tag);
         if let Some(record) = record {
-            self.cancel_in_queue(record, &self.broker.snapshot.load());
+            self.cancel_in_queue(record, &self.broker.snapshot.load(), true);
         }
         Ok(())
     }
@@ -843,13 +875,16 @@ impl ChannelInner {
     pub(crate) fn cancel_consumer(&self, tag: &str, id: ConsumerId) {
         let record = self.state.lock().handle_cancel_consumer(tag, id);
         if let Some(record) = record {
-            self.cancel_in_queue(record, &self.broker.snapshot.load());
+            self.cancel_in_queue(record, &self.broker.snapshot.load(), true);
         }
     }
 
     /// Removes a consumer from its queue (dropping its sender ends its iterator) and
-    /// auto-deletes the queue if that was its last consumer.
-    fn cancel_in_queue(&self, record: ConsumerRecord, snap: &Snapshot) {
+    /// auto-deletes the queue if that was its last consumer. With `hand_over`, a
+    /// single-active-consumer queue delivers to the consumer that takes over at once; a
+    /// closing channel delivers later, after requeueing what it held, so that the consumer
+    /// taking over receives those messages first.
+    fn cancel_in_queue(&self, record: ConsumerRecord, snap: &Snapshot, hand_over: bool) {
         if record.queue == REPLY_QUEUE {
             if let Some(address) = self.reply_address.lock().take() {
                 self.broker.replies.remove(&address);
@@ -862,6 +897,9 @@ impl ChannelInner {
         let mut s = cell.lock();
         s.core.handle_cancel(record.id);
         s.sinks.remove(&record.id);
+        if hand_over && !s.deleted && s.core.config().single_active_consumer {
+            cell.dispatch(&mut s);
+        }
         let unused = s.core.consumer_count() == 0;
         let auto_delete = cell.meta.auto_delete && unused;
         drop(s);
@@ -875,16 +913,33 @@ impl ChannelInner {
     }
 
     /// Closes the channel: cancels its consumers, then requeues its unacked messages in tag
-    /// order (§4.4). Closing twice does nothing.
+    /// order (§4.4), as returns (a quorum queue serves them first). A single-active-consumer
+    /// queue hands over to its next consumer only after that, so the new active consumer gets
+    /// the requeued messages (`rabbit_amqqueue_process` requeues before
+    /// `new_single_active_consumer_after_channel_down`). Closing twice does nothing.
     pub(crate) fn close_with(&self, cause: Arc<CloseCause>) {
         let closing = self.state.lock().handle_close(cause);
         self.closed.store(true, Ordering::Release);
         self.confirms.close();
         let snap = self.broker.snapshot.load_full();
+        let mut handed_over: SmallVec<[QueueId; 1]> = SmallVec::new();
         for (_, record) in closing.consumers {
-            self.cancel_in_queue(record, &snap);
+            handed_over.push(record.queue);
+            self.cancel_in_queue(record, &snap, false);
         }
-        self.apply(&closing.ledger, Settle::Requeue);
+        self.apply(&closing.ledger, Settle::Return);
+        handed_over.sort_unstable();
+        handed_over.dedup();
+        for q in handed_over {
+            if let Some(cell) = snap.queues.get(&q)
+                && cell.config().single_active_consumer
+            {
+                let mut s = cell.lock();
+                if !s.deleted {
+                    cell.dispatch(&mut s);
+                }
+            }
+        }
         self.broker.channels.lock().remove(&self.id);
     }
 

@@ -37,7 +37,7 @@ use crate::core::queue::dead_letter::{DeadLetterTarget, DeathReason};
 use crate::core::queue::expiration::parse_expiration;
 use crate::core::queue::{
     ConsumerId, Dispatch, Effect, Entry, Overflow, PolicyDefinition, Queue, QueueConfig, QueueKind,
-    Removal, Requeue,
+    Removal, Requeue, RequeueTo,
 };
 use crate::core::topology::QueueMeta;
 use crate::types::Message;
@@ -46,7 +46,11 @@ use crate::types::Message;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Settle {
     Ack,
+    /// The client sent them back: nack or reject with requeue, `basic.recover`.
     Requeue,
+    /// Their holder went away (channel closed, a consumer's receiver dropped): back to the
+    /// queue as returns (a quorum queue serves them first), never re-appended at the tail.
+    Return,
     Reject,
 }
 
@@ -770,24 +774,35 @@ impl QueueCell {
                 self.forget(&entry);
                 return Some(entry);
             }
-            Settle::Requeue => {
+            Settle::Requeue | Settle::Return => {
+                let to = if how == Settle::Requeue && s.core.config().requeues_to_tail() {
+                    RequeueTo::Tail(self.reserve_seq())
+                } else {
+                    RequeueTo::Return
+                };
                 if let Some(Requeue::Back {
+                    seq: now_seq,
                     message,
                     delivery_count,
                     enqueued_at_ms,
-                }) = s.core.handle_requeue(seq)
+                }) = s.core.handle_requeue(seq, to)
                     && let Some(p) = &self.persist
                     && message.properties.is_persistent()
                 {
                     let queue = self.meta.id.0;
+                    // A re-appended message is written under its new number before the old
+                    // record goes: a crash in between keeps it (twice), never loses it.
                     p.send(Job::Requeued {
                         queue,
-                        seq,
+                        seq: now_seq,
                         message,
                         delivery_count,
                         enqueued_at_ms,
                         held: None,
                     });
+                    if now_seq != seq {
+                        p.send(Job::Remove { queue, seq });
+                    }
                 }
             }
             Settle::Reject => _ = s.core.handle_reject(seq),

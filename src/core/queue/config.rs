@@ -1,5 +1,8 @@
 //! What a queue's arguments (and a policy, where one applies) make of it: its type, TTL,
 //! length limits and delivery limit (SEMANTICS.md §6, §7).
+//!
+//! Message priorities (`x-max-priority`) and single active consumer come from the arguments
+//! alone: RabbitMQ's policies cannot set them.
 
 use crate::types::FieldTable;
 
@@ -63,6 +66,12 @@ pub struct QueueConfig {
     /// Whether dead letters are at-least-once: a quorum queue asking for it with
     /// `x-overflow: reject-publish` (otherwise at-most-once, as RabbitMQ falls back).
     pub at_least_once: bool,
+    /// `x-max-priority` (classic queues, arguments only): the highest message priority the
+    /// queue tells apart; `None` or 0 is a plain FIFO. Quorum queues always have their two
+    /// priority levels and take no such argument.
+    pub max_priority: Option<u8>,
+    /// `x-single-active-consumer` (arguments only): one consumer receives at a time.
+    pub single_active_consumer: bool,
 }
 
 /// The queue settings a broker-level policy can give every queue whose name matches its
@@ -165,6 +174,14 @@ impl QueueConfig {
             overflow,
             delivery_limit,
             expires: lower(non_negative("x-expires"), p.expires),
+            max_priority: match kind {
+                QueueKind::Classic => arg("x-max-priority").and_then(|v| u8::try_from(v).ok()),
+                QueueKind::Quorum => None,
+            },
+            single_active_consumer: arguments
+                .get("x-single-active-consumer")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
         }
     }
 
@@ -173,6 +190,13 @@ impl QueueConfig {
     pub fn refuses_publishes(&self) -> bool {
         self.overflow != Overflow::DropHead
             && (self.max_length.is_some() || self.max_length_bytes.is_some())
+    }
+
+    /// Whether a client's requeue (nack/reject with requeue, `basic.recover`) re-appends the
+    /// message at the tail instead of returning it to the front: quorum queues without a
+    /// delivery limit, in RabbitMQ 4.0-4.2 ([`RequeueTo::Tail`](super::RequeueTo::Tail)).
+    pub fn requeues_to_tail(&self) -> bool {
+        self.kind == QueueKind::Quorum && self.delivery_limit.is_none()
     }
 
     /// Whether the queue has a length limit at all.

@@ -1,4 +1,18 @@
-//! A queue's consumers: prefetch credit and round-robin order within priority groups (§3.2).
+//! A queue's consumers: prefetch credit and round-robin order within priority groups (§3.2),
+//! or one active consumer at a time (`x-single-active-consumer`).
+//!
+//! Single active consumer, as RabbitMQ 4.2 does it
+//! (<https://www.rabbitmq.com/docs/consumers#single-active-consumer>):
+//! - the first consumer registered becomes active; the others wait, and only the active one
+//!   receives;
+//! - when the active one leaves (cancel, channel close), the waiting consumer of highest
+//!   priority becomes active, the earliest registered among equals
+//!   (`rabbit_queue_consumers:get_consumer/1` for classic queues, the sorted waiting list of
+//!   `rabbit_fifo` for quorum queues);
+//! - classic queues never take the role away from a live active consumer;
+//! - quorum queues (`rabbit_fifo:activate_next_consumer/2`): when a waiting consumer has a
+//!   higher priority than the active one, the active one gets no more messages ("quiescing")
+//!   and hands over as soon as it holds no unsettled delivery; it then waits like the others.
 
 use std::collections::HashMap;
 
@@ -38,21 +52,110 @@ impl Slot {
 #[derive(Debug, Default)]
 pub(super) struct Consumers {
     order: Vec<Slot>,
+    /// `Some` on a single-active-consumer queue.
+    single: Option<Single>,
+}
+
+/// Who receives on a single-active-consumer queue.
+#[derive(Clone, Copy, Debug)]
+struct Single {
+    /// A waiting consumer of higher priority takes over (quorum queues).
+    by_priority: bool,
+    /// The consumer that receives; `None` only when there is no consumer.
+    active: Option<ConsumerId>,
+    /// A higher-priority consumer waits for the active one to settle what it holds: the
+    /// active one receives nothing meanwhile.
+    quiescing: bool,
 }
 
 impl Consumers {
+    /// No consumers yet; `single_active` makes one consumer receive at a time, handing over
+    /// to a higher-priority one when `by_priority` (quorum queues).
+    pub(super) fn new(single_active: bool, by_priority: bool) -> Self {
+        Self {
+            order: Vec::new(),
+            single: single_active.then_some(Single {
+                by_priority,
+                active: None,
+                quiescing: false,
+            }),
+        }
+    }
+
     pub(super) fn add(&mut self, spec: ConsumerSpec) {
-        // After every consumer of the same or higher priority: joins the back of its group.
+        self.insert(Slot { spec, in_flight: 0 });
+        self.reconsider();
+    }
+
+    /// Joins the back of its priority group: after every consumer of the same or higher
+    /// priority.
+    fn insert(&mut self, slot: Slot) {
         let at = self
             .order
-            .partition_point(|s| s.spec.priority >= spec.priority);
-        self.order.insert(at, Slot { spec, in_flight: 0 });
+            .partition_point(|s| s.spec.priority >= slot.spec.priority);
+        self.order.insert(at, slot);
     }
 
     pub(super) fn remove(&mut self, id: ConsumerId) -> bool {
         let before = self.order.len();
         self.order.retain(|s| s.spec.id != id);
+        if let Some(single) = &mut self.single
+            && single.active == Some(id)
+        {
+            single.active = None;
+        }
+        self.reconsider();
         before != self.order.len()
+    }
+
+    /// Whether consumers take turns with one active at a time.
+    pub(super) fn is_single_active(&self) -> bool {
+        self.single.is_some()
+    }
+
+    /// The consumer that receives on a single-active-consumer queue.
+    pub(super) fn active(&self) -> Option<ConsumerId> {
+        self.single.and_then(|s| s.active)
+    }
+
+    /// Brings the single active consumer up to date after a change (a consumer came or left,
+    /// a delivery was settled): see the module doc. Costs nothing without single active
+    /// consumer.
+    fn reconsider(&mut self) {
+        let Some(single) = &mut self.single else {
+            return;
+        };
+        let current = single
+            .active
+            .and_then(|id| self.order.iter().position(|s| s.spec.id == id));
+        let Some(at) = current else {
+            // The first in service order: highest priority, earliest registered.
+            single.active = self.order.first().map(|s| s.spec.id);
+            single.quiescing = false;
+            return;
+        };
+        if !single.by_priority {
+            return;
+        }
+        let active = &self.order[at];
+        let challenger = self
+            .order
+            .iter()
+            .find(|s| s.spec.id != active.spec.id)
+            .filter(|c| c.spec.priority > active.spec.priority);
+        let Some(challenger) = challenger else {
+            single.quiescing = false;
+            return;
+        };
+        if active.spec.no_ack || active.in_flight == 0 {
+            single.active = Some(challenger.spec.id);
+            single.quiescing = false;
+            // The old active consumer waits at the back of its priority group.
+            let slot = self.order.remove(at);
+            self.insert(slot);
+        } else {
+            single.quiescing = true;
+        }
     }
 
     pub(super) fn len(&self) -> u32 {
@@ -69,6 +172,9 @@ impl Consumers {
         &mut self,
         mut admit: impl FnMut(ConsumerId) -> bool,
     ) -> Option<(ConsumerId, bool)> {
+        if let Some(single) = self.single {
+            return self.next_single(single, admit);
+        }
         let i = self
             .order
             .iter()
@@ -83,11 +189,33 @@ impl Consumers {
         Some(picked)
     }
 
+    /// [`Consumers::next_with_credit`] on a single-active-consumer queue: the active
+    /// consumer, if it may receive now.
+    fn next_single(
+        &mut self,
+        single: Single,
+        mut admit: impl FnMut(ConsumerId) -> bool,
+    ) -> Option<(ConsumerId, bool)> {
+        if single.quiescing {
+            return None;
+        }
+        let id = single.active?;
+        let slot = self.order.iter_mut().find(|s| s.spec.id == id)?;
+        if !(slot.has_credit() && (slot.spec.no_ack || admit(id))) {
+            return None;
+        }
+        slot.in_flight += 1;
+        Some((id, slot.spec.no_ack))
+    }
+
     /// A manual-ack delivery of `id` was settled.
     pub(super) fn settled(&mut self, id: ConsumerId) {
         if let Some(s) = self.order.iter_mut().find(|s| s.spec.id == id) {
             debug_assert!(s.in_flight > 0, "settled more than delivered");
             s.in_flight = s.in_flight.saturating_sub(1);
+            if s.in_flight == 0 {
+                self.reconsider();
+            }
         }
     }
 
@@ -130,6 +258,42 @@ impl Consumers {
             if s.spec.prefetch != 0 && s.in_flight > s.spec.prefetch {
                 return Err(format!("consumer {:?} over its prefetch", s.spec.id));
             }
+        }
+        self.check_single()
+    }
+
+    /// Single active consumer: an active consumer exactly when there are consumers, one of
+    /// them; waiting manual-ack consumers hold nothing; only a quorum queue quiesces, and only
+    /// for a waiting consumer of higher priority.
+    fn check_single(&self) -> Result<(), String> {
+        let Some(single) = self.single else {
+            return Ok(());
+        };
+        let Some(active) = single.active else {
+            return match self.order.is_empty() {
+                true => Ok(()),
+                false => Err("consumers but none active".into()),
+            };
+        };
+        let Some(slot) = self.order.iter().find(|s| s.spec.id == active) else {
+            return Err(format!("active consumer {active:?} is not registered"));
+        };
+        if let Some(w) = self
+            .order
+            .iter()
+            .find(|s| s.spec.id != active && !s.spec.no_ack && s.in_flight > 0)
+        {
+            return Err(format!("waiting consumer {:?} holds deliveries", w.spec.id));
+        }
+        let outranked = self
+            .order
+            .iter()
+            .any(|s| s.spec.priority > slot.spec.priority);
+        if single.quiescing && !(single.by_priority && outranked && slot.in_flight > 0) {
+            return Err("quiescing without a reason".into());
+        }
+        if single.by_priority && outranked && !single.quiescing {
+            return Err("a higher-priority consumer waits behind an idle active one".into());
         }
         Ok(())
     }

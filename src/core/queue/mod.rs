@@ -11,21 +11,35 @@
 //! message whose TTL is 0 may still go to a consumer that can take it at the instant it
 //! arrives; otherwise the housekeeping after that arrival expires it.
 //!
+//! Ready messages wait in lanes (`lanes.rs`): one FIFO lane for a plain classic queue, one
+//! lane per priority level for a classic queue with `x-max-priority`, two weighted lanes for a
+//! quorum queue. Delivery, `basic.get`, `drop-head` and TTL expiry all take the head as the
+//! lanes serve it (highest priority first), as RabbitMQ's fetch does. Consumers take turns
+//! round-robin within priority groups, or one at a time on a single-active-consumer queue
+//! (`consumers.rs`).
+//!
 //! # Invariants (checked by [`Queue::check_invariants`])
 //! - every message is in exactly one place: `returns`, `ready` or `unacked` (no sequence number
 //!   twice);
-//! - `ready` is ordered by sequence number (classic-queue requeue restores original positions);
-//!   `returns` (quorum queues' requeued messages, served first) keeps return order;
+//! - each lane of `ready` is ordered by sequence number (classic-queue requeue restores
+//!   original positions) and holds only messages of its own priority level; the lane lengths
+//!   add up to the ready count; `returns` (quorum queues' returned messages, served first)
+//!   keeps return order;
 //! - `timed` counts the waiting messages that have a deadline;
 //! - `ready_bytes` / `unacked_bytes` equal the body sizes of what each holds;
 //! - each consumer's `in_flight` equals the unacked entries it holds (manual-ack consumers) and
 //!   never exceeds its prefetch limit once settled;
-//! - consumer ids are unique; an exclusive consumer is the only consumer.
+//! - consumer ids are unique; an exclusive consumer is the only consumer;
+//! - on a single-active-consumer queue there is an active consumer exactly when there are
+//!   consumers, waiting manual-ack consumers hold no unacked message, and a quorum queue's
+//!   active consumer stops receiving ("quiesces") only while a waiting consumer has a higher
+//!   priority and it still holds unsettled deliveries.
 
 pub mod config;
 mod consumers;
 pub mod dead_letter;
 pub mod expiration;
+mod lanes;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -36,6 +50,7 @@ use smallvec::SmallVec;
 pub use config::{DeadLetterStrategy, Overflow, PolicyDefinition, QueueConfig, QueueKind};
 use consumers::Consumers;
 pub use consumers::{ConsumerId, ConsumerSpec};
+use lanes::{LaneKind, Lanes};
 
 use crate::types::Message;
 
@@ -123,11 +138,29 @@ impl Removal {
     }
 }
 
+/// Where [`Queue::handle_requeue`] puts a message back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequeueTo {
+    /// Where the queue's type puts returned messages: a classic queue at the original
+    /// position, a quorum queue in the returns lane, served first. Every requeue but a
+    /// client's on a queue that [re-appends](QueueConfig::requeues_to_tail) (and there, a
+    /// return because the holder went away: channel closed, receiver dropped).
+    Return,
+    /// A client's nack or reject with requeue (or `basic.recover`) on a quorum queue without
+    /// delivery limit: re-appended at the tail of the normal-priority lane under this new
+    /// sequence number, reserved by the caller, as RabbitMQ 4.0-4.2 re-enqueues it as a new
+    /// log entry. (After a restart it is back in the lane of its own priority, at that
+    /// number's position.)
+    Tail(u64),
+}
+
 /// What became of a message returned to the queue ([`Queue::handle_requeue`]).
 #[derive(Clone, Debug)]
 pub enum Requeue {
     /// It is back, waiting for its next delivery.
     Back {
+        /// Its sequence number now: a new one if it was re-appended ([`RequeueTo::Tail`]).
+        seq: u64,
         /// The message.
         message: Arc<Message>,
         /// Its new delivery count.
@@ -157,7 +190,9 @@ pub struct Queue {
     config: QueueConfig,
     /// Quorum queues' returned messages, delivered before `ready` (§4.3).
     returns: VecDeque<Entry>,
-    ready: VecDeque<Entry>,
+    /// Waiting messages other than returns, one lane per priority level the queue tells
+    /// apart.
+    ready: Lanes,
     /// Waiting messages (`returns` and `ready`) that have a deadline.
     timed: usize,
     /// A publish was accepted under `drop-head` limits: housekeeping checks the length.
@@ -186,8 +221,18 @@ impl Queue {
 
     /// An empty queue with the given configuration.
     pub fn with_config(config: QueueConfig) -> Self {
+        let lanes = match (config.kind, config.max_priority) {
+            (QueueKind::Quorum, _) => LaneKind::Weighted { served: 0 },
+            (QueueKind::Classic, Some(max)) if max > 0 => LaneKind::Strict { max },
+            (QueueKind::Classic, _) => LaneKind::Fifo,
+        };
         Self {
             config,
+            ready: Lanes::new(lanes),
+            consumers: Consumers::new(
+                config.single_active_consumer,
+                config.kind == QueueKind::Quorum,
+            ),
             ..Self::default()
         }
     }
@@ -199,8 +244,22 @@ impl Queue {
 
     /// Changes the configuration (a policy was set or cleared). Deadlines of messages already
     /// in the queue stay; a length limit now exceeded under `drop-head` drops from the head at
-    /// the next housekeeping (§7.3).
+    /// the next housekeeping (§7.3). The type, priorities and single active consumer come from
+    /// the arguments alone and do not change.
     pub fn set_config(&mut self, config: QueueConfig) {
+        debug_assert_eq!(
+            (
+                config.kind,
+                config.max_priority,
+                config.single_active_consumer
+            ),
+            (
+                self.config.kind,
+                self.config.max_priority,
+                self.config.single_active_consumer
+            ),
+            "a policy changed what only arguments decide"
+        );
         self.config = config;
         self.limit_check = config.has_length_limit() && config.overflow == Overflow::DropHead;
     }
@@ -300,7 +359,9 @@ impl Queue {
     }
 
     /// Removes a consumer (`basic.cancel`, channel close). Its unacked messages stay unacked
-    /// (SEMANTICS.md §4.4); returns whether it existed.
+    /// (§4.4); returns whether it existed. On a single-active-consumer queue the next waiting
+    /// consumer becomes active if this one was (the runtime delivers to it after requeueing
+    /// what a closed channel held, so that it gets those messages first).
     pub fn handle_cancel(&mut self, consumer: ConsumerId) -> bool {
         self.consumers.remove(consumer)
     }
@@ -342,10 +403,11 @@ impl Queue {
 
     /// Returns an unacked message to the queue (nack/reject with requeue, recover, channel loss),
     /// flagged redelivered, its delivery count incremented (§6.2): a classic queue puts it back
-    /// at its original position, a quorum queue at the front, after earlier returns (§4.3). A
-    /// count over the delivery limit removes it instead ([`Removal::DeliveryLimit`]). `None`
+    /// at its original position (in its priority lane), a quorum queue at the front, after
+    /// earlier returns, or at the tail under a new sequence number ([`RequeueTo::Tail`], §4.3).
+    /// A count over the delivery limit removes it instead ([`Removal::DeliveryLimit`]). `None`
     /// if the queue does not hold it.
-    pub fn handle_requeue(&mut self, seq: u64) -> Option<Requeue> {
+    pub fn handle_requeue(&mut self, seq: u64, to: RequeueTo) -> Option<Requeue> {
         let mut entry = self.take_unacked(seq)?;
         entry.delivered = true;
         entry.delivery_count = entry.delivery_count.saturating_add(1);
@@ -360,13 +422,30 @@ impl Queue {
             });
             return Some(Requeue::Removed);
         }
+        if let RequeueTo::Tail(fresh) = to {
+            debug_assert!(
+                self.config.requeues_to_tail(),
+                "only a quorum queue without delivery limit re-appends"
+            );
+            debug_assert!(
+                fresh >= self.next_seq,
+                "a re-appended message needs a new number"
+            );
+            entry.seq = fresh;
+            self.next_seq = self.next_seq.max(fresh + 1);
+        }
         let requeued = Requeue::Back {
+            seq: entry.seq,
             message: entry.message.clone(),
             delivery_count: entry.delivery_count,
             enqueued_at_ms: entry.enqueued_at_ms,
         };
-        match self.config.kind {
-            QueueKind::Classic => {
+        match (self.config.kind, to) {
+            (QueueKind::Quorum, RequeueTo::Tail(_)) => {
+                self.add_waiting(&entry);
+                self.ready.insert_normal(entry);
+            }
+            (QueueKind::Classic, _) => {
                 self.insert_ready(entry);
                 // A classic queue applies drop-head on requeue too (`requeue_and_run` calls
                 // `maybe_drop_head`), before anything is delivered.
@@ -374,7 +453,7 @@ impl Queue {
                     self.drop_over_limit();
                 }
             }
-            QueueKind::Quorum => self.push_return(entry),
+            (QueueKind::Quorum, RequeueTo::Return) => self.push_return(entry),
         }
         Some(requeued)
     }
@@ -413,7 +492,7 @@ impl Queue {
         self.ready_bytes = 0;
         self.timed = 0;
         let mut purged: Vec<Entry> = std::mem::take(&mut self.returns).into();
-        purged.extend(std::mem::take(&mut self.ready));
+        purged.extend(self.ready.take_all());
         purged
     }
 
@@ -445,7 +524,7 @@ impl Queue {
                 buffer.shrink_to(buffer.len() * 2);
             }
         }
-        shrink(&mut self.ready);
+        self.ready.shrink_with(shrink);
         shrink(&mut self.returns);
         let unacked = &mut self.unacked;
         if unacked.capacity() > BUFFER_SHRINK_MIN && unacked.len() <= unacked.capacity() / 4 {
@@ -456,7 +535,8 @@ impl Queue {
     // ---- output ---------------------------------------------------------------------------
 
     /// The next delivery to a consumer with credit, round-robin within the highest priority
-    /// that can take one (§3.2), or `None` when nothing more can be delivered now.
+    /// that can take one (§3.2), or only to the active consumer on a single-active-consumer
+    /// queue; `None` when nothing more can be delivered now.
     pub fn poll_dispatch(&mut self, now_ms: u64) -> Option<Dispatch> {
         self.poll_dispatch_with(now_ms, |_| true)
     }
@@ -518,9 +598,18 @@ impl Queue {
         self.unacked_bytes
     }
 
-    /// Number of consumers.
+    /// Number of consumers, waiting ones included on a single-active-consumer queue: the
+    /// `consumer_count` of declare-ok, as RabbitMQ counts it (classic queues:
+    /// `rabbit_queue_consumers:count/0` counts every registered consumer; quorum queues:
+    /// `rabbit_fifo:query_consumer_count/1` adds the waiting consumers to the active one).
     pub fn consumer_count(&self) -> u32 {
         self.consumers.len()
+    }
+
+    /// The consumer that receives on a single-active-consumer queue (`None` on other queues
+    /// and when there is no consumer).
+    pub fn active_consumer(&self) -> Option<ConsumerId> {
+        self.consumers.active()
     }
 
     /// Whether the queue ever had a consumer (auto-delete needs one, §1.6).
@@ -529,9 +618,15 @@ impl Queue {
     }
 
     /// Whether a new consumer may join: `Err` with RabbitMQ's reason if an exclusive consumer
-    /// holds the queue or an exclusive one is asked for while others exist (§3.1).
+    /// holds the queue, an exclusive one is asked for while others exist, or an exclusive one
+    /// is asked for on a classic single-active-consumer queue (`exclusive_consume_unavailable`
+    /// in `rabbit_amqqueue_process`).
     pub fn can_consume(&self, exclusive: bool) -> Result<(), ExclusiveUse> {
-        if self.consumers.has_exclusive() || (exclusive && self.consumers.len() > 0) {
+        let single_active =
+            self.consumers.is_single_active() && self.config.kind == QueueKind::Classic;
+        if self.consumers.has_exclusive()
+            || (exclusive && (self.consumers.len() > 0 || single_active))
+        {
             Err(ExclusiveUse)
         } else {
             Ok(())
@@ -543,7 +638,8 @@ impl Queue {
         self.unacked.contains_key(&seq)
     }
 
-    /// The ready messages, head first.
+    /// The ready messages: returns first, then lane by lane, highest priority first and FIFO
+    /// within a priority (a quorum queue interleaves its two lanes when it delivers).
     pub fn ready(&self) -> impl Iterator<Item = &Entry> {
         self.returns.iter().chain(self.ready.iter())
     }
@@ -566,12 +662,8 @@ impl Queue {
                 self.timed
             ));
         }
-        let mut prev = None;
-        for e in &self.ready {
-            if prev.is_some_and(|p| p >= e.seq) {
-                return Err(format!("ready not ordered by seq at {}", e.seq));
-            }
-            prev = Some(e.seq);
+        self.ready.check_invariants()?;
+        for e in self.ready.iter() {
             if !seen.insert(e.seq) || e.seq >= self.next_seq {
                 return Err(format!("seq {} duplicated or from the future", e.seq));
             }
@@ -695,14 +787,11 @@ impl Queue {
         Some(u.entry)
     }
 
-    /// Inserts at the position of the entry's sequence number (classic-queue requeue, §4.3).
+    /// Inserts at the position of the entry's sequence number in its priority lane
+    /// (classic-queue requeue, §4.3).
     fn insert_ready(&mut self, entry: Entry) {
         self.add_waiting(&entry);
-        let at = match self.ready.back() {
-            Some(last) if last.seq > entry.seq => self.ready.partition_point(|e| e.seq < entry.seq),
-            _ => self.ready.len(),
-        };
-        self.ready.insert(at, entry);
+        self.ready.insert(entry);
     }
 }
 
