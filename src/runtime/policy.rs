@@ -161,19 +161,10 @@ fn definition_table(d: &PolicyDefinition) -> FieldTable {
         t.insert("dead-letter-routing-key", FieldValue::from(v.as_str()));
     }
     if let Some(strategy) = d.dead_letter_strategy {
-        let name = match strategy {
-            DeadLetterStrategy::AtMostOnce => "at-most-once",
-            DeadLetterStrategy::AtLeastOnce => "at-least-once",
-        };
-        t.insert("dead-letter-strategy", FieldValue::from(name));
+        t.insert("dead-letter-strategy", FieldValue::from(strategy.name()));
     }
-    if let Some(o) = d.overflow {
-        let name = match o {
-            Overflow::DropHead => "drop-head",
-            Overflow::RejectPublish => "reject-publish",
-            Overflow::RejectPublishDlx => "reject-publish-dlx",
-        };
-        t.insert("overflow", FieldValue::from(name));
+    if let Some(overflow) = d.overflow {
+        t.insert("overflow", FieldValue::from(overflow.name()));
     }
     t
 }
@@ -208,19 +199,16 @@ fn definition_from_table(t: &FieldTable) -> std::result::Result<PolicyDefinition
             "dead-letter-exchange" => d.dead_letter_exchange = Some(text()?),
             "dead-letter-routing-key" => d.dead_letter_routing_key = Some(text()?),
             "dead-letter-strategy" => {
-                d.dead_letter_strategy = Some(match text()?.as_str() {
-                    "at-most-once" => DeadLetterStrategy::AtMostOnce,
-                    "at-least-once" => DeadLetterStrategy::AtLeastOnce,
-                    other => return Err(format!("unknown dead-letter-strategy '{other}'")),
-                })
+                let name = text()?;
+                let strategy = DeadLetterStrategy::from_name(&name)
+                    .ok_or_else(|| format!("unknown dead-letter-strategy '{name}'"))?;
+                d.dead_letter_strategy = Some(strategy);
             }
             "overflow" => {
-                d.overflow = Some(match text()?.as_str() {
-                    "drop-head" => Overflow::DropHead,
-                    "reject-publish" => Overflow::RejectPublish,
-                    "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                    other => return Err(format!("unknown overflow '{other}'")),
-                })
+                let name = text()?;
+                let overflow = Overflow::from_name(&name)
+                    .ok_or_else(|| format!("unknown overflow '{name}'"))?;
+                d.overflow = Some(overflow);
             }
             other => return Err(format!("unknown policy key '{other}'")),
         }

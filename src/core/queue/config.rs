@@ -42,6 +42,46 @@ pub enum DeadLetterStrategy {
     AtLeastOnce,
 }
 
+impl Overflow {
+    /// The mode named `name` as RabbitMQ names it (`x-overflow`, policy `overflow`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "drop-head" => Some(Self::DropHead),
+            "reject-publish" => Some(Self::RejectPublish),
+            "reject-publish-dlx" => Some(Self::RejectPublishDlx),
+            _ => None,
+        }
+    }
+
+    /// RabbitMQ's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DropHead => "drop-head",
+            Self::RejectPublish => "reject-publish",
+            Self::RejectPublishDlx => "reject-publish-dlx",
+        }
+    }
+}
+
+impl DeadLetterStrategy {
+    /// The strategy named `name` as RabbitMQ names it (`x-dead-letter-strategy`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "at-most-once" => Some(Self::AtMostOnce),
+            "at-least-once" => Some(Self::AtLeastOnce),
+            _ => None,
+        }
+    }
+
+    /// RabbitMQ's name of the strategy.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AtMostOnce => "at-most-once",
+            Self::AtLeastOnce => "at-least-once",
+        }
+    }
+}
+
 /// The delivery limit quorum queues get when none is set (RabbitMQ 4.0 and later).
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 
@@ -122,12 +162,10 @@ impl QueueConfig {
             Some("quorum") => QueueKind::Quorum,
             _ => QueueKind::Classic,
         };
-        let arg_overflow = match arguments.get("x-overflow").and_then(|v| v.as_str()) {
-            Some("drop-head") => Some(Overflow::DropHead),
-            Some("reject-publish") => Some(Overflow::RejectPublish),
-            Some("reject-publish-dlx") => Some(Overflow::RejectPublishDlx),
-            _ => None,
-        };
+        let arg_overflow = arguments
+            .get("x-overflow")
+            .and_then(|v| v.as_str())
+            .and_then(Overflow::from_name);
         let overflow = match kind {
             QueueKind::Classic => arg_overflow.or(p.overflow),
             QueueKind::Quorum => p.overflow.or(arg_overflow),
@@ -154,14 +192,11 @@ impl QueueConfig {
         };
         // The argument wins over the policy, as for the dead-letter exchange
         // (`queue_arg_has_precedence` in rabbit_quorum_queue's dead-letter handler).
-        let strategy = match arguments
+        let strategy = arguments
             .get("x-dead-letter-strategy")
             .and_then(|v| v.as_str())
-        {
-            Some("at-least-once") => Some(DeadLetterStrategy::AtLeastOnce),
-            Some("at-most-once") => Some(DeadLetterStrategy::AtMostOnce),
-            _ => p.dead_letter_strategy,
-        };
+            .and_then(DeadLetterStrategy::from_name)
+            .or(p.dead_letter_strategy);
         let at_least_once = kind == QueueKind::Quorum
             && strategy == Some(DeadLetterStrategy::AtLeastOnce)
             && overflow == Overflow::RejectPublish;
