@@ -16,13 +16,6 @@ use coney::*;
 
 const RETRY: Duration = Duration::from_millis(180_000);
 
-fn durable() -> QueueDeclareOptions {
-    QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    }
-}
-
 fn at_least_once(dlx: &str) -> FieldTable {
     FieldTable::new()
         .with("x-queue-type", "quorum")

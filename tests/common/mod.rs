@@ -311,3 +311,11 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// Declare options of a durable queue.
+pub fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
