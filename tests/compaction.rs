@@ -112,8 +112,11 @@ fn a_drained_backlog_gives_its_disk_back_and_a_second_one_does_not_grow_it() {
             "cycle {cycle}: a compacted store is not due again"
         );
     }
+    // A peak depends on how the flusher grouped publishes and acks (how many records an ack
+    // cancelled before they were written), which varies by up to ~15% on a loaded machine; a
+    // store that kept the first backlog would take about twice the first peak.
     assert!(
-        peaks[1] <= peaks[0] + peaks[0] / 10,
+        peaks[1] <= peaks[0] + peaks[0] / 2,
         "the second backlog took {} bytes, the first {}",
         peaks[1],
         peaks[0]
