@@ -1,0 +1,531 @@
+//! The shop as a library: its configuration and [`run`], which opens the broker and the
+//! services' store, starts the services as threads, creates the orders, injects the faults
+//! asked for, waits until every order is settled and the queues are empty, and checks the
+//! invariant. `main.rs` parses flags and prints; the tests include this module.
+
+#[path = "error.rs"]
+pub mod error;
+#[path = "inventory.rs"]
+pub mod inventory;
+#[path = "invariant.rs"]
+pub mod invariant;
+#[path = "model.rs"]
+pub mod model;
+#[path = "order.rs"]
+pub mod order;
+#[path = "payment.rs"]
+pub mod payment;
+#[path = "report.rs"]
+pub mod report;
+#[path = "service.rs"]
+pub mod service;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use coney::{
+    Broker, Channel, ConfirmSelectOptions, ExchangeKind, FieldTable, QueueDeclareOptions,
+};
+
+pub use error::AppError;
+use model::{
+    DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, INVENTORY_QUEUE, ORDER_QUEUE, PAYMENT_DELIVERY_LIMIT,
+    PAYMENT_QUEUE, QUEUES,
+};
+use order::{DeadLetterService, OrderService, OrderStatus, OrderStore};
+use payment::{PaymentService, PaymentStore};
+use inventory::{InventoryService, InventoryStore};
+pub use report::Report;
+use service::{Control, Service, SharedTally, Tally};
+
+/// How the order service gets its payments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Publish the request to `payment_queue`, read the result from `order_queue` later.
+    FireAndForget,
+    /// Call the payment service and wait for its reply (`coney::rpc`).
+    RequestReply,
+}
+
+impl Mode {
+    /// Its flag spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::FireAndForget => "fire-and-forget",
+            Mode::RequestReply => "request-reply",
+        }
+    }
+}
+
+/// What a run does.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Orders in all (a resumed run creates those missing).
+    pub orders: u64,
+    /// Orders created per second; `None`: as fast as they go.
+    pub rate: Option<f64>,
+    /// Probability that one payment attempt fails.
+    pub payment_failure_rate: f64,
+    /// Seeds every draw (order contents, payment failures).
+    pub seed: u64,
+    /// How payments are asked for.
+    pub mode: Mode,
+    /// The data directory; `None`: a fresh temporary one, removed at the end.
+    pub data: Option<PathBuf>,
+    /// Takes the payment service off its queue for this long, once a quarter of the orders
+    /// are created.
+    pub payment_down: Option<Duration>,
+    /// Aborts the process after this many orders created by this run.
+    pub crash_after: Option<u64>,
+    /// Reopens `data` and finishes the run found there.
+    pub resume: bool,
+    /// Gives up (and reports what is missing) after this long.
+    pub deadline: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            orders: 20_000,
+            rate: None,
+            payment_failure_rate: 0.0,
+            seed: 42,
+            mode: Mode::FireAndForget,
+            data: None,
+            payment_down: None,
+            crash_after: None,
+            resume: false,
+            deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What [`run`] reports while it goes.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Orders created.
+    pub created: u64,
+    /// Paid.
+    pub paid: u64,
+    /// Declined.
+    pub failed: u64,
+    /// Dead-lettered.
+    pub dead_lettered: u64,
+    /// Stock updates applied.
+    pub stock_updates: u64,
+    /// Ready messages per queue, as [`QUEUES`].
+    pub ready: [u32; 4],
+    /// Whether the payment service is off its queue.
+    pub payment_down: bool,
+    /// Since the run started.
+    pub elapsed: Duration,
+}
+
+/// Orders created per batch: one store flush and one wait for confirms each.
+const CREATE_BATCH: u64 = 256;
+/// How often the run looks at its progress.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Runs the shop as `config` says, calling `on_progress` every tick.
+pub fn run(config: &Config, on_progress: &mut dyn FnMut(&Progress)) -> Result<Report, AppError> {
+    validate(config)?;
+    let dir = DataDir::new(config)?;
+    let result = run_in(config, dir.path(), on_progress);
+    drop(dir);
+    result
+}
+
+fn validate(config: &Config) -> Result<(), AppError> {
+    if !(0.0..=1.0).contains(&config.payment_failure_rate) {
+        return Err(AppError::Usage(format!(
+            "--payment-failure-rate must be within 0..=1, not {}",
+            config.payment_failure_rate
+        )));
+    }
+    if let Some(rate) = config.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(AppError::Usage(format!("--rate must be a positive number, not {rate}")));
+    }
+    if config.resume && config.data.is_none() {
+        return Err(AppError::Usage("--resume needs --data DIR (the directory of the run to finish)".into()));
+    }
+    if config.mode == Mode::RequestReply {
+        return Err(AppError::Usage(
+            "--mode request-reply is not available in this build: it needs coney::rpc, which has not landed yet".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The data directory: given, or a temporary one removed when dropped.
+struct DataDir {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl DataDir {
+    fn new(config: &Config) -> Result<DataDir, AppError> {
+        let (path, temporary) = match &config.data {
+            Some(path) => (path.clone(), false),
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                let name = format!("coney-shop-{}-{nanos}", std::process::id());
+                (std::env::temp_dir().join(name), true)
+            }
+        };
+        let shop = path.join("shop");
+        if config.resume && !shop.exists() {
+            return Err(AppError::Usage(format!("--resume: {} holds no shop run", path.display())));
+        }
+        if !config.resume && shop.exists() {
+            return Err(AppError::Usage(format!(
+                "{} holds an earlier run: pass --resume to finish it, or another --data",
+                path.display()
+            )));
+        }
+        std::fs::create_dir_all(&path).map_err(|source| AppError::Io {
+            what: format!("creating {}", path.display()),
+            source,
+        })?;
+        Ok(DataDir { path, temporary })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The shop's queues and dead-letter exchange, all durable, none exclusive or auto-delete.
+pub fn declare_topology(channel: &Channel) -> Result<(), AppError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel.exchange_declare(
+        DEAD_LETTER_EXCHANGE,
+        ExchangeKind::Fanout,
+        coney::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::new(),
+    )?;
+    channel.queue_declare(DEAD_LETTER_QUEUE, durable, FieldTable::new())?;
+    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "", Default::default(), FieldTable::new())?;
+    let payment_args = FieldTable::new()
+        .with("x-queue-type", "quorum")
+        .with("x-delivery-limit", i64::from(PAYMENT_DELIVERY_LIMIT))
+        .with("x-dead-letter-exchange", DEAD_LETTER_EXCHANGE);
+    channel.queue_declare(PAYMENT_QUEUE, durable, payment_args)?;
+    channel.queue_declare(ORDER_QUEUE, durable, FieldTable::new())?;
+    channel.queue_declare(INVENTORY_QUEUE, durable, FieldTable::new())?;
+    Ok(())
+}
+
+/// A service running on its thread.
+struct Running {
+    name: &'static str,
+    control: Arc<Control>,
+    thread: JoinHandle<Result<(), AppError>>,
+}
+
+fn start(broker: &Broker, service: impl Service) -> Result<Running, AppError> {
+    let name = service.name();
+    let control = Arc::new(Control::default());
+    let thread = {
+        let broker = broker.clone();
+        let control = control.clone();
+        std::thread::Builder::new()
+            .name(format!("shop-{name}"))
+            .spawn(move || service::run(&broker, service, &control))
+            .map_err(|source| AppError::Io { what: format!("starting {name}"), source })?
+    };
+    Ok(Running { name, control, thread })
+}
+
+fn stop_all(services: Vec<Running>) -> Result<(), AppError> {
+    for s in &services {
+        s.control.stop();
+    }
+    let mut first = Ok(());
+    for s in services {
+        let r = s.thread.join().unwrap_or(Err(AppError::Panicked(s.name)));
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
+fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -> Result<Report, AppError> {
+    let started = Instant::now();
+    let broker = Broker::open(dir.join("broker"))?;
+    let db = sled::Config::new().path(dir.join("shop")).open()?;
+    let orders = OrderStore::open(&db)?;
+    let payments = PaymentStore::open(&db)?;
+    let inventory = InventoryStore::open(&db)?;
+    let conn = broker.connect();
+    let admin = conn.channel()?;
+    declare_topology(&admin)?;
+
+    let seed = match orders.seed()? {
+        Some(stored) => {
+            if stored != config.seed {
+                tracing::info!(stored, flag = config.seed, "resuming with the first run's seed");
+            }
+            stored
+        }
+        None => {
+            inventory.stock_up()?;
+            orders.set_seed(config.seed)?;
+            config.seed
+        }
+    };
+    let tally: SharedTally = Arc::new(Tally::default());
+    count_settled(&orders, &inventory, &tally)?;
+    let created_before = orders.created()?;
+    if created_before > config.orders {
+        return Err(AppError::Usage(format!(
+            "{created_before} orders exist already, more than --orders {}",
+            config.orders
+        )));
+    }
+
+    let mut services = vec![
+        start(&broker, OrderService::new(orders.clone(), tally.clone()))?,
+        start(&broker, DeadLetterService::new(orders.clone(), tally.clone()))?,
+        start(&broker, PaymentService::new(payments.clone(), tally.clone(), seed, config.payment_failure_rate))?,
+        start(&broker, InventoryService::new(inventory.clone(), tally.clone()))?,
+    ];
+    let payment_control = services[2].control.clone();
+
+    let creator_channel = conn.channel()?;
+    creator_channel.confirm_select(ConfirmSelectOptions::default())?;
+    let republished = if config.resume {
+        order::republish_unconfirmed(&orders, &creator_channel)?
+    } else {
+        0
+    };
+    let creating = Arc::new(AtomicBool::new(true));
+    let creator = {
+        let (orders, tally, creating) = (orders.clone(), tally.clone(), creating.clone());
+        let (total, rate, crash_after) = (config.orders, config.rate, config.crash_after);
+        std::thread::Builder::new()
+            .name("shop-creator".into())
+            .spawn(move || {
+                let r = create_orders(&orders, &creator_channel, seed, total, rate, crash_after, &tally);
+                creating.store(false, Ordering::SeqCst);
+                r
+            })
+            .map_err(|source| AppError::Io { what: "starting the creator".into(), source })?
+    };
+
+    let to_create = config.orders - created_before;
+    let mut down: Option<Instant> = None;
+    let mut down_done = config.payment_down.is_none();
+    let mut peak = 0u32;
+    let mut timed_out = false;
+    loop {
+        std::thread::sleep(TICK);
+        let ready = ready_counts(&admin)?;
+        peak = peak.max(ready[0]);
+        let created_now = Tally::get(&tally.created).max(created_before);
+        // The payment service goes down once a quarter of this run's orders exist.
+        if let (Some(length), false) = (config.payment_down, down_done) {
+            match down {
+                None if created_now - created_before >= to_create / 4 => {
+                    tracing::info!(?length, "payment service going down");
+                    payment_control.set_paused(true);
+                    down = Some(Instant::now());
+                }
+                Some(since) if since.elapsed() >= length => {
+                    tracing::info!("payment service back");
+                    payment_control.set_paused(false);
+                    down_done = true;
+                }
+                _ => {}
+            }
+        }
+        let progress = Progress {
+            created: created_now,
+            paid: Tally::get(&tally.paid),
+            failed: Tally::get(&tally.failed),
+            dead_lettered: Tally::get(&tally.dead_lettered),
+            stock_updates: Tally::get(&tally.stock_updates),
+            ready,
+            payment_down: down.is_some() && !down_done,
+            elapsed: started.elapsed(),
+        };
+        on_progress(&progress);
+        if let Some(s) = services.iter().find(|s| s.thread.is_finished()) {
+            let name = s.name;
+            let index = services.iter().position(|s| s.name == name).expect("found above");
+            let failed = services.swap_remove(index);
+            let _ = stop_all(services);
+            return Err(failed.thread.join().unwrap_or(Err(AppError::Panicked(name))).err().unwrap_or_else(|| AppError::Usage(format!("{name} stopped early"))));
+        }
+        if creator.is_finished() && creating.load(Ordering::SeqCst) {
+            unreachable!("the creator clears the flag before it returns");
+        }
+        let settled = progress.paid + progress.failed + progress.dead_lettered;
+        if !creating.load(Ordering::SeqCst)
+            && down_done
+            && progress.created == config.orders
+            && settled == config.orders
+            && progress.stock_updates == progress.paid
+            && ready.iter().all(|&n| n == 0)
+        {
+            break;
+        }
+        if started.elapsed() > config.deadline {
+            tracing::error!(?config.deadline, "deadline passed before every order settled");
+            timed_out = true;
+            break;
+        }
+    }
+    let creator_result = creator.join().unwrap_or(Err(AppError::Panicked("creator")));
+    let queues_live = report::all_queue_stats(&broker, &admin)?;
+    stop_all(services)?;
+    creator_result?;
+    // Consumers as they were while running; lengths once the services settled their last
+    // batch.
+    let queues = report::all_queue_stats(&broker, &admin)?
+        .into_iter()
+        .zip(queues_live)
+        .map(|(after, live)| report::QueueStats { consumers: live.consumers, ..after })
+        .collect::<Vec<_>>();
+    let audit = invariant::check(&orders, &payments, &inventory, config.orders)?;
+    let elapsed = started.elapsed();
+    drop(admin);
+    drop(conn);
+    broker.close()?;
+    db.flush()?;
+    let settled_here = audit.orders - audit.pending;
+    let payment_attempts = Tally::get(&tally.payment_attempts);
+    let payment_failures = Tally::get(&tally.payment_failures);
+    let mut audit = audit;
+    if queues.iter().any(|q| q.ready > 0) {
+        audit.holds = false;
+        audit.violation_count += 1;
+        audit.violations.push(format!(
+            "messages left in queues: {:?}",
+            queues.iter().map(|q| (q.name.as_str(), q.ready)).collect::<Vec<_>>()
+        ));
+    }
+    Ok(Report {
+        mode: config.mode.name().to_owned(),
+        seed,
+        resumed: config.resume,
+        orders_asked: config.orders,
+        created_this_run: audit.orders.saturating_sub(created_before),
+        republished,
+        elapsed_s: elapsed.as_secs_f64(),
+        orders_per_s: settled_here.saturating_sub(settled_before(&tally)) as f64 / report::secs(elapsed),
+        payment_attempts,
+        payment_failures,
+        error_rate: if payment_attempts == 0 { 0.0 } else { payment_failures as f64 / payment_attempts as f64 },
+        repeats: Tally::get(&tally.repeats),
+        payment_queue_peak: peak,
+        queues,
+        latency: report::Latency::of(&audit.latencies_ms),
+        audit,
+        timed_out,
+    })
+}
+
+/// Orders settled before this run started (a resume): kept aside so the rate is this run's.
+fn settled_before(tally: &Tally) -> u64 {
+    Tally::get(&tally.settled_before)
+}
+
+/// Starts the tally from the stores (a resumed run counts what the first one settled).
+fn count_settled(orders: &OrderStore, inventory: &InventoryStore, tally: &Tally) -> Result<(), AppError> {
+    let (mut paid, mut failed, mut dead) = (0, 0, 0);
+    for order in orders.all() {
+        match order?.status {
+            OrderStatus::Created => {}
+            OrderStatus::Paid => paid += 1,
+            OrderStatus::Failed => failed += 1,
+            OrderStatus::DeadLettered => dead += 1,
+        }
+    }
+    tally.created.store(orders.created()?, Ordering::Relaxed);
+    tally.paid.store(paid, Ordering::Relaxed);
+    tally.failed.store(failed, Ordering::Relaxed);
+    tally.dead_lettered.store(dead, Ordering::Relaxed);
+    tally.settled_before.store(paid + failed + dead, Ordering::Relaxed);
+    tally.stock_updates.store(inventory.applied()?.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Creates orders up to `total`, in batches, at `rate` if given; aborts the process after
+/// `crash_after` orders created by this call.
+fn create_orders(
+    orders: &OrderStore,
+    channel: &Channel,
+    seed: u64,
+    total: u64,
+    rate: Option<f64>,
+    crash_after: Option<u64>,
+    tally: &Tally,
+) -> Result<(), AppError> {
+    let start = Instant::now();
+    let first = orders.created()?;
+    let mut next = first;
+    while next < total {
+        let mut batch = CREATE_BATCH.min(total - next);
+        if let Some(rate) = rate {
+            let due = (rate * start.elapsed().as_secs_f64()) as u64;
+            let allowed = due.saturating_sub(next - first);
+            if allowed == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            batch = batch.min(allowed);
+        }
+        if let Some(n) = crash_after {
+            batch = batch.min((first + n).saturating_sub(next).max(1));
+        }
+        order::create_and_request(orders, channel, seed, next..next + batch, tally)?;
+        next += batch;
+        if crash_after.is_some_and(|n| next - first >= n) {
+            // A crash, as a power cut or a kill -9 would make it: no destructor runs.
+            eprintln!("crashing after {} orders created (--crash-after)", next - first);
+            std::process::abort();
+        }
+    }
+    Ok(())
+}
+
+/// Ready messages of every shop queue, as [`QUEUES`].
+fn ready_counts(channel: &Channel) -> Result<[u32; 4], AppError> {
+    let mut ready = [0; 4];
+    for (n, queue) in ready.iter_mut().zip(QUEUES) {
+        *n = channel
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::new(),
+            )?
+            .message_count;
+    }
+    Ok(ready)
+}

@@ -1,0 +1,183 @@
+//! The run's report: per-queue figures from the broker, latency percentiles, the invariant's
+//! audit, as a table for people or JSON for programs.
+//!
+//! Queue figures come from a passive `queue.declare` (ready messages, consumers) and
+//! `Broker::death_stats` (dead-lettered, dropped); the broker has no unacked count in its
+//! public API yet, so it shows as unknown.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use coney::{Broker, Channel, FieldTable, QueueDeclareOptions};
+use serde::Serialize;
+
+use super::error::AppError;
+use super::invariant::Audit;
+use super::model::QUEUES;
+
+/// One queue's figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct QueueStats {
+    /// The queue.
+    pub name: String,
+    /// Messages ready.
+    pub ready: u32,
+    /// Messages delivered and not yet settled (`None`: the broker does not say yet).
+    pub unacked: Option<u32>,
+    /// Consumers.
+    pub consumers: u32,
+    /// Messages the queue dead-lettered, all reasons.
+    pub dead_lettered: u64,
+    /// Messages the queue dropped (no dead-letter target), all reasons.
+    pub dropped: u64,
+}
+
+/// Ready messages and consumers of `queue` (passive declare).
+pub fn queue_stats(broker: &Broker, channel: &Channel, queue: &str) -> Result<QueueStats, AppError> {
+    let ok = channel.queue_declare(
+        queue,
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::new(),
+    )?;
+    let deaths = broker.death_stats(queue).unwrap_or_default();
+    let total = |r: coney::ReasonCounts| r.rejected + r.expired + r.maxlen + r.delivery_limit;
+    Ok(QueueStats {
+        name: queue.to_owned(),
+        ready: ok.message_count,
+        unacked: None,
+        consumers: ok.consumer_count,
+        dead_lettered: total(deaths.dead_lettered),
+        dropped: total(deaths.dropped),
+    })
+}
+
+/// The figures of every shop queue.
+pub fn all_queue_stats(broker: &Broker, channel: &Channel) -> Result<Vec<QueueStats>, AppError> {
+    QUEUES
+        .iter()
+        .map(|q| queue_stats(broker, channel, q))
+        .collect()
+}
+
+/// Create -> final state percentiles, in ms.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Orders measured.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: u64,
+    /// 99th percentile.
+    pub p99_ms: u64,
+    /// Slowest.
+    pub max_ms: u64,
+}
+
+impl Latency {
+    /// Percentiles of `samples_ms` (3 significant figures).
+    pub fn of(samples_ms: &[u64]) -> Latency {
+        let Ok(mut h) = hdrhistogram::Histogram::<u64>::new(3) else {
+            return Latency::default();
+        };
+        for &ms in samples_ms {
+            h.saturating_record(ms);
+        }
+        Latency {
+            count: h.len(),
+            p50_ms: h.value_at_quantile(0.5),
+            p99_ms: h.value_at_quantile(0.99),
+            max_ms: h.max(),
+        }
+    }
+}
+
+/// Everything a run reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// `fire-and-forget` or `request-reply`.
+    pub mode: String,
+    /// The seed (a resumed run keeps the first run's).
+    pub seed: u64,
+    /// Whether this run resumed an earlier one.
+    pub resumed: bool,
+    /// Orders asked for in all.
+    pub orders_asked: u64,
+    /// Orders this run created (a resumed run creates the rest).
+    pub created_this_run: u64,
+    /// Payment requests a resumed run republished (their first publish was not confirmed).
+    pub republished: u64,
+    /// This run's wall time, in seconds.
+    pub elapsed_s: f64,
+    /// Orders settled by this run per second of it.
+    pub orders_per_s: f64,
+    /// Payment attempts this run (deliveries of undecided requests).
+    pub payment_attempts: u64,
+    /// Of which failed and were retried or dead-lettered.
+    pub payment_failures: u64,
+    /// `payment_failures / payment_attempts`.
+    pub error_rate: f64,
+    /// Deliveries found already handled (redeliveries, republished requests) this run.
+    pub repeats: u64,
+    /// Most ready messages seen in `payment_queue` while running.
+    pub payment_queue_peak: u32,
+    /// Per queue, at the end.
+    pub queues: Vec<QueueStats>,
+    /// Create -> final state.
+    pub latency: Latency,
+    /// The invariant check and the counts it is made of.
+    pub audit: Audit,
+    /// Whether the run hit its deadline before everything settled.
+    pub timed_out: bool,
+}
+
+impl Report {
+    /// Whether the run settled everything and the invariant holds.
+    pub fn ok(&self) -> bool {
+        self.audit.holds && !self.timed_out
+    }
+
+    /// The report as a table.
+    pub fn to_table(&self) -> String {
+        let a = &self.audit;
+        let mut s = String::new();
+        let _ = writeln!(s, "coney shop: {} mode, seed {}{}", self.mode, self.seed, if self.resumed { ", resumed" } else { "" });
+        let _ = writeln!(s, "  orders created      {:>10}   (this run: {}, republished: {})", a.orders, self.created_this_run, self.republished);
+        let _ = writeln!(s, "  paid                {:>10}", a.paid);
+        let _ = writeln!(s, "  failed (declined)   {:>10}", a.failed);
+        let reasons: Vec<String> = a.dead_letter_reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+        let _ = writeln!(s, "  dead-lettered       {:>10}   ({})", a.dead_lettered, if reasons.is_empty() { "none".to_owned() } else { reasons.join(", ") });
+        let _ = writeln!(s, "  stock updates       {:>10}", a.stock_updates);
+        let _ = writeln!(s, "  charges             {:>10}", a.charges);
+        let _ = writeln!(s, "  elapsed             {:>10.2} s   ({:.0} orders/s)", self.elapsed_s, self.orders_per_s);
+        let _ = writeln!(s, "  payment attempts    {:>10}   (failed {}, error rate {:.2}%)", self.payment_attempts, self.payment_failures, 100.0 * self.error_rate);
+        let _ = writeln!(s, "  repeats handled     {:>10}", self.repeats);
+        let _ = writeln!(s, "  latency create->final  p50 {} ms, p99 {} ms, max {} ms ({} orders)", self.latency.p50_ms, self.latency.p99_ms, self.latency.max_ms, self.latency.count);
+        let _ = writeln!(s, "  payment_queue peak  {:>10} ready", self.payment_queue_peak);
+        let _ = writeln!(s);
+        let _ = writeln!(s, "  {:<16} {:>8} {:>8} {:>10} {:>14} {:>8}", "queue", "ready", "unacked", "consumers", "dead-lettered", "dropped");
+        for q in &self.queues {
+            let unacked = q.unacked.map_or_else(|| "-".to_owned(), |n| n.to_string());
+            let _ = writeln!(s, "  {:<16} {:>8} {:>8} {:>10} {:>14} {:>8}", q.name, q.ready, unacked, q.consumers, q.dead_lettered, q.dropped);
+        }
+        let _ = writeln!(s);
+        if self.timed_out {
+            let _ = writeln!(s, "  DEADLINE: the run did not settle in time ({} orders still pending)", a.pending);
+        }
+        if a.holds {
+            let _ = writeln!(s, "  INVARIANT holds: every order paid with its stock updated once, failed, or dead-lettered with its reason; none lost, none processed twice");
+        } else {
+            let _ = writeln!(s, "  INVARIANT BROKEN: {} violations", a.violation_count);
+            for v in &a.violations {
+                let _ = writeln!(s, "    - {v}");
+            }
+        }
+        s
+    }
+}
+
+/// Seconds as f64, for rates.
+pub fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(1e-9)
+}
