@@ -5,10 +5,10 @@
 
 #[path = "error.rs"]
 pub mod error;
-#[path = "inventory.rs"]
-pub mod inventory;
 #[path = "invariant.rs"]
 pub mod invariant;
+#[path = "inventory.rs"]
+pub mod inventory;
 #[path = "model.rs"]
 pub mod model;
 #[path = "order.rs"]
@@ -26,18 +26,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use coney::{
-    Broker, Channel, ConfirmSelectOptions, ExchangeKind, FieldTable, QueueDeclareOptions,
-};
+use coney::{Broker, Channel, ConfirmSelectOptions, ExchangeKind, FieldTable, QueueDeclareOptions};
 
 pub use error::AppError;
+use inventory::{InventoryService, InventoryStore};
 use model::{
     DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, INVENTORY_QUEUE, ORDER_QUEUE, PAYMENT_DELIVERY_LIMIT,
     PAYMENT_QUEUE, QUEUES,
 };
 use order::{DeadLetterService, OrderService, OrderStatus, OrderStore};
 use payment::{PaymentService, PaymentStore};
-use inventory::{InventoryService, InventoryStore};
 pub use report::Report;
 use service::{Control, Service, SharedTally, Tally};
 
@@ -148,10 +146,14 @@ fn validate(config: &Config) -> Result<(), AppError> {
     if let Some(rate) = config.rate
         && !(rate.is_finite() && rate > 0.0)
     {
-        return Err(AppError::Usage(format!("--rate must be a positive number, not {rate}")));
+        return Err(AppError::Usage(format!(
+            "--rate must be a positive number, not {rate}"
+        )));
     }
     if config.resume && config.data.is_none() {
-        return Err(AppError::Usage("--resume needs --data DIR (the directory of the run to finish)".into()));
+        return Err(AppError::Usage(
+            "--resume needs --data DIR (the directory of the run to finish)".into(),
+        ));
     }
     if config.mode == Mode::RequestReply {
         return Err(AppError::Usage(
@@ -182,7 +184,10 @@ impl DataDir {
         };
         let shop = path.join("shop");
         if config.resume && !shop.exists() {
-            return Err(AppError::Usage(format!("--resume: {} holds no shop run", path.display())));
+            return Err(AppError::Usage(format!(
+                "--resume: {} holds no shop run",
+                path.display()
+            )));
         }
         if !config.resume && shop.exists() {
             return Err(AppError::Usage(format!(
@@ -226,7 +231,13 @@ pub fn declare_topology(channel: &Channel) -> Result<(), AppError> {
         FieldTable::new(),
     )?;
     channel.queue_declare(DEAD_LETTER_QUEUE, durable, FieldTable::new())?;
-    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "", Default::default(), FieldTable::new())?;
+    channel.queue_bind(
+        DEAD_LETTER_QUEUE,
+        DEAD_LETTER_EXCHANGE,
+        "",
+        Default::default(),
+        FieldTable::new(),
+    )?;
     let payment_args = FieldTable::new()
         .with("x-queue-type", "quorum")
         .with("x-delivery-limit", i64::from(PAYMENT_DELIVERY_LIMIT))
@@ -253,9 +264,16 @@ fn start(broker: &Broker, service: impl Service) -> Result<Running, AppError> {
         std::thread::Builder::new()
             .name(format!("shop-{name}"))
             .spawn(move || service::run(&broker, service, &control))
-            .map_err(|source| AppError::Io { what: format!("starting {name}"), source })?
+            .map_err(|source| AppError::Io {
+                what: format!("starting {name}"),
+                source,
+            })?
     };
-    Ok(Running { name, control, thread })
+    Ok(Running {
+        name,
+        control,
+        thread,
+    })
 }
 
 fn stop_all(services: Vec<Running>) -> Result<(), AppError> {
@@ -272,7 +290,11 @@ fn stop_all(services: Vec<Running>) -> Result<(), AppError> {
     first
 }
 
-fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -> Result<Report, AppError> {
+fn run_in(
+    config: &Config,
+    dir: &Path,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, AppError> {
     let started = Instant::now();
     let broker = Broker::open(dir.join("broker"))?;
     let db = sled::Config::new().path(dir.join("shop")).open()?;
@@ -286,7 +308,11 @@ fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -
     let seed = match orders.seed()? {
         Some(stored) => {
             if stored != config.seed {
-                tracing::info!(stored, flag = config.seed, "resuming with the first run's seed");
+                tracing::info!(
+                    stored,
+                    flag = config.seed,
+                    "resuming with the first run's seed"
+                );
             }
             stored
         }
@@ -308,9 +334,23 @@ fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -
 
     let mut services = vec![
         start(&broker, OrderService::new(orders.clone(), tally.clone()))?,
-        start(&broker, DeadLetterService::new(orders.clone(), tally.clone()))?,
-        start(&broker, PaymentService::new(payments.clone(), tally.clone(), seed, config.payment_failure_rate))?,
-        start(&broker, InventoryService::new(inventory.clone(), tally.clone()))?,
+        start(
+            &broker,
+            DeadLetterService::new(orders.clone(), tally.clone()),
+        )?,
+        start(
+            &broker,
+            PaymentService::new(
+                payments.clone(),
+                tally.clone(),
+                seed,
+                config.payment_failure_rate,
+            ),
+        )?,
+        start(
+            &broker,
+            InventoryService::new(inventory.clone(), tally.clone()),
+        )?,
     ];
     let payment_control = services[2].control.clone();
 
@@ -328,11 +368,22 @@ fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -
         std::thread::Builder::new()
             .name("shop-creator".into())
             .spawn(move || {
-                let r = create_orders(&orders, &creator_channel, seed, total, rate, crash_after, &tally);
+                let r = create_orders(
+                    &orders,
+                    &creator_channel,
+                    seed,
+                    total,
+                    rate,
+                    crash_after,
+                    &tally,
+                );
                 creating.store(false, Ordering::SeqCst);
                 r
             })
-            .map_err(|source| AppError::Io { what: "starting the creator".into(), source })?
+            .map_err(|source| AppError::Io {
+                what: "starting the creator".into(),
+                source,
+            })?
     };
 
     let to_create = config.orders - created_before;
@@ -374,10 +425,18 @@ fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -
         on_progress(&progress);
         if let Some(s) = services.iter().find(|s| s.thread.is_finished()) {
             let name = s.name;
-            let index = services.iter().position(|s| s.name == name).expect("found above");
+            let index = services
+                .iter()
+                .position(|s| s.name == name)
+                .expect("found above");
             let failed = services.swap_remove(index);
             let _ = stop_all(services);
-            return Err(failed.thread.join().unwrap_or(Err(AppError::Panicked(name))).err().unwrap_or_else(|| AppError::Usage(format!("{name} stopped early"))));
+            return Err(failed
+                .thread
+                .join()
+                .unwrap_or(Err(AppError::Panicked(name)))
+                .err()
+                .unwrap_or_else(|| AppError::Usage(format!("{name} stopped early"))));
         }
         if creator.is_finished() && creating.load(Ordering::SeqCst) {
             unreachable!("the creator clears the flag before it returns");
@@ -407,7 +466,10 @@ fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -
     let queues = report::all_queue_stats(&broker, &admin)?
         .into_iter()
         .zip(queues_live)
-        .map(|(after, live)| report::QueueStats { consumers: live.consumers, ..after })
+        .map(|(after, live)| report::QueueStats {
+            consumers: live.consumers,
+            ..after
+        })
         .collect::<Vec<_>>();
     let audit = invariant::check(&orders, &payments, &inventory, config.orders)?;
     let elapsed = started.elapsed();
@@ -424,7 +486,10 @@ fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -
         audit.violation_count += 1;
         audit.violations.push(format!(
             "messages left in queues: {:?}",
-            queues.iter().map(|q| (q.name.as_str(), q.ready)).collect::<Vec<_>>()
+            queues
+                .iter()
+                .map(|q| (q.name.as_str(), q.ready))
+                .collect::<Vec<_>>()
         ));
     }
     Ok(Report {
@@ -435,10 +500,15 @@ fn run_in(config: &Config, dir: &Path, on_progress: &mut dyn FnMut(&Progress)) -
         created_this_run: audit.orders.saturating_sub(created_before),
         republished,
         elapsed_s: elapsed.as_secs_f64(),
-        orders_per_s: settled_here.saturating_sub(settled_before(&tally)) as f64 / report::secs(elapsed),
+        orders_per_s: settled_here.saturating_sub(settled_before(&tally)) as f64
+            / report::secs(elapsed),
         payment_attempts,
         payment_failures,
-        error_rate: if payment_attempts == 0 { 0.0 } else { payment_failures as f64 / payment_attempts as f64 },
+        error_rate: if payment_attempts == 0 {
+            0.0
+        } else {
+            payment_failures as f64 / payment_attempts as f64
+        },
         repeats: Tally::get(&tally.repeats),
         payment_queue_peak: peak,
         queues,
@@ -454,7 +524,11 @@ fn settled_before(tally: &Tally) -> u64 {
 }
 
 /// Starts the tally from the stores (a resumed run counts what the first one settled).
-fn count_settled(orders: &OrderStore, inventory: &InventoryStore, tally: &Tally) -> Result<(), AppError> {
+fn count_settled(
+    orders: &OrderStore,
+    inventory: &InventoryStore,
+    tally: &Tally,
+) -> Result<(), AppError> {
     let (mut paid, mut failed, mut dead) = (0, 0, 0);
     for order in orders.all() {
         match order?.status {
@@ -468,8 +542,12 @@ fn count_settled(orders: &OrderStore, inventory: &InventoryStore, tally: &Tally)
     tally.paid.store(paid, Ordering::Relaxed);
     tally.failed.store(failed, Ordering::Relaxed);
     tally.dead_lettered.store(dead, Ordering::Relaxed);
-    tally.settled_before.store(paid + failed + dead, Ordering::Relaxed);
-    tally.stock_updates.store(inventory.applied()?.len() as u64, Ordering::Relaxed);
+    tally
+        .settled_before
+        .store(paid + failed + dead, Ordering::Relaxed);
+    tally
+        .stock_updates
+        .store(inventory.applied()?.len() as u64, Ordering::Relaxed);
     Ok(())
 }
 
@@ -505,7 +583,10 @@ fn create_orders(
         next += batch;
         if crash_after.is_some_and(|n| next - first >= n) {
             // A crash, as a power cut or a kill -9 would make it: no destructor runs.
-            eprintln!("crashing after {} orders created (--crash-after)", next - first);
+            eprintln!(
+                "crashing after {} orders created (--crash-after)",
+                next - first
+            );
             std::process::abort();
         }
     }

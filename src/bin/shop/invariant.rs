@@ -106,7 +106,8 @@ pub fn check(
                 audit.paid += 1;
                 let tx = order.transaction_id.as_deref();
                 match record {
-                    Some(PaymentRecord::Paid { transaction_id }) if Some(transaction_id.as_str()) == tx => {}
+                    Some(PaymentRecord::Paid { transaction_id })
+                        if Some(transaction_id.as_str()) == tx => {}
                     other => audit.violate(format!(
                         "order {} paid with {tx:?}, payment recorded {other:?}",
                         order.id
@@ -117,7 +118,9 @@ pub fn check(
                 }
                 match note {
                     Some(note) if note.items == order.items => {
-                        audit.latencies_ms.push(note.at_ms.saturating_sub(order.created_ms));
+                        audit
+                            .latencies_ms
+                            .push(note.at_ms.saturating_sub(order.created_ms));
                     }
                     Some(note) => audit.violate(format!(
                         "order {} applied {:?}, ordered {:?}",
@@ -132,15 +135,22 @@ pub fn check(
             OrderStatus::Failed => {
                 audit.failed += 1;
                 if !matches!(record, Some(PaymentRecord::Declined { .. })) {
-                    audit.violate(format!("failed order {} has payment record {record:?}", order.id));
+                    audit.violate(format!(
+                        "failed order {} has payment record {record:?}",
+                        order.id
+                    ));
                 }
                 audit.latencies_ms.extend(final_latency);
             }
             OrderStatus::DeadLettered => {
                 audit.dead_lettered += 1;
                 match &order.reason {
-                    Some(reason) => *audit.dead_letter_reasons.entry(reason.clone()).or_default() += 1,
-                    None => audit.violate(format!("dead-lettered order {} has no reason", order.id)),
+                    Some(reason) => {
+                        *audit.dead_letter_reasons.entry(reason.clone()).or_default() += 1
+                    }
+                    None => {
+                        audit.violate(format!("dead-lettered order {} has no reason", order.id))
+                    }
                 }
                 if !matches!(record, None | Some(PaymentRecord::GaveUp)) {
                     audit.violate(format!(
@@ -153,10 +163,16 @@ pub fn check(
         }
         if order.status != OrderStatus::Paid {
             if charged > 0 {
-                audit.violate(format!("{:?} order {} charged {charged} times", order.status, order.id));
+                audit.violate(format!(
+                    "{:?} order {} charged {charged} times",
+                    order.status, order.id
+                ));
             }
             if note.is_some() {
-                audit.violate(format!("{:?} order {} has a stock update", order.status, order.id));
+                audit.violate(format!(
+                    "{:?} order {} has a stock update",
+                    order.status, order.id
+                ));
             }
         }
     }
@@ -171,7 +187,10 @@ pub fn check(
     }
     let stock = inventory.stock()?;
     if stock.len() != ITEM_KINDS as usize {
-        audit.violate(format!("{} item kinds in stock, {ITEM_KINDS} expected", stock.len()));
+        audit.violate(format!(
+            "{} item kinds in stock, {ITEM_KINDS} expected",
+            stock.len()
+        ));
     }
     for (id, units) in stock {
         let expected_units = INITIAL_STOCK - sold.get(id as usize).copied().unwrap_or(0);

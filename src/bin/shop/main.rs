@@ -81,11 +81,18 @@ fn main() -> ExitCode {
     match result {
         Ok(report) => {
             if flags.json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("the report serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("the report serializes")
+                );
             } else {
                 print!("{}", report.to_table());
             }
-            if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprintln!("shop: {e}");
@@ -97,7 +104,11 @@ fn main() -> ExitCode {
 fn config(flags: &Flags) -> Result<Config, String> {
     let payment_down = match flags.payment_down_secs {
         Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
-        Some(s) => return Err(format!("--payment-down-secs must be a non-negative number, not {s}")),
+        Some(s) => {
+            return Err(format!(
+                "--payment-down-secs must be a non-negative number, not {s}"
+            ));
+        }
         None => None,
     };
     if flags.crash_after == Some(0) {
@@ -130,6 +141,7 @@ fn init_logging(quiet: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -142,23 +154,43 @@ struct ProgressLine {
 
 impl ProgressLine {
     fn new(on: bool) -> Self {
-        Self { on, last: None, drawn: false }
+        Self {
+            on,
+            last: None,
+            drawn: false,
+        }
     }
 
     fn show(&mut self, p: &Progress) {
-        if !self.on || self.last.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
+        if !self.on
+            || self
+                .last
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+        {
             return;
         }
         self.last = Some(Instant::now());
         let settled = p.paid + p.failed + p.dead_lettered;
         let rate = settled as f64 / p.elapsed.as_secs_f64().max(1e-3);
-        let down = if p.payment_down { "  [payment DOWN]" } else { "" };
+        let down = if p.payment_down {
+            "  [payment DOWN]"
+        } else {
+            ""
+        };
         let mut err = std::io::stderr().lock();
         let _ = write!(
             err,
             "\r\x1b[Kcreated {} paid {} failed {} dead-lettered {} stock {} | ready: payment {} order {} inventory {} dlq {} | {:.0} orders/s{down}",
-            p.created, p.paid, p.failed, p.dead_lettered, p.stock_updates,
-            p.ready[0], p.ready[1], p.ready[2], p.ready[3], rate
+            p.created,
+            p.paid,
+            p.failed,
+            p.dead_lettered,
+            p.stock_updates,
+            p.ready[0],
+            p.ready[1],
+            p.ready[2],
+            p.ready[3],
+            rate
         );
         let _ = err.flush();
         self.drawn = true;

@@ -1,8 +1,8 @@
 //! The shop's messages (JSON on the wire), its stored records (bincode in sled), the queue
 //! names, and the seeded draws every service makes from `(seed, order id)`.
 
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use coney::{BasicProperties, Delivery, FieldValue};
 

@@ -67,8 +67,7 @@ impl Order {
             .map(|line| Item {
                 id: u32::try_from(model::draw(seed, id, 10 + line) % u64::from(ITEM_KINDS))
                     .expect("below ITEM_KINDS, a u32"),
-                quantity: 1 + u32::try_from(model::draw(seed, id, 20 + line) % 3)
-                    .expect("below 3"),
+                quantity: 1 + u32::try_from(model::draw(seed, id, 20 + line) % 3).expect("below 3"),
             })
             .collect();
         Order {
@@ -125,7 +124,7 @@ enum Transition {
     /// The order was already there (a repeat); nothing changed.
     Repeat(Order),
     /// The order is settled otherwise; nothing changed.
-    Ignored(Order),
+    Ignored,
     /// Nothing changed: the two outcomes contradict each other.
     Conflict(Order),
     /// No such order.
@@ -167,14 +166,6 @@ impl OrderStore {
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, AppError> {
         match self.meta.get(key)? {
             Some(v) => Ok(Some(model::key_order(&v)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Order `id`.
-    pub fn get(&self, id: u64) -> Result<Option<Order>, AppError> {
-        match self.orders.get(model::order_key(id))? {
-            Some(v) => Ok(Some(model::decode_record(&v, "order")?)),
             None => Ok(None),
         }
     }
@@ -262,7 +253,8 @@ impl OrderStore {
 
     fn record_conflict(&self, id: u64, text: String) -> Result<(), AppError> {
         tracing::error!(order_id = id, %text, "conflicting order outcomes");
-        self.conflicts.insert(model::order_key(id), text.into_bytes())?;
+        self.conflicts
+            .insert(model::order_key(id), text.into_bytes())?;
         Ok(())
     }
 
@@ -314,7 +306,7 @@ pub fn republish_unconfirmed(store: &OrderStore, channel: &Channel) -> Result<u6
 
 /// Adds order's payment request to `outbox` (persistent, correlation id = the order id).
 fn request_payment(order: &Order, outbox: &mut Outbox) {
-    outbox.to_queue(
+    outbox.send_to(
         PAYMENT_QUEUE,
         model::encode_json(&order.payment_request()),
         model::json_properties(order.id).with_message_id(format!("pay-{}", order.id)),
@@ -339,7 +331,11 @@ impl OrderService {
     }
 
     /// Applies one payment result; adds the stock update of a paid order to `outbox`.
-    pub fn apply_result(&mut self, result: &PaymentResult, outbox: &mut Outbox) -> Result<(), AppError> {
+    pub fn apply_result(
+        &mut self,
+        result: &PaymentResult,
+        outbox: &mut Outbox,
+    ) -> Result<(), AppError> {
         let now = model::now_ms();
         let was = Cell::new(OrderStatus::Created);
         let t = self.store.transition(result.order_id, |order| {
@@ -396,7 +392,10 @@ impl OrderService {
                 self.dirty = true;
                 self.store.record_conflict(
                     order.id,
-                    format!("order {} is {:?}, payment says {:?}", order.id, order.status, result),
+                    format!(
+                        "order {} is {:?}, payment says {:?}",
+                        order.id, order.status, result
+                    ),
                 )?;
             }
             Transition::Missing => {
@@ -406,14 +405,14 @@ impl OrderService {
                     format!("payment result for unknown order: {result:?}"),
                 )?;
             }
-            Transition::Ignored(_) => {}
+            Transition::Ignored => {}
         }
         Ok(())
     }
 }
 
 fn publish_stock_update(order: &Order, outbox: &mut Outbox) {
-    outbox.to_queue(
+    outbox.send_to(
         INVENTORY_QUEUE,
         model::encode_json(&order.inventory_update()),
         model::json_properties(order.id),
@@ -477,25 +476,27 @@ impl Service for DeadLetterService {
         let request: PaymentRequest = model::decode_json(delivery)?;
         let reason = model::death_reason(delivery).unwrap_or_else(|| "unknown".to_owned());
         let now = model::now_ms();
-        let t = self.store.transition(request.order_id, |order| match order.status {
-            OrderStatus::Created => {
-                let mut next = order.clone();
-                next.status = OrderStatus::DeadLettered;
-                next.reason = Some(reason.clone());
-                next.final_ms = Some(now);
-                Transition::Applied(next)
-            }
-            OrderStatus::DeadLettered => Transition::Repeat(order.clone()),
-            // The payment service decided it: this dead letter is a later copy.
-            OrderStatus::Paid | OrderStatus::Failed => Transition::Ignored(order.clone()),
-        })?;
+        let t = self
+            .store
+            .transition(request.order_id, |order| match order.status {
+                OrderStatus::Created => {
+                    let mut next = order.clone();
+                    next.status = OrderStatus::DeadLettered;
+                    next.reason = Some(reason.clone());
+                    next.final_ms = Some(now);
+                    Transition::Applied(next)
+                }
+                OrderStatus::DeadLettered => Transition::Repeat(order.clone()),
+                // The payment service decided it: this dead letter is a later copy.
+                OrderStatus::Paid | OrderStatus::Failed => Transition::Ignored,
+            })?;
         match t {
             Transition::Applied(order) => {
                 self.dirty = true;
                 Tally::bump(&self.tally.dead_lettered);
                 tracing::info!(order_id = order.id, %reason, "order dead-lettered");
             }
-            Transition::Repeat(_) | Transition::Ignored(_) => Tally::bump(&self.tally.repeats),
+            Transition::Repeat(_) | Transition::Ignored => Tally::bump(&self.tally.repeats),
             Transition::Missing => {
                 self.dirty = true;
                 self.store.record_conflict(

@@ -162,11 +162,12 @@ impl PaymentService {
             .correlation_id
             .clone()
             .unwrap_or_else(|| request.order_id.to_string());
-        let properties = model::json_properties(request.order_id).with_correlation_id(correlation_id);
+        let properties =
+            model::json_properties(request.order_id).with_correlation_id(correlation_id);
         // A request-reply caller waits on its reply address; otherwise the order service
         // reads results from its queue.
         let to = props.reply_to.as_deref().unwrap_or(ORDER_QUEUE);
-        outbox.to_queue(to, model::encode_json(&result), properties);
+        outbox.send_to(to, model::encode_json(&result), properties);
     }
 }
 
@@ -202,7 +203,8 @@ impl Service for PaymentService {
             Tally::bump(&self.tally.payment_failures);
             let reason = "payment gateway timed out (injected failure)";
             if retries >= PAYMENT_DELIVERY_LIMIT {
-                self.store.decide(request.order_id, &PaymentRecord::GaveUp)?;
+                self.store
+                    .decide(request.order_id, &PaymentRecord::GaveUp)?;
                 self.dirty = true;
                 tracing::warn!(
                     order_id = request.order_id,
@@ -211,13 +213,21 @@ impl Service for PaymentService {
                     "payment failed on its last attempt: the request goes to the dead-letter queue"
                 );
             } else {
-                tracing::info!(order_id = request.order_id, attempt, reason, "payment failed, will retry");
+                tracing::info!(
+                    order_id = request.order_id,
+                    attempt,
+                    reason,
+                    "payment failed, will retry"
+                );
             }
             return Ok(Settle::Requeue);
         }
         let record = if request.amount > DECLINE_ABOVE_CENTS {
             PaymentRecord::Declined {
-                reason: format!("amount {} over the limit {DECLINE_ABOVE_CENTS}", request.amount),
+                reason: format!(
+                    "amount {} over the limit {DECLINE_ABOVE_CENTS}",
+                    request.amount
+                ),
             }
         } else {
             PaymentRecord::Paid {

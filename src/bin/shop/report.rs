@@ -33,7 +33,11 @@ pub struct QueueStats {
 }
 
 /// Ready messages and consumers of `queue` (passive declare).
-pub fn queue_stats(broker: &Broker, channel: &Channel, queue: &str) -> Result<QueueStats, AppError> {
+pub fn queue_stats(
+    broker: &Broker,
+    channel: &Channel,
+    queue: &str,
+) -> Result<QueueStats, AppError> {
     let ok = channel.queue_declare(
         queue,
         QueueDeclareOptions {
@@ -78,7 +82,8 @@ pub struct Latency {
 impl Latency {
     /// Percentiles of `samples_ms` (3 significant figures).
     pub fn of(samples_ms: &[u64]) -> Latency {
-        let Ok(mut h) = hdrhistogram::Histogram::<u64>::new(3) else {
+        // Up to a day: a resumed run's first orders waited for the restart.
+        let Ok(mut h) = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 86_400_000, 3) else {
             return Latency::default();
         };
         for &ms in samples_ms {
@@ -142,31 +147,87 @@ impl Report {
     pub fn to_table(&self) -> String {
         let a = &self.audit;
         let mut s = String::new();
-        let _ = writeln!(s, "coney shop: {} mode, seed {}{}", self.mode, self.seed, if self.resumed { ", resumed" } else { "" });
-        let _ = writeln!(s, "  orders created      {:>10}   (this run: {}, republished: {})", a.orders, self.created_this_run, self.republished);
+        let _ = writeln!(
+            s,
+            "coney shop: {} mode, seed {}{}",
+            self.mode,
+            self.seed,
+            if self.resumed { ", resumed" } else { "" }
+        );
+        let _ = writeln!(
+            s,
+            "  orders created      {:>10}   (this run: {}, republished: {})",
+            a.orders, self.created_this_run, self.republished
+        );
         let _ = writeln!(s, "  paid                {:>10}", a.paid);
         let _ = writeln!(s, "  failed (declined)   {:>10}", a.failed);
-        let reasons: Vec<String> = a.dead_letter_reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
-        let _ = writeln!(s, "  dead-lettered       {:>10}   ({})", a.dead_lettered, if reasons.is_empty() { "none".to_owned() } else { reasons.join(", ") });
+        let reasons: Vec<String> = a
+            .dead_letter_reasons
+            .iter()
+            .map(|(r, n)| format!("{r}: {n}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  dead-lettered       {:>10}   ({})",
+            a.dead_lettered,
+            if reasons.is_empty() {
+                "none".to_owned()
+            } else {
+                reasons.join(", ")
+            }
+        );
         let _ = writeln!(s, "  stock updates       {:>10}", a.stock_updates);
         let _ = writeln!(s, "  charges             {:>10}", a.charges);
-        let _ = writeln!(s, "  elapsed             {:>10.2} s   ({:.0} orders/s)", self.elapsed_s, self.orders_per_s);
-        let _ = writeln!(s, "  payment attempts    {:>10}   (failed {}, error rate {:.2}%)", self.payment_attempts, self.payment_failures, 100.0 * self.error_rate);
+        let _ = writeln!(
+            s,
+            "  elapsed             {:>10.2} s   ({:.0} orders/s)",
+            self.elapsed_s, self.orders_per_s
+        );
+        let _ = writeln!(
+            s,
+            "  payment attempts    {:>10}   (failed {}, error rate {:.2}%)",
+            self.payment_attempts,
+            self.payment_failures,
+            100.0 * self.error_rate
+        );
         let _ = writeln!(s, "  repeats handled     {:>10}", self.repeats);
-        let _ = writeln!(s, "  latency create->final  p50 {} ms, p99 {} ms, max {} ms ({} orders)", self.latency.p50_ms, self.latency.p99_ms, self.latency.max_ms, self.latency.count);
-        let _ = writeln!(s, "  payment_queue peak  {:>10} ready", self.payment_queue_peak);
+        let _ = writeln!(
+            s,
+            "  latency create->final  p50 {} ms, p99 {} ms, max {} ms ({} orders)",
+            self.latency.p50_ms, self.latency.p99_ms, self.latency.max_ms, self.latency.count
+        );
+        let _ = writeln!(
+            s,
+            "  payment_queue peak  {:>10} ready",
+            self.payment_queue_peak
+        );
         let _ = writeln!(s);
-        let _ = writeln!(s, "  {:<16} {:>8} {:>8} {:>10} {:>14} {:>8}", "queue", "ready", "unacked", "consumers", "dead-lettered", "dropped");
+        let _ = writeln!(
+            s,
+            "  {:<16} {:>8} {:>8} {:>10} {:>14} {:>8}",
+            "queue", "ready", "unacked", "consumers", "dead-lettered", "dropped"
+        );
         for q in &self.queues {
             let unacked = q.unacked.map_or_else(|| "-".to_owned(), |n| n.to_string());
-            let _ = writeln!(s, "  {:<16} {:>8} {:>8} {:>10} {:>14} {:>8}", q.name, q.ready, unacked, q.consumers, q.dead_lettered, q.dropped);
+            let _ = writeln!(
+                s,
+                "  {:<16} {:>8} {:>8} {:>10} {:>14} {:>8}",
+                q.name, q.ready, unacked, q.consumers, q.dead_lettered, q.dropped
+            );
         }
         let _ = writeln!(s);
         if self.timed_out {
-            let _ = writeln!(s, "  DEADLINE: the run did not settle in time ({} orders still pending)", a.pending);
+            let _ = writeln!(
+                s,
+                "  DEADLINE: the run did not settle in time ({} orders still pending)",
+                a.pending
+            );
         }
         if a.holds {
-            let _ = writeln!(s, "  INVARIANT holds: every order paid with its stock updated once, failed, or dead-lettered with its reason; none lost, none processed twice");
+            let _ = writeln!(
+                s,
+                "  INVARIANT holds: every order paid with its stock updated once, failed, or dead-lettered with its reason; none lost, none processed twice"
+            );
         } else {
             let _ = writeln!(s, "  INVARIANT BROKEN: {} violations", a.violation_count);
             for v in &a.violations {

@@ -80,7 +80,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// Publishes `body` to `queue` through the default exchange.
-    pub fn to_queue(&mut self, queue: &str, body: Vec<u8>, properties: BasicProperties) {
+    pub fn send_to(&mut self, queue: &str, body: Vec<u8>, properties: BasicProperties) {
         self.messages.push(Outgoing {
             exchange: String::new(),
             routing_key: queue.to_owned(),
@@ -136,8 +136,6 @@ pub fn publish_confirmed(
 pub struct Control {
     stop: AtomicBool,
     paused: AtomicBool,
-    /// Whether it has a consumer on its queue now.
-    consuming: AtomicBool,
 }
 
 impl Control {
@@ -150,11 +148,6 @@ impl Control {
     /// it back (`false`).
     pub fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
-    }
-
-    /// Whether the service has a consumer on its queue now.
-    pub fn is_consuming(&self) -> bool {
-        self.consuming.load(Ordering::SeqCst)
     }
 }
 
@@ -169,18 +162,13 @@ pub fn run(broker: &Broker, mut service: impl Service, control: &Control) -> Res
         if control.paused.load(Ordering::SeqCst) {
             if let Some((channel, consumer)) = open.take() {
                 leave(&mut service, channel, consumer, &mut outbox)?;
-                control.consuming.store(false, Ordering::SeqCst);
             }
             std::thread::sleep(POLL);
             continue;
         }
         let (channel, consumer) = match &mut open {
             Some(open) => open,
-            None => {
-                let subscribed = subscribe(&conn, service.queue(), service.name())?;
-                control.consuming.store(true, Ordering::SeqCst);
-                open.insert(subscribed)
-            }
+            None => open.insert(subscribe(&conn, service.queue(), service.name())?),
         };
         match consumer.recv_timeout(POLL) {
             Ok(delivery) => batch.push(delivery),
@@ -204,7 +192,6 @@ pub fn run(broker: &Broker, mut service: impl Service, control: &Control) -> Res
     if let Some((channel, consumer)) = open.take() {
         leave(&mut service, channel, consumer, &mut outbox)?;
     }
-    control.consuming.store(false, Ordering::SeqCst);
     Ok(())
 }
 
