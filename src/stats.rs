@@ -30,7 +30,34 @@
 //! `queue`, as RabbitMQ's per-object metrics), and `coney_` names for what RabbitMQ does not
 //! export per queue (nacks, dead letters and drops by reason, processing time as a summary).
 //! Rates are left to Prometheus (`rate()`). With the cargo feature `http`,
-//! [`serve_prometheus`] serves it over HTTP.
+//! `serve_prometheus` serves it over HTTP.
+//!
+//! ```
+//! use std::time::Duration;
+//! use coney::*;
+//!
+//! let clock = ManualClock::new(0);
+//! let broker = Broker::builder().clock(clock.clone()).in_memory();
+//! let ch = broker.connect().channel()?;
+//! ch.queue_declare("orders", QueueDeclareOptions::default(), FieldTable::new())?;
+//! for i in 0..10 {
+//!     ch.basic_publish("", "orders", Default::default(), format!("o-{i}"), Default::default())?;
+//! }
+//! let got = ch.basic_get("orders", BasicGetOptions::default())?.expect("a message");
+//! clock.advance(Duration::from_millis(40));         // the order takes 40 ms to process
+//! got.delivery.ack(BasicAckOptions::default())?;
+//! clock.advance(Duration::from_secs(1));
+//!
+//! let stats = broker.stats();
+//! let orders = stats.queue("orders").unwrap();
+//! assert_eq!((orders.messages_ready, orders.messages_unacked), (9, 0));
+//! assert_eq!(orders.counters.acked, 1);
+//! assert_eq!(orders.rates.published, 10.0 / 1.04); // 10 publishes in the queue's 1.04 s
+//! let p50 = orders.processing.p50();                 // within the histogram's 1%
+//! assert!(p50.abs_diff(Duration::from_millis(40)) <= Duration::from_micros(400), "{p50:?}");
+//! assert!(stats.to_prometheus().contains("rabbitmq_queue_messages_ready{vhost=\"/\",queue=\"orders\"} 9"));
+//! # Ok::<(), coney::Error>(())
+//! ```
 
 use std::fmt::Write as _;
 use std::time::Duration;
