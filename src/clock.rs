@@ -2,8 +2,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
@@ -14,6 +14,13 @@ pub type Waker = Weak<dyn Fn(u64) + Send + Sync>;
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
+
+    /// Microseconds on a monotonic scale with an arbitrary origin, for durations (the
+    /// processing time of a delivery). Defaults to `now_ms` in microseconds, which is what a
+    /// manual clock moves in.
+    fn now_us(&self) -> u64 {
+        self.now_ms().saturating_mul(1_000)
+    }
 
     /// Asks the clock to call `waker` with the new time whenever it moves, on the thread that
     /// moved it. Returns `false` if the clock moves by itself (the system clock), so the
@@ -34,6 +41,16 @@ impl Clock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
         u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Microseconds since the first reading in this process, on the monotonic clock (never
+    /// steps back when the wall clock is set). Starts at 1 so that 0 can mean "never".
+    fn now_us(&self) -> u64 {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        let origin = *ORIGIN.get_or_init(Instant::now);
+        u64::try_from(origin.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
     }
 }
 

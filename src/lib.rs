@@ -118,6 +118,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod retry;
 pub mod runtime;
+pub mod stats;
 pub mod store;
 pub mod types;
 
@@ -131,4 +132,5 @@ pub use runtime::{
     DEFAULT_USER, DeathStats, Delivery, FRAME_MAX_CEILING, GetMessage, Health, Limits, Policy,
     QueueDeclareOk, ReasonCounts, RecvTimeoutError, Returned, TryRecvError,
 };
+pub use stats::BrokerStats;
 pub use types::*;

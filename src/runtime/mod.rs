@@ -14,6 +14,8 @@ mod connection;
 mod consumer;
 mod dead_letter;
 mod flow;
+mod metrics;
+mod monitor;
 mod persist;
 mod policy;
 mod queue;
@@ -42,7 +44,9 @@ use crate::core::channel::QueueId;
 use crate::core::shared::Map;
 use crate::core::topology::Topology;
 use crate::error::{CloseCause, Error, Result};
+use crate::stats::BrokerStats;
 use crate::store::{CompactStats, SledOptions, SledStore, Store};
+pub(crate) use metrics::new_histogram;
 use persist::Persistence;
 use queue::{QueueCell, QueueEnv};
 use std::path::Path;
@@ -362,6 +366,7 @@ impl BrokerBuilder {
                 persistence,
                 flow,
                 replies: reply_to::ReplyRoutes::default(),
+                rates: Mutex::default(),
             }
         });
         Broker {
@@ -509,6 +514,21 @@ impl Broker {
         self.inner.closed.load(Ordering::Acquire)
     }
 
+    /// A snapshot of every queue (sizes, counters, rates, error rate, processing time) and of
+    /// the broker (connections, channels, memory, flow control); see [`crate::stats`] for
+    /// what each figure means and [`BrokerStats::to_prometheus`] for Prometheus. It takes no
+    /// lock that publishing, delivering or settling take, so it may be called as often as a
+    /// progress line needs; rates are computed against earlier snapshots.
+    pub fn stats(&self) -> BrokerStats {
+        self.inner.stats()
+    }
+
+    /// The broker without keeping it open (for servers that only observe it).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn downgrade(&self) -> Weak<BrokerInner> {
+        Arc::downgrade(&self.inner)
+    }
+
     /// Dead-letterings and drops of queue `name` since it was declared (or recovered);
     /// `None` if there is no such queue.
     pub fn death_stats(&self, name: &str) -> Option<DeathStats> {
@@ -629,6 +649,8 @@ pub(crate) struct BrokerInner {
     flow: Arc<flow::FlowControl>,
     /// Direct reply-to consumers, by address.
     replies: reply_to::ReplyRoutes,
+    /// Earlier `stats()` snapshots, for rates.
+    rates: Mutex<monitor::RateSamples>,
 }
 
 impl BrokerInner {
@@ -648,6 +670,12 @@ impl BrokerInner {
 }
 
 impl BrokerInner {
+    /// Whether the broker is closed.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Registers a connection, unless the broker is closed (then `false`). Under the
     /// registry's lock, so a close sees every connection opened before it.
     fn register_connection(&self, conn: &Arc<connection::ConnectionInner>) -> bool {

@@ -29,6 +29,7 @@ use super::BrokerInner;
 use super::channel::ChannelInner;
 use super::consumer::{Delivery, Pending};
 use super::flow::{FlowControl, message_memory_bytes};
+use super::metrics::{Delivered, QueueMetrics, Settled};
 use super::persist::{Job, Persistence};
 use super::timer::{TimerKind, Timers};
 use crate::clock::Clock;
@@ -93,6 +94,8 @@ pub(crate) struct QueueCell {
     last_used_ms: AtomicU64,
     /// Dead-letterings and drops, per reason.
     pub(crate) deaths: DeathCounts,
+    /// Publishes, deliveries, settles and processing times, for `Broker::stats`.
+    pub(crate) metrics: QueueMetrics,
     /// Sequence numbers are reserved at publish, before the queue's lock is taken.
     next_seq: AtomicU64,
     /// Commands queued in `inbox` or `dead` whose records may not have reached the flusher yet.
@@ -116,6 +119,9 @@ pub(crate) struct QueueShared {
     pub(crate) sinks: HashMap<ConsumerId, Sink>,
     /// Set once the queue is deleted; an old snapshot may still lead here.
     pub(crate) deleted: bool,
+    /// Processing times (microseconds) of settles since the lock was last released, on their
+    /// way to the histogram in `metrics`.
+    samples: Vec<u64>,
 }
 
 /// Where a consumer's deliveries go.
@@ -234,7 +240,8 @@ impl DeadLetter {
 /// A command that found the queue's lock taken.
 enum Inbound {
     Publish(Entry),
-    Settle(u64, Settle),
+    /// A settle, with the time it was made (for the processing time; 0 when not measured).
+    Settle(u64, Settle, u64),
 }
 
 /// The queue's lock. Drains the inbox when taken and again when released, so no publish is
@@ -262,7 +269,7 @@ impl Drop for QueueGuard<'_> {
     fn drop(&mut self) {
         let mut g = self.guard.take().expect("held until drop");
         self.cell.drain_inbox(&mut g);
-        self.cell.account(&g);
+        self.cell.account(&mut g);
         drop(g);
         self.cell.drain_unlocked();
     }
@@ -273,6 +280,7 @@ impl QueueCell {
     /// the expiry of recovered messages and the queue's own lease.
     pub(crate) fn attach(&self, env: QueueEnv) {
         let now = env.clock.now_ms();
+        self.metrics.created_ms.store(now, Ordering::Relaxed);
         let _ = self.env.set(env);
         self.last_used_ms.store(now, Ordering::Relaxed);
         self.renew_lease();
@@ -326,7 +334,13 @@ impl QueueCell {
 
     /// Brings this queue's memory estimate up to date, and the broker's when it drifted far
     /// enough. Called with the lock held, before each release.
-    fn account(&self, s: &QueueShared) {
+    fn account(&self, s: &mut QueueShared) {
+        self.metrics.set_gauges(
+            s.core.ready_len(),
+            s.core.unacked_len(),
+            u64::from(s.core.consumer_count()),
+        );
+        self.metrics.record(&mut s.samples);
         let now = message_memory_bytes(&s.core);
         self.memory_bytes.store(now, Ordering::Relaxed);
         let reported = self.memory_reported.load(Ordering::Relaxed);
@@ -472,6 +486,12 @@ impl QueueCell {
         self.env.get().map_or(0, |e| e.clock.now_ms())
     }
 
+    /// The broker's clock in microseconds, for processing times (0 before the queue is
+    /// attached: not measured).
+    fn now_us(&self) -> u64 {
+        self.env.get().map_or(0, |e| e.clock.now_us())
+    }
+
     /// The queue was used (declared, consumed from, fetched from): its `x-expires` lease starts
     /// again.
     pub(crate) fn touch(&self) {
@@ -570,6 +590,7 @@ impl QueueCell {
             lease_timer: AtomicBool::new(false),
             last_used_ms: AtomicU64::new(0),
             deaths: DeathCounts::default(),
+            metrics: QueueMetrics::new(),
             timed: AtomicBool::new(config.message_ttl.is_some()),
             refuses: AtomicBool::new(config.refuses_publishes()),
             expires_ms: AtomicU64::new(config.expires.unwrap_or(0)),
@@ -586,6 +607,7 @@ impl QueueCell {
                 core: Queue::with_config(config),
                 sinks: HashMap::default(),
                 deleted: false,
+                samples: Vec::new(),
             })),
         })
     }
@@ -680,13 +702,14 @@ impl QueueCell {
     /// Hands a published message to the queue without waiting for its lock: applied at once
     /// if the lock is free, else left in the inbox for the holder.
     pub(crate) fn publish(&self, entry: Entry) {
+        self.metrics.published();
         if let Some(mut g) = self.state.try_lock() {
             self.drain_inbox(&mut g); // earlier publishes first
             if !g.deleted {
                 g.core.handle_publish(entry);
                 self.dispatch(&mut g);
             }
-            self.account(&g);
+            self.account(&mut g);
         } else {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
             self.inbox.push(Inbound::Publish(entry));
@@ -713,7 +736,7 @@ impl QueueCell {
                 return;
             };
             self.drain_inbox(&mut g);
-            self.account(&g);
+            self.account(&mut g);
         }
     }
 
@@ -727,7 +750,9 @@ impl QueueCell {
             if !s.deleted {
                 match command {
                     Inbound::Publish(entry) => _ = s.core.handle_publish(entry),
-                    Inbound::Settle(seq, how) => _ = self.apply_settle(s, seq, how),
+                    Inbound::Settle(seq, how, at_us) => {
+                        _ = self.apply_settle(s, seq, how, at_us);
+                    }
                 }
             }
         }
@@ -742,12 +767,18 @@ impl QueueCell {
 
     /// Settles messages of this queue (in the given order) and delivers what that frees.
     pub(crate) fn settle(&self, seqs: impl Iterator<Item = u64>, how: Settle) {
+        // A client's settle ends the processing of what it settles; a lost holder's does not.
+        let at_us = if how == Settle::Return {
+            0
+        } else {
+            self.now_us()
+        };
         let Some(mut g) = self.state.try_lock() else {
             let seqs: SmallVec<[u64; 8]> = seqs.collect();
             self.in_flight
                 .fetch_add(seqs.len() as u64, Ordering::SeqCst);
             for seq in seqs {
-                self.inbox.push(Inbound::Settle(seq, how));
+                self.inbox.push(Inbound::Settle(seq, how, at_us));
             }
             self.drain_unlocked();
             return;
@@ -757,17 +788,34 @@ impl QueueCell {
             return; // acks after a queue delete are accepted and ignored (§4.2)
         }
         let acked: SmallVec<[Entry; 1]> = seqs
-            .filter_map(|seq| self.apply_settle(&mut g, seq, how))
+            .filter_map(|seq| self.apply_settle(&mut g, seq, how, at_us))
             .collect();
         self.dispatch(&mut g);
-        self.account(&g);
+        self.account(&mut g);
         drop(g);
         drop(acked); // the last reference to a message is often here: free it unlocked
         self.drain_unlocked();
     }
 
-    /// Applies one settle; an acked entry is handed back to be freed outside the lock.
-    fn apply_settle(&self, s: &mut QueueShared, seq: u64, how: Settle) -> Option<Entry> {
+    /// Applies one settle; an acked entry is handed back to be freed outside the lock. A
+    /// client's settle made at `at_us` (not 0) is counted, with its processing time.
+    fn apply_settle(
+        &self,
+        s: &mut QueueShared,
+        seq: u64,
+        how: Settle,
+        at_us: u64,
+    ) -> Option<Entry> {
+        if at_us != 0
+            && let Some(delivered_us) = s.core.delivered_at_us(seq)
+        {
+            s.samples.push(at_us.saturating_sub(delivered_us));
+            self.metrics.settled(match how {
+                Settle::Ack => Settled::Acked,
+                Settle::Requeue => Settled::Nacked { requeue: true },
+                Settle::Reject | Settle::Return => Settled::Nacked { requeue: false },
+            });
+        }
         match how {
             Settle::Ack => {
                 let entry = s.core.handle_ack(seq)?;
@@ -853,6 +901,10 @@ impl QueueCell {
     /// Hands every possible delivery to its consumer. Called with the queue locked; locks the
     /// receiving channels (queue -> channel order), each once per batch of deliveries.
     pub(crate) fn dispatch(&self, s: &mut QueueShared) {
+        if s.core.consumer_count() > 0 && s.core.ready_len() > 0 {
+            // Deliveries of this pass are stamped with one reading of the clock.
+            s.core.handle_time_us(self.now_us());
+        }
         let mut now = if s.core.is_timed() { self.now_ms() } else { 0 };
         loop {
             let failed = self.send_all(s, now);
@@ -928,7 +980,11 @@ impl QueueCell {
             if sink.tx.send(Pending::new(tag, &d, quorum)).is_err() {
                 sink.channel.release_global(u32::from(counted));
                 failed.push((d, counted.then_some(tag)));
-            } else if d.no_ack {
+                continue;
+            }
+            self.metrics
+                .delivered(Delivered::Consume { no_ack: d.no_ack }, d.entry.delivered);
+            if d.no_ack {
                 self.forget(&d.entry);
             }
         }
@@ -943,7 +999,9 @@ impl QueueCell {
         }
         self.touch();
         let now = if s.core.is_timed() { self.now_ms() } else { 0 };
+        s.core.handle_time_us(self.now_us());
         let Some(d) = s.core.handle_get(now, no_ack) else {
+            self.metrics.get_empty();
             self.dispatch(&mut s); // carries out what expired at the head
             return GetOutcome::Empty;
         };
@@ -958,6 +1016,8 @@ impl QueueCell {
             s.core.handle_undelivered(d);
             return GetOutcome::ChannelClosed;
         };
+        self.metrics
+            .delivered(Delivered::Get { no_ack }, d.entry.delivered);
         if no_ack {
             self.forget(&d.entry);
         }

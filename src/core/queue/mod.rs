@@ -107,6 +107,8 @@ pub struct Dispatch {
 struct Unacked {
     entry: Entry,
     consumer: Option<ConsumerId>,
+    /// When it was handed out ([`Queue::handle_time_us`] at the time).
+    delivered_at_us: u64,
 }
 
 /// Why a message left the queue without being acked.
@@ -211,6 +213,8 @@ pub struct Queue {
     /// runtime): they count toward the length limits.
     held_len: u64,
     held_bytes: u64,
+    /// The time deliveries are stamped with ([`Queue::handle_time_us`]).
+    now_us: u64,
 }
 
 impl Queue {
@@ -265,6 +269,13 @@ impl Queue {
     }
 
     // ---- commands -------------------------------------------------------------------------
+
+    /// Sets the time, in microseconds of the runtime's monotonic clock, that deliveries from
+    /// now on are stamped with ([`Queue::delivered_at_us`]), so the runtime can measure how
+    /// long a message stayed unacked. Stamps are for measurement only: no decision reads them.
+    pub fn handle_time_us(&mut self, now_us: u64) {
+        self.now_us = now_us;
+    }
 
     /// Appends a published message, with the queue's TTL applied.
     pub fn handle_enqueue(&mut self, message: Arc<Message>, now_ms: u64) -> bool {
@@ -633,6 +644,12 @@ impl Queue {
         }
     }
 
+    /// When unacked message `seq` was handed out (the [`Queue::handle_time_us`] of then);
+    /// `None` if it is not unacked here.
+    pub fn delivered_at_us(&self, seq: u64) -> Option<u64> {
+        self.unacked.get(&seq).map(|u| u.delivered_at_us)
+    }
+
     /// Whether `seq` is delivered and not yet settled.
     pub fn holds_unacked(&self, seq: u64) -> bool {
         self.unacked.contains_key(&seq)
@@ -768,6 +785,7 @@ impl Queue {
                 Unacked {
                     entry: held,
                     consumer,
+                    delivered_at_us: self.now_us,
                 },
             );
         }
