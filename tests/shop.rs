@@ -46,7 +46,7 @@ fn assert_settled(report: &Report, orders: u64) {
     assert!(a.paid > orders / 2, "most orders are paid: {}", a.paid);
     assert!(a.failed > 0, "the business rule declines some orders");
     for q in &report.queues {
-        assert_eq!(q.ready, 0, "{} drained", q.name);
+        assert_eq!((q.ready, q.unacked), (0, 0), "{} drained", q.name);
     }
 }
 
@@ -78,6 +78,10 @@ fn full_flow_with_payment_failures_dead_letters_some_and_loses_none() {
         "the broker's count agrees"
     );
     assert_eq!(payment_queue.dropped, 0);
+    assert_eq!(
+        payment_queue.nacked, report.payment_failures,
+        "every failed attempt was nacked"
+    );
     assert!(
         (0.1..0.3).contains(&report.error_rate),
         "error rate {} near 0.2",

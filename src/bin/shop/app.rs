@@ -393,7 +393,7 @@ fn run_in(
     let mut timed_out = false;
     loop {
         std::thread::sleep(TICK);
-        let ready = ready_counts(&admin)?;
+        let ready = ready_counts(&broker);
         peak = peak.max(ready[0]);
         let created_now = Tally::get(&tally.created).max(created_before);
         // The payment service goes down once a quarter of this run's orders exist.
@@ -448,6 +448,7 @@ fn run_in(
             && settled == config.orders
             && progress.stock_updates == progress.paid
             && ready.iter().all(|&n| n == 0)
+            && queues_empty(&broker)
         {
             break;
         }
@@ -458,12 +459,12 @@ fn run_in(
         }
     }
     let creator_result = creator.join().unwrap_or(Err(AppError::Panicked("creator")));
-    let queues_live = report::all_queue_stats(&broker, &admin)?;
+    let queues_live = report::all_queue_stats(&broker);
     stop_all(services)?;
     creator_result?;
     // Consumers as they were while running; lengths once the services settled their last
     // batch.
-    let queues = report::all_queue_stats(&broker, &admin)?
+    let queues = report::all_queue_stats(&broker)
         .into_iter()
         .zip(queues_live)
         .map(|(after, live)| report::QueueStats {
@@ -481,7 +482,7 @@ fn run_in(
     let payment_attempts = Tally::get(&tally.payment_attempts);
     let payment_failures = Tally::get(&tally.payment_failures);
     let mut audit = audit;
-    if queues.iter().any(|q| q.ready > 0) {
+    if queues.iter().any(|q| q.ready > 0 || q.unacked > 0) {
         audit.holds = false;
         audit.violation_count += 1;
         audit.violations.push(format!(
@@ -593,20 +594,22 @@ fn create_orders(
     Ok(())
 }
 
+/// Whether every shop queue has nothing ready and nothing unacked.
+fn queues_empty(broker: &Broker) -> bool {
+    let stats = broker.stats();
+    QUEUES.iter().all(|name| {
+        stats
+            .queue(name)
+            .is_none_or(|q| q.messages_ready == 0 && q.messages_unacked == 0)
+    })
+}
+
 /// Ready messages of every shop queue, as [`QUEUES`].
-fn ready_counts(channel: &Channel) -> Result<[u32; 4], AppError> {
-    let mut ready = [0; 4];
-    for (n, queue) in ready.iter_mut().zip(QUEUES) {
-        *n = channel
-            .queue_declare(
-                queue,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::new(),
-            )?
-            .message_count;
-    }
-    Ok(ready)
+fn ready_counts(broker: &Broker) -> [u32; 4] {
+    let stats = broker.stats();
+    QUEUES.map(|name| {
+        stats
+            .queue(name)
+            .map_or(0, |q| u32::try_from(q.messages_ready).unwrap_or(u32::MAX))
+    })
 }

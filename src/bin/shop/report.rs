@@ -1,17 +1,16 @@
 //! The run's report: per-queue figures from the broker, latency percentiles, the invariant's
 //! audit, as a table for people or JSON for programs.
 //!
-//! Queue figures come from a passive `queue.declare` (ready messages, consumers) and
-//! `Broker::death_stats` (dead-lettered, dropped); the broker has no unacked count in its
-//! public API yet, so it shows as unknown.
+//! Queue figures come from `Broker::stats` (sizes, counters since the queue was declared or
+//! recovered, so a resumed run counts its own part, and processing time from delivery to
+//! settle).
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use coney::{Broker, Channel, FieldTable, QueueDeclareOptions};
+use coney::Broker;
 use serde::Serialize;
 
-use super::error::AppError;
 use super::invariant::Audit;
 use super::model::QUEUES;
 
@@ -21,49 +20,70 @@ pub struct QueueStats {
     /// The queue.
     pub name: String,
     /// Messages ready.
-    pub ready: u32,
-    /// Messages delivered and not yet settled (`None`: the broker does not say yet).
-    pub unacked: Option<u32>,
-    /// Consumers.
-    pub consumers: u32,
-    /// Messages the queue dead-lettered, all reasons.
+    pub ready: u64,
+    /// Messages delivered and not yet settled.
+    pub unacked: u64,
+    /// Consumers (while the services ran).
+    pub consumers: u64,
+    /// Messages routed to it.
+    pub published: u64,
+    /// Acks by its consumers.
+    pub acked: u64,
+    /// Nacks and rejects by its consumers.
+    pub nacked: u64,
+    /// Redeliveries.
+    pub redelivered: u64,
+    /// Messages it dead-lettered, all reasons.
     pub dead_lettered: u64,
-    /// Messages the queue dropped (no dead-letter target), all reasons.
+    /// Messages it dropped (no dead-letter target), all reasons.
     pub dropped: u64,
+    /// Nacks and rejects / settles.
+    pub error_rate: f64,
+    /// Delivery to settle, median, in ms (a service settles a batch once it is committed).
+    pub processing_p50_ms: f64,
+    /// Delivery to settle, 99th percentile, in ms.
+    pub processing_p99_ms: f64,
 }
 
-/// Ready messages and consumers of `queue` (passive declare).
-pub fn queue_stats(
-    broker: &Broker,
-    channel: &Channel,
-    queue: &str,
-) -> Result<QueueStats, AppError> {
-    let ok = channel.queue_declare(
-        queue,
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::new(),
-    )?;
-    let deaths = broker.death_stats(queue).unwrap_or_default();
-    let total = |r: coney::ReasonCounts| r.rejected + r.expired + r.maxlen + r.delivery_limit;
-    Ok(QueueStats {
-        name: queue.to_owned(),
-        ready: ok.message_count,
-        unacked: None,
-        consumers: ok.consumer_count,
-        dead_lettered: total(deaths.dead_lettered),
-        dropped: total(deaths.dropped),
-    })
-}
-
-/// The figures of every shop queue.
-pub fn all_queue_stats(broker: &Broker, channel: &Channel) -> Result<Vec<QueueStats>, AppError> {
+/// The figures of every shop queue now.
+pub fn all_queue_stats(broker: &Broker) -> Vec<QueueStats> {
+    let stats = broker.stats();
     QUEUES
         .iter()
-        .map(|q| queue_stats(broker, channel, q))
+        .map(|name| match stats.queue(name) {
+            Some(q) => queue_stats(q),
+            None => QueueStats {
+                name: (*name).to_owned(),
+                ..QueueStats::default()
+            },
+        })
         .collect()
+}
+
+fn queue_stats(q: &coney::stats::QueueStats) -> QueueStats {
+    let total = |r: coney::ReasonCounts| r.rejected + r.expired + r.maxlen + r.delivery_limit;
+    let c = &q.counters;
+    let settles = c.acked + c.nacked;
+    let ms = |d: Duration| d.as_secs_f64() * 1_000.0;
+    QueueStats {
+        name: q.name.clone(),
+        ready: q.messages_ready,
+        unacked: q.messages_unacked,
+        consumers: q.consumers,
+        published: c.published,
+        acked: c.acked,
+        nacked: c.nacked,
+        redelivered: c.redelivered,
+        dead_lettered: total(c.dead_lettered),
+        dropped: total(c.dropped),
+        error_rate: if settles == 0 {
+            0.0
+        } else {
+            c.nacked as f64 / settles as f64
+        },
+        processing_p50_ms: ms(q.processing.p50()),
+        processing_p99_ms: ms(q.processing.p99()),
+    }
 }
 
 /// Create -> final state percentiles, in ms.
@@ -204,15 +224,37 @@ impl Report {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "  {:<16} {:>8} {:>8} {:>10} {:>14} {:>8}",
-            "queue", "ready", "unacked", "consumers", "dead-lettered", "dropped"
+            "  {:<16} {:>6} {:>7} {:>9} {:>9} {:>9} {:>7} {:>11} {:>8} {:>8} {:>7} {:>16}",
+            "queue",
+            "ready",
+            "unacked",
+            "consumers",
+            "published",
+            "acked",
+            "nacked",
+            "redelivered",
+            "dead-let",
+            "dropped",
+            "errors",
+            "process p50/p99"
         );
         for q in &self.queues {
-            let unacked = q.unacked.map_or_else(|| "-".to_owned(), |n| n.to_string());
             let _ = writeln!(
                 s,
-                "  {:<16} {:>8} {:>8} {:>10} {:>14} {:>8}",
-                q.name, q.ready, unacked, q.consumers, q.dead_lettered, q.dropped
+                "  {:<16} {:>6} {:>7} {:>9} {:>9} {:>9} {:>7} {:>11} {:>8} {:>8} {:>6.2}% {:>7.1}/{:<5.1}ms",
+                q.name,
+                q.ready,
+                q.unacked,
+                q.consumers,
+                q.published,
+                q.acked,
+                q.nacked,
+                q.redelivered,
+                q.dead_lettered,
+                q.dropped,
+                100.0 * q.error_rate,
+                q.processing_p50_ms,
+                q.processing_p99_ms
             );
         }
         let _ = writeln!(s);
