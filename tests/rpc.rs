@@ -30,7 +30,9 @@ fn server(ch: &Channel, queue: &str) -> RpcServer {
 /// channel) with `echo`.
 fn answer_next(server: &RpcServer) -> Handled {
     let request = get(server.channel(), server.queue()).expect("a request is waiting");
-    server.handle(&request, echo).expect("the reply is published")
+    server
+        .handle(&request, echo)
+        .expect("the reply is published")
 }
 
 fn send<'a>(client: &'a RpcClient, queue: &str, body: &str) -> PendingReply<'a> {
@@ -62,11 +64,21 @@ fn a_call_gets_its_reply_in_both_modes() {
                 Some(reply.correlation_id())
             );
             server.cancel().unwrap();
-            serving.join().unwrap().expect("serve ends cleanly when cancelled");
+            serving
+                .join()
+                .unwrap()
+                .expect("serve ends cleanly when cancelled");
         });
         let stats = client.stats();
         assert_eq!((stats.calls, stats.replies), (1, 1), "{mode:?}");
-        assert_eq!(stats, RpcStats { calls: 1, replies: 1, ..Default::default() });
+        assert_eq!(
+            stats,
+            RpcStats {
+                calls: 1,
+                replies: 1,
+                ..Default::default()
+            }
+        );
         let served = server.stats();
         assert_eq!((served.handled, served.replied, served.failed), (1, 1, 0));
         assert_eq!(ready(&ch, "rpc"), 0, "the request was acked");
@@ -118,7 +130,10 @@ fn pending_replies_are_sorted_by_correlation_id_on_one_thread() {
         assert_eq!(reply_text(&a.wait(WAIT).unwrap()), "re:a");
         assert_eq!(reply_text(&b.wait(WAIT).unwrap()), "re:b");
         let stats = client.stats();
-        assert_eq!((stats.calls, stats.replies, stats.late, stats.unknown), (3, 3, 0, 0));
+        assert_eq!(
+            (stats.calls, stats.replies, stats.late, stats.unknown),
+            (3, 3, 0, 0)
+        );
         broker.check_invariants().unwrap();
     }
 }
@@ -139,7 +154,10 @@ fn concurrent_callers_each_get_their_own_reply() {
             .map(|c| server(&c.channel().unwrap(), "rpc"))
             .collect();
         std::thread::scope(|s| {
-            let serving: Vec<_> = servers.iter().map(|srv| s.spawn(|| srv.serve(echo))).collect();
+            let serving: Vec<_> = servers
+                .iter()
+                .map(|srv| s.spawn(|| srv.serve(echo)))
+                .collect();
             let callers: Vec<_> = (0..THREADS)
                 .map(|t| {
                     let client = &client;
@@ -166,7 +184,15 @@ fn concurrent_callers_each_get_their_own_reply() {
         });
         let n = (THREADS * CALLS) as u64;
         let stats = client.stats();
-        assert_eq!(stats, RpcStats { calls: n, replies: n, ..Default::default() }, "{mode:?}");
+        assert_eq!(
+            stats,
+            RpcStats {
+                calls: n,
+                replies: n,
+                ..Default::default()
+            },
+            "{mode:?}"
+        );
         let replied: u64 = servers.iter().map(|s| s.stats().replied).sum();
         assert_eq!(replied, n);
         broker.check_invariants().unwrap();
@@ -187,25 +213,44 @@ fn a_call_nobody_answers_times_out_and_the_client_still_works() {
             .call("", "rpc", "lost", Default::default(), timeout)
             .unwrap_err();
         let elapsed = started.elapsed();
-        let RpcError::Timeout { correlation_id, waited } = err else {
+        let RpcError::Timeout {
+            correlation_id,
+            waited,
+        } = err
+        else {
             panic!("expected a timeout, got {err:?}");
         };
-        assert!(waited >= timeout && elapsed >= timeout, "{waited:?} {elapsed:?}");
-        assert!(elapsed < WAIT, "gave up long after its timeout: {elapsed:?}");
+        assert!(
+            waited >= timeout && elapsed >= timeout,
+            "{waited:?} {elapsed:?}"
+        );
+        assert!(
+            elapsed < WAIT,
+            "gave up long after its timeout: {elapsed:?}"
+        );
         let request = get(&ch, "rpc").expect("the request was published");
-        assert_eq!(request.properties().correlation_id.as_deref(), Some(&*correlation_id));
+        assert_eq!(
+            request.properties().correlation_id.as_deref(),
+            Some(&*correlation_id)
+        );
         request.ack(Default::default()).unwrap();
 
         let server = server(&ch, "rpc");
         std::thread::scope(|s| {
             let serving = s.spawn(|| server.serve(echo));
-            let reply = client.call("", "rpc", "again", Default::default(), WAIT).unwrap();
+            let reply = client
+                .call("", "rpc", "again", Default::default(), WAIT)
+                .unwrap();
             assert_eq!(reply_text(&reply), "re:again");
             server.cancel().unwrap();
             serving.join().unwrap().unwrap();
         });
         let stats = client.stats();
-        assert_eq!((stats.calls, stats.replies, stats.timeouts), (2, 1, 1), "{mode:?}");
+        assert_eq!(
+            (stats.calls, stats.replies, stats.timeouts),
+            (2, 1, 1),
+            "{mode:?}"
+        );
         broker.check_invariants().unwrap();
     }
 }
@@ -230,16 +275,28 @@ fn a_reply_after_the_timeout_is_late_and_not_given_to_the_next_call() {
                 server.handle(&second, echo).unwrap();
             });
             let err = client
-                .call("", "rpc", "first", Default::default(), Duration::from_millis(30))
+                .call(
+                    "",
+                    "rpc",
+                    "first",
+                    Default::default(),
+                    Duration::from_millis(30),
+                )
                 .unwrap_err();
             assert!(matches!(err, RpcError::Timeout { .. }), "{err:?}");
             timed_out.send(()).unwrap();
-            let reply = client.call("", "rpc", "second", Default::default(), WAIT).unwrap();
+            let reply = client
+                .call("", "rpc", "second", Default::default(), WAIT)
+                .unwrap();
             assert_eq!(reply_text(&reply), "re:second", "{mode:?}");
             slow.join().unwrap();
         });
         let stats = client.stats();
-        assert_eq!((stats.replies, stats.timeouts, stats.late), (1, 1, 1), "{mode:?}");
+        assert_eq!(
+            (stats.replies, stats.timeouts, stats.late),
+            (1, 1, 1),
+            "{mode:?}"
+        );
         assert_eq!((stats.duplicate, stats.unknown), (0, 0));
         broker.check_invariants().unwrap();
     }
@@ -273,8 +330,8 @@ fn a_second_reply_is_a_duplicate() {
         let request = get(&ch, "rpc").unwrap();
         server.handle(&request, echo).unwrap();
         let reply_to = request.properties().reply_to.clone().unwrap();
-        let again = BasicProperties::default()
-            .with_correlation_id(first.correlation_id().to_owned());
+        let again =
+            BasicProperties::default().with_correlation_id(first.correlation_id().to_owned());
         ch.basic_publish("", &reply_to, Default::default(), b"re:once, again", again)
             .unwrap();
         assert_eq!(reply_text(&first.wait(WAIT).unwrap()), "re:once");
@@ -283,7 +340,10 @@ fn a_second_reply_is_a_duplicate() {
         answer_next(&server);
         assert_eq!(reply_text(&next.wait(WAIT).unwrap()), "re:next", "{mode:?}");
         let stats = client.stats();
-        assert_eq!((stats.replies, stats.duplicate, stats.late, stats.unknown), (2, 1, 0, 0));
+        assert_eq!(
+            (stats.replies, stats.duplicate, stats.late, stats.unknown),
+            (2, 1, 0, 0)
+        );
         broker.check_invariants().unwrap();
     }
 }
@@ -316,9 +376,16 @@ fn replies_with_unknown_correlation_ids_are_dropped() {
                 .unwrap();
         }
         server.handle(&request, echo).unwrap();
-        assert_eq!(reply_text(&pending.wait(WAIT).unwrap()), "re:mine", "{mode:?}");
+        assert_eq!(
+            reply_text(&pending.wait(WAIT).unwrap()),
+            "re:mine",
+            "{mode:?}"
+        );
         let stats = client.stats();
-        assert_eq!((stats.replies, stats.unknown, stats.late, stats.duplicate), (1, 3, 0, 0));
+        assert_eq!(
+            (stats.replies, stats.unknown, stats.late, stats.duplicate),
+            (1, 3, 0, 0)
+        );
         broker.check_invariants().unwrap();
     }
 }
@@ -335,7 +402,10 @@ fn a_reply_to_a_dropped_direct_reply_to_client_is_dropped() {
     let server = server(&ch, "rpc");
     let request = get(&ch, "rpc").unwrap();
     let address = request.properties().reply_to.clone().unwrap();
-    assert!(!queue_exists(&broker, &address), "the address went with the client");
+    assert!(
+        !queue_exists(&broker, &address),
+        "the address went with the client"
+    );
     assert_eq!(server.handle(&request, echo).unwrap(), Handled::Replied);
     assert_eq!(server.stats().replied, 1);
     assert_eq!(ready(&ch, "rpc"), 0);
@@ -363,7 +433,10 @@ fn the_reply_queue_is_exclusive_and_goes_with_the_client() {
 
     drop(send(&client, "rpc", "orphan"));
     drop(client);
-    assert!(!queue_exists(&broker, &queue), "auto-deleted with its consumer");
+    assert!(
+        !queue_exists(&broker, &queue),
+        "auto-deleted with its consumer"
+    );
     let server = server(&ch, "rpc");
     assert_eq!(answer_next(&server), Handled::Replied);
     assert_eq!(ready(&ch, "rpc"), 0);
@@ -432,10 +505,17 @@ fn a_handler_error_rejects_the_request() {
     assert!(matches!(err, RpcError::Timeout { .. }), "{err:?}");
     assert_eq!(
         server.stats(),
-        RpcServerStats { handled: 1, failed: 1, ..Default::default() }
+        RpcServerStats {
+            handled: 1,
+            failed: 1,
+            ..Default::default()
+        }
     );
 
-    let options = RpcServerOptions { requeue_on_error: true, ..Default::default() };
+    let options = RpcServerOptions {
+        requeue_on_error: true,
+        ..Default::default()
+    };
     let requeuing = RpcServer::new(&ch, "rpc", options).unwrap();
     drop(send(&client, "rpc", "again"));
     let request = get(&ch, "rpc").unwrap();
@@ -462,7 +542,11 @@ fn a_request_without_reply_to_is_acked_unanswered() {
     assert_eq!(handled, Handled::Unanswerable);
     assert_eq!(
         server.stats(),
-        RpcServerStats { handled: 1, unanswerable: 1, ..Default::default() }
+        RpcServerStats {
+            handled: 1,
+            unanswerable: 1,
+            ..Default::default()
+        }
     );
     assert_eq!(ready(&ch, "rpc"), 0);
     broker.check_invariants().unwrap();
@@ -483,7 +567,11 @@ fn an_unroutable_request_fails_fast() {
                 .call(exchange, key, "lost", Default::default(), WAIT)
                 .unwrap_err();
             match err {
-                RpcError::Unroutable { exchange: e, routing_key, .. } => {
+                RpcError::Unroutable {
+                    exchange: e,
+                    routing_key,
+                    ..
+                } => {
                     assert_eq!((e.as_str(), routing_key.as_str()), (exchange, key));
                 }
                 other => panic!("expected unroutable, got {other:?}"),
@@ -496,7 +584,11 @@ fn an_unroutable_request_fails_fast() {
         answer_next(&server);
         assert_eq!(reply_text(&pending.wait(WAIT).unwrap()), "re:routable");
         let stats = client.stats();
-        assert_eq!((stats.calls, stats.unroutable, stats.replies), (4, 3, 1), "{mode:?}");
+        assert_eq!(
+            (stats.calls, stats.unroutable, stats.replies),
+            (4, 3, 1),
+            "{mode:?}"
+        );
         broker.check_invariants().unwrap();
     }
 }
@@ -514,7 +606,9 @@ fn closing_the_clients_connection_ends_waiting_calls() {
         let started = Instant::now();
         std::thread::scope(|s| {
             let caller = s.spawn(|| client.call("", "rpc", "q", Default::default(), WAIT * 2));
-            requests.recv_timeout(WAIT).expect("the request was published");
+            requests
+                .recv_timeout(WAIT)
+                .expect("the request was published");
             client_conn.close();
             let err = caller.join().unwrap().unwrap_err();
             match err {
@@ -525,7 +619,9 @@ fn closing_the_clients_connection_ends_waiting_calls() {
             }
         });
         assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
-        let err = client.call("", "rpc", "q2", Default::default(), WAIT).unwrap_err();
+        let err = client
+            .call("", "rpc", "q2", Default::default(), WAIT)
+            .unwrap_err();
         assert!(matches!(err, RpcError::Closed { .. }), "{err:?}");
         broker.check_invariants().unwrap();
     }
@@ -541,7 +637,9 @@ fn closing_the_broker_ends_waiting_calls() {
     let started = Instant::now();
     std::thread::scope(|s| {
         let caller = s.spawn(|| client.call("", "rpc", "q", Default::default(), WAIT * 2));
-        requests.recv_timeout(WAIT).expect("the request was published");
+        requests
+            .recv_timeout(WAIT)
+            .expect("the request was published");
         broker.close().unwrap();
         let err = caller.join().unwrap().unwrap_err();
         match err {
@@ -561,7 +659,10 @@ fn the_next_caller_takes_over_when_the_leaders_reply_arrives() {
         let (broker, conn, ch) = setup();
         declare(&ch, "rpc");
         let client = RpcClient::new(&conn, mode).unwrap();
-        let options = RpcServerOptions { prefetch_count: 2, ..Default::default() };
+        let options = RpcServerOptions {
+            prefetch_count: 2,
+            ..Default::default()
+        };
         let server = RpcServer::new(&ch, "rpc", options).unwrap();
         let mut requests = server.consume().unwrap();
         std::thread::scope(|s| {

@@ -72,7 +72,9 @@ pub enum RpcError {
     },
     /// The request could not be routed to any queue (it was published `mandatory` and the
     /// broker returned it): nobody can answer it, so the call fails at once.
-    #[error("request '{correlation_id}' to exchange '{exchange}' with key '{routing_key}' is unroutable")]
+    #[error(
+        "request '{correlation_id}' to exchange '{exchange}' with key '{routing_key}' is unroutable"
+    )]
     Unroutable {
         /// The request's correlation id.
         correlation_id: String,
