@@ -708,3 +708,134 @@ fn the_next_caller_takes_over_when_the_leader_times_out() {
         broker.check_invariants().unwrap();
     }
 }
+
+/// Callers on several threads mix calls nobody answers (short timeouts) with answered calls:
+/// leaders keep timing out while others wait, so the consumer changes hands again and again.
+/// Every answered call gets its own reply, every other one times out, none waits much past its
+/// timeout.
+#[test]
+fn callers_timing_out_between_answered_calls_hand_the_consumer_over() {
+    const THREADS: usize = 6;
+    const ROUNDS: usize = 30;
+    let short = Duration::from_millis(3);
+    for mode in MODES {
+        let (broker, conn, ch) = setup();
+        declare(&ch, "rpc");
+        declare(&ch, "void");
+        let client = RpcClient::new(&conn, mode).unwrap();
+        let server = server(&broker.connect().channel().unwrap(), "rpc");
+        std::thread::scope(|s| {
+            let serving = s.spawn(|| server.serve(echo));
+            let callers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let client = &client;
+                    s.spawn(move || {
+                        for i in 0..ROUNDS {
+                            let request = format!("{t}-{i}");
+                            if (t + i) % 2 == 0 {
+                                let started = Instant::now();
+                                let r = client.call(
+                                    "",
+                                    "void",
+                                    request.as_str(),
+                                    Default::default(),
+                                    short,
+                                );
+                                assert!(matches!(r, Err(RpcError::Timeout { .. })), "{r:?}");
+                                assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
+                            } else {
+                                let reply = client
+                                    .call("", "rpc", request.as_str(), Default::default(), WAIT)
+                                    .unwrap_or_else(|e| panic!("call {request}: {e}"));
+                                assert_eq!(reply_text(&reply), format!("re:{request}"));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for caller in callers {
+                caller.join().unwrap();
+            }
+            server.cancel().unwrap();
+            serving.join().unwrap().unwrap();
+        });
+        let half = (THREADS * ROUNDS / 2) as u64;
+        let stats = client.stats();
+        assert_eq!((stats.replies, stats.timeouts), (half, half), "{mode:?}");
+        assert_eq!((stats.late, stats.duplicate, stats.unknown), (0, 0, 0));
+        broker.check_invariants().unwrap();
+    }
+}
+
+/// `serve` ends with an error when the broker closes its channel, not only when the
+/// application does.
+#[test]
+fn serve_reports_a_close_it_did_not_ask_for() {
+    let (broker, _conn, ch) = setup();
+    declare(&ch, "rpc");
+    let server = server(&ch, "rpc");
+    let client = RpcClient::new(&broker.connect(), ReplyMode::DirectReplyTo).unwrap();
+    std::thread::scope(|s| {
+        let serving = s.spawn(|| server.serve(echo));
+        // One answered call: `serve` is consuming.
+        client
+            .call("", "rpc", "up?", Default::default(), WAIT)
+            .unwrap();
+        broker.close().unwrap();
+        let err = serving.join().unwrap().unwrap_err();
+        assert!(err.is_broker_closed(), "{err:?}");
+    });
+}
+
+/// A reply the broker refuses is never followed by the ack: refused with a channel error
+/// (a `user_id` that is not the connection's), the channel closes and the request goes back
+/// to its queue; refused alone (a property over 255 bytes), the request is rejected as for a
+/// handler error rather than left unacked.
+#[test]
+fn a_refused_reply_leaves_the_request_unacked_or_rejected() {
+    let (broker, conn, ch) = setup();
+    declare(&ch, "rpc");
+    let client = RpcClient::new(&conn, ReplyMode::DirectReplyTo).unwrap();
+    let server_ch = conn.channel().unwrap();
+    let server = server(&server_ch, "rpc");
+
+    drop(send(&client, "rpc", "impostor"));
+    let request = get(&server_ch, "rpc").unwrap();
+    let impostor = |_: &Delivery| {
+        let properties = BasicProperties::default().with_user_id("mallory");
+        Ok::<_, Infallible>(Response::new("x").with_properties(properties))
+    };
+    let err = server.handle(&request, impostor).unwrap_err();
+    assert_eq!(
+        err.reply_code(),
+        Some(ReplyCode::PreconditionFailed),
+        "{err:?}"
+    );
+    assert!(server_ch.is_closed());
+    assert_eq!(ready(&ch, "rpc"), 1, "requeued with the closed channel");
+    assert_eq!(server.stats().replied, 0);
+
+    let server = server_of_new_channel(&conn);
+    let request = get(server.channel(), "rpc").unwrap();
+    let oversized = |_: &Delivery| {
+        let properties = BasicProperties::default().with_content_type("x".repeat(300));
+        Ok::<_, Infallible>(Response::new("x").with_properties(properties))
+    };
+    let err = server.handle(&request, oversized).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    assert!(!server.channel().is_closed());
+    assert_eq!(ready(&ch, "rpc"), 0, "rejected, not requeued");
+    assert_eq!(
+        server.stats(),
+        RpcServerStats {
+            handled: 1,
+            failed: 1,
+            ..Default::default()
+        }
+    );
+    broker.check_invariants().unwrap();
+}
+
+fn server_of_new_channel(conn: &Connection) -> RpcServer {
+    server(&conn.channel().unwrap(), "rpc")
+}

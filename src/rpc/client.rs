@@ -107,9 +107,17 @@ impl Reply {
 ///
 /// Usable from several threads at once (`&RpcClient` is enough): each caller gets only the
 /// reply to its own request. Replies to calls that are over, duplicate replies and replies
-/// it never asked for are counted ([`RpcClient::stats`]), logged and dropped. The waiting
-/// callers receive the replies themselves, taking turns (see the `client` module's source
-/// for the hand-over); nothing runs in the background.
+/// it never asked for are counted ([`RpcClient::stats`]), logged and dropped.
+///
+/// # Receiving replies
+/// Nothing runs in the background: the waiting callers receive the replies themselves. One
+/// of them at a time, the leader, holds the reply consumer, files every reply it receives
+/// under its correlation id and wakes that reply's caller; the others sleep until their
+/// reply is filed or their timeout passes. When the leader's own call is over (its reply
+/// came, it timed out, or the consumer ended) it wakes the earliest other waiting caller,
+/// which takes the consumer over. Replies are taken off the consumer only while some caller
+/// waits, so a reply to a [`PendingReply`] not yet waited for waits in the consumer (or in
+/// the client, once another caller received it) until then.
 ///
 /// Requests are published `mandatory`, so one that no queue takes fails at once with
 /// [`RpcError::Unroutable`]. A request has no expiry unless its properties give one; an

@@ -190,9 +190,9 @@ impl RpcServer {
 
     /// Consumes the queue (manual acks, [`RpcServerOptions::consumer_tag`]) and answers each
     /// request with [`RpcServer::handle`], until the consumer ends: [`RpcServer::cancel`],
-    /// the channel's close, or the queue's deletion. Returns `Ok` when the application ended
-    /// it (a cancel, or a close by the application of the channel or its connection), the
-    /// error otherwise (a close by the broker, a failed reply or settle).
+    /// the queue's deletion, or the channel's close. Returns `Ok` if it was cancelled or the
+    /// application closed the channel (or its connection); an error if the broker closed the
+    /// channel (with [`Error::ChannelClosed`] and its cause) or a reply or settle failed.
     pub fn serve<E: Display>(
         &self,
         mut handler: impl FnMut(&Delivery) -> std::result::Result<Response, E>,
