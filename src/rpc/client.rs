@@ -273,7 +273,8 @@ impl RpcClient {
         &self.reply_to
     }
 
-    /// The client's channel. Closing it ends the client: calls fail from then on.
+    /// The client's channel. Closing it ends the client: calls fail from then on. Its return
+    /// handler is the client's: replacing it leaves unroutable requests to their timeout.
     pub fn channel(&self) -> &Channel {
         &self.channel
     }
@@ -305,12 +306,12 @@ impl RpcClient {
             mandatory: true,
             ..Default::default()
         };
+        let ch = &self.channel;
         let published = match flow_timeout {
             Some(t) => {
-                let ch = &self.channel;
                 ch.basic_publish_timeout(exchange, routing_key, options, body, properties, t)
             }
-            None => (self.channel).basic_publish(exchange, routing_key, options, body, properties),
+            None => ch.basic_publish(exchange, routing_key, options, body, properties),
         };
         // From here on the outcome is settled here, not by the pending reply's drop.
         let mut shared = self.state.shared.lock();
