@@ -141,3 +141,8 @@ pub use runtime::{
 };
 pub use stats::BrokerStats;
 pub use types::*;
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
