@@ -110,6 +110,8 @@
 //! - [`clock`]: the system clock and a manual clock for tests.
 //! - [`store`]: the `Store` trait, the sled, memory and fault-injecting stores, record format.
 //! - [`retry`]: a retry topology with back-off delays.
+//! - [`rpc`]: request-reply: a client that waits for replies (direct reply-to or a reply
+//!   queue) and a server that answers a request queue.
 
 pub mod clock;
 pub mod core;
@@ -117,6 +119,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod retry;
+pub mod rpc;
 pub mod runtime;
 pub mod stats;
 pub mod store;
@@ -126,6 +129,10 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::confirm::ConfirmEvent;
 pub use core::queue::{DeadLetterStrategy, Overflow, PolicyDefinition};
 pub use error::{AmqpError, CloseCause, Error, ReplyCode, Result};
+pub use rpc::{
+    PendingReply, Reply, ReplyMode, Response, RpcClient, RpcError, RpcServer, RpcServerOptions,
+    RpcServerStats, RpcStats,
+};
 pub use runtime::Durability;
 pub use runtime::{
     BlockedNotice, Broker, BrokerBuilder, Channel, ConfirmListener, Connection, Consumer,
@@ -134,3 +141,8 @@ pub use runtime::{
 };
 pub use stats::BrokerStats;
 pub use types::*;
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -7,6 +7,8 @@ mod durable;
 mod quickstart;
 #[path = "../examples/retry.rs"]
 mod retry;
+#[path = "../examples/rpc.rs"]
+mod rpc;
 
 #[test]
 fn quickstart_runs() {
@@ -21,4 +23,9 @@ fn durable_runs() {
 #[test]
 fn retry_runs() {
     retry::main().unwrap();
+}
+
+#[test]
+fn rpc_runs() {
+    rpc::main().unwrap();
 }
