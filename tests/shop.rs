@@ -143,8 +143,9 @@ fn json_report(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("--json prints a JSON report")
 }
 
-fn resume(dir: &Path, orders: u64) -> serde_json::Value {
+fn resume(dir: &Path, orders: u64, extra: &[&str]) -> serde_json::Value {
     let output = shop()
+        .args(extra)
         .args([
             "--quiet",
             "--json",
@@ -207,7 +208,7 @@ fn sigkill_mid_run_then_resume_keeps_the_invariant() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let status = child.wait().expect("the child is reaped");
     assert!(!status.success(), "killed mid-run, not finished: {status}");
-    let report = resume(&dir.0, orders);
+    let report = resume(&dir.0, orders, &[]);
     assert_json_settled(&report, orders);
     assert!(
         report["created_this_run"].as_u64().unwrap() > 0,
@@ -236,9 +237,60 @@ fn crash_after_then_resume_creates_the_rest() {
         .status()
         .expect("shop runs");
     assert!(!status.success(), "it aborted: {status}");
-    let report = resume(&dir.0, 1500);
+    let report = resume(&dir.0, 1500, &[]);
     assert_json_settled(&report, 1500);
     assert_eq!(report["created_this_run"], 1000);
+}
+
+/// Request-reply mode: each payment is a `coney::rpc` call answered on the caller's direct
+/// reply-to address; results never go through `order_queue`. Only the calls whose request was
+/// dead-lettered go unanswered (and are made again, then settled by the dead-letter watcher).
+#[test]
+fn request_reply_mode_keeps_the_invariant() {
+    let config = Config {
+        orders: 800,
+        payment_failure_rate: 0.2,
+        seed: 1,
+        mode: app::Mode::RequestReply,
+        ..Config::default()
+    };
+    let report = run(&config);
+    assert_settled(&report, 800);
+    assert_eq!(report.mode, "request-reply");
+    assert!(report.audit.dead_lettered > 0);
+    assert!(report.rpc_timeouts >= report.audit.dead_lettered);
+    let order_queue = &report.queues[1];
+    assert_eq!(order_queue.name, "order_queue");
+    assert_eq!(order_queue.published, 0, "results came back as replies");
+}
+
+/// Request-reply mode across `--crash-after` and `--resume`: the replies to the first process
+/// are gone, so the resumed run calls every open order again and sends again the stock updates
+/// it cannot know were confirmed; the invariant holds over both runs.
+#[test]
+fn request_reply_crash_after_then_resume() {
+    let dir = TempDir::new("rr-crash-after");
+    let status = shop()
+        .args([
+            "--quiet",
+            "--mode",
+            "request-reply",
+            "--orders",
+            "1200",
+            "--crash-after",
+            "600",
+            "--data",
+        ])
+        .arg(&dir.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("shop runs");
+    assert!(!status.success(), "it aborted: {status}");
+    let report = resume(&dir.0, 1200, &["--mode", "request-reply"]);
+    assert_json_settled(&report, 1200);
+    assert_eq!(report["mode"], "request-reply");
+    assert_eq!(report["created_this_run"], 600);
 }
 
 /// A plain run of the binary with `--json` reports that the invariant holds.

@@ -17,6 +17,8 @@ pub mod order;
 pub mod payment;
 #[path = "report.rs"]
 pub mod report;
+#[path = "request_reply.rs"]
+pub mod request_reply;
 #[path = "service.rs"]
 pub mod service;
 
@@ -153,11 +155,6 @@ fn validate(config: &Config) -> Result<(), AppError> {
     if config.resume && config.data.is_none() {
         return Err(AppError::Usage(
             "--resume needs --data DIR (the directory of the run to finish)".into(),
-        ));
-    }
-    if config.mode == Mode::RequestReply {
-        return Err(AppError::Usage(
-            "--mode request-reply is not available in this build: it needs coney::rpc, which has not landed yet".into(),
         ));
     }
     Ok(())
@@ -354,29 +351,44 @@ fn run_in(
     ];
     let payment_control = services[2].control.clone();
 
-    let creator_channel = conn.channel()?;
-    creator_channel.confirm_select(ConfirmSelectOptions::default())?;
-    let republished = if config.resume {
-        order::republish_unconfirmed(&orders, &creator_channel)?
-    } else {
-        0
-    };
     let creating = Arc::new(AtomicBool::new(true));
+    let stop_creator = Arc::new(AtomicBool::new(false));
+    let republished_count = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let creator = {
         let (orders, tally, creating) = (orders.clone(), tally.clone(), creating.clone());
-        let (total, rate, crash_after) = (config.orders, config.rate, config.crash_after);
+        let (stop, republished) = (stop_creator.clone(), republished_count.clone());
+        let (mode, resume, total, rate, crash_after) = (
+            config.mode,
+            config.resume,
+            config.orders,
+            config.rate,
+            config.crash_after,
+        );
+        let conn = broker.connect();
         std::thread::Builder::new()
             .name("shop-creator".into())
             .spawn(move || {
-                let r = create_orders(
-                    &orders,
-                    &creator_channel,
-                    seed,
-                    total,
-                    rate,
-                    crash_after,
-                    &tally,
-                );
+                let pace =
+                    |create: &mut dyn FnMut(std::ops::Range<u64>) -> Result<(), AppError>| {
+                        create_orders(&orders, total, rate, crash_after, create)
+                    };
+                let r = match mode {
+                    Mode::FireAndForget => (|| {
+                        let channel = conn.channel()?;
+                        channel.confirm_select(ConfirmSelectOptions::default())?;
+                        if resume {
+                            let n = order::republish_unconfirmed(&orders, &channel)?;
+                            republished.store(n, Ordering::Relaxed);
+                        }
+                        pace(&mut |ids| {
+                            order::create_and_request(&orders, &channel, seed, ids, &tally)
+                        })
+                    })(),
+                    Mode::RequestReply => {
+                        request_reply::run(&conn, &orders, &tally, seed, resume, &stop, pace)
+                            .map(|n| republished.store(n, Ordering::Relaxed))
+                    }
+                };
                 creating.store(false, Ordering::SeqCst);
                 r
             })
@@ -455,6 +467,7 @@ fn run_in(
         if started.elapsed() > config.deadline {
             tracing::error!(?config.deadline, "deadline passed before every order settled");
             timed_out = true;
+            stop_creator.store(true, Ordering::SeqCst);
             break;
         }
     }
@@ -499,7 +512,7 @@ fn run_in(
         resumed: config.resume,
         orders_asked: config.orders,
         created_this_run: audit.orders.saturating_sub(created_before),
-        republished,
+        republished: republished_count.load(Ordering::Relaxed),
         elapsed_s: elapsed.as_secs_f64(),
         orders_per_s: settled_here.saturating_sub(settled_before(&tally)) as f64
             / report::secs(elapsed),
@@ -511,6 +524,7 @@ fn run_in(
             payment_failures as f64 / payment_attempts as f64
         },
         repeats: Tally::get(&tally.repeats),
+        rpc_timeouts: Tally::get(&tally.rpc_timeouts),
         payment_queue_peak: peak,
         queues,
         latency: report::Latency::of(&audit.latencies_ms),
@@ -556,12 +570,10 @@ fn count_settled(
 /// `crash_after` orders created by this call.
 fn create_orders(
     orders: &OrderStore,
-    channel: &Channel,
-    seed: u64,
     total: u64,
     rate: Option<f64>,
     crash_after: Option<u64>,
-    tally: &Tally,
+    create: &mut dyn FnMut(std::ops::Range<u64>) -> Result<(), AppError>,
 ) -> Result<(), AppError> {
     let start = Instant::now();
     let first = orders.created()?;
@@ -580,7 +592,7 @@ fn create_orders(
         if let Some(n) = crash_after {
             batch = batch.min((first + n).saturating_sub(next).max(1));
         }
-        order::create_and_request(orders, channel, seed, next..next + batch, tally)?;
+        create(next..next + batch)?;
         next += batch;
         if crash_after.is_some_and(|n| next - first >= n) {
             // A crash, as a power cut or a kill -9 would make it: no destructor runs.

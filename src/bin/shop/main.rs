@@ -133,9 +133,15 @@ fn config(flags: &Flags) -> Result<Config, String> {
 
 /// Logs to stderr at `warn` by default: a payment that fails its last attempt (and is
 /// dead-lettered) is worth a line; retries and the broker's own dead-letter notes are `info`,
-/// one per event, too many to show by default. `RUST_LOG` overrides.
+/// one per event, too many to show by default. The rpc client's notes of late replies are
+/// left out too: in request-reply mode a call that timed out is made again, so the late
+/// reply to the first one is expected. `RUST_LOG` overrides.
 fn init_logging(quiet: bool) {
-    let default = if quiet { "error" } else { "warn" };
+    let default = if quiet {
+        "error"
+    } else {
+        "warn,coney::rpc=error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()

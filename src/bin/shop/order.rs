@@ -56,6 +56,9 @@ pub struct Order {
     pub created_ms: u64,
     /// When it reached its final state.
     pub final_ms: Option<u64>,
+    /// Whether the broker confirmed its stock update (noted in request-reply mode, where a
+    /// resumed run must send the others again).
+    pub stock_requested: bool,
 }
 
 impl Order {
@@ -80,6 +83,7 @@ impl Order {
             reason: None,
             created_ms,
             final_ms: None,
+            stock_requested: false,
         }
     }
 
@@ -170,6 +174,14 @@ impl OrderStore {
         }
     }
 
+    /// Order `id`.
+    pub fn get(&self, id: u64) -> Result<Option<Order>, AppError> {
+        match self.orders.get(model::order_key(id))? {
+            Some(v) => Ok(Some(model::decode_record(&v, "order")?)),
+            None => Ok(None),
+        }
+    }
+
     /// Every order, by id.
     pub fn all(&self) -> impl Iterator<Item = Result<Order, AppError>> + '_ {
         self.orders.iter().values().map(|v| {
@@ -211,6 +223,23 @@ impl OrderStore {
     /// from its records.
     pub fn set_confirmed(&self, id: u64) -> Result<(), AppError> {
         self.meta.insert(META_CONFIRMED, &id.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Notes on paid orders `ids` that their stock update is confirmed by the broker. Not
+    /// flushed: losing the note only sends an update again.
+    pub fn note_stock_requested(&self, ids: &[u64]) -> Result<(), AppError> {
+        for &id in ids {
+            self.transition(id, |order| {
+                if order.status == OrderStatus::Paid && !order.stock_requested {
+                    let mut next = order.clone();
+                    next.stock_requested = true;
+                    Transition::Applied(next)
+                } else {
+                    Transition::Ignored
+                }
+            })?;
+        }
         Ok(())
     }
 
@@ -411,7 +440,8 @@ impl OrderService {
     }
 }
 
-fn publish_stock_update(order: &Order, outbox: &mut Outbox) {
+/// Adds the stock update of a paid order to `outbox`.
+pub fn publish_stock_update(order: &Order, outbox: &mut Outbox) {
     outbox.send_to(
         INVENTORY_QUEUE,
         model::encode_json(&order.inventory_update()),

@@ -131,7 +131,8 @@ pub struct Report {
     pub orders_asked: u64,
     /// Orders this run created (a resumed run creates the rest).
     pub created_this_run: u64,
-    /// Payment requests a resumed run republished (their first publish was not confirmed).
+    /// Payment requests a resumed run sent again: those whose first publish was not
+    /// confirmed (fire-and-forget), or every open order (request-reply).
     pub republished: u64,
     /// This run's wall time, in seconds.
     pub elapsed_s: f64,
@@ -143,6 +144,8 @@ pub struct Report {
     pub payment_failures: u64,
     /// `payment_failures / payment_attempts`.
     pub error_rate: f64,
+    /// Payment calls without a reply in time, called again (request-reply mode).
+    pub rpc_timeouts: u64,
     /// Deliveries found already handled (redeliveries, republished requests) this run.
     pub repeats: u64,
     /// Most ready messages seen in `payment_queue` while running.
@@ -211,6 +214,13 @@ impl Report {
             100.0 * self.error_rate
         );
         let _ = writeln!(s, "  repeats handled     {:>10}", self.repeats);
+        if self.mode == "request-reply" {
+            let _ = writeln!(
+                s,
+                "  calls timed out     {:>10}   (called again)",
+                self.rpc_timeouts
+            );
+        }
         let _ = writeln!(
             s,
             "  latency create->final  p50 {} ms, p99 {} ms, max {} ms ({} orders)",

@@ -283,6 +283,8 @@ pub struct Tally {
     pub payment_failures: AtomicU64,
     /// Orders settled before this run (a resume), for this run's rate.
     pub settled_before: AtomicU64,
+    /// Payment calls without a reply in time (request-reply mode), called again later.
+    pub rpc_timeouts: AtomicU64,
     /// Deliveries found already handled (redeliveries, republished requests).
     pub repeats: AtomicU64,
 }
