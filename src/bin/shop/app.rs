@@ -354,7 +354,7 @@ fn run_in(
     let creating = Arc::new(AtomicBool::new(true));
     let stop_creator = Arc::new(AtomicBool::new(false));
     let republished_count = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let creator = {
+    let mut creator = Some({
         let (orders, tally, creating) = (orders.clone(), tally.clone(), creating.clone());
         let (stop, republished) = (stop_creator.clone(), republished_count.clone());
         let (mode, resume, total, rate, crash_after) = (
@@ -396,7 +396,7 @@ fn run_in(
                 what: "starting the creator".into(),
                 source,
             })?
-    };
+    });
 
     let to_create = config.orders - created_before;
     let mut down: Option<Instant> = None;
@@ -435,23 +435,28 @@ fn run_in(
             elapsed: started.elapsed(),
         };
         on_progress(&progress);
-        if let Some(s) = services.iter().find(|s| s.thread.is_finished()) {
-            let name = s.name;
-            let index = services
-                .iter()
-                .position(|s| s.name == name)
-                .expect("found above");
+        // A service or the creator that stops early stopped on an error: the run cannot
+        // settle, so it ends now with that error rather than at the deadline.
+        if let Some(index) = services.iter().position(|s| s.thread.is_finished()) {
             let failed = services.swap_remove(index);
             let _ = stop_all(services);
-            return Err(failed
-                .thread
-                .join()
-                .unwrap_or(Err(AppError::Panicked(name)))
-                .err()
-                .unwrap_or_else(|| AppError::Usage(format!("{name} stopped early"))));
+            stop_creator.store(true, Ordering::SeqCst);
+            let name = failed.name;
+            return Err(match failed.thread.join() {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => AppError::Usage(format!("service {name} stopped early")),
+                Err(_) => AppError::Panicked(name),
+            });
         }
-        if creator.is_finished() && creating.load(Ordering::SeqCst) {
-            unreachable!("the creator clears the flag before it returns");
+        if let Some(thread) = creator.take_if(|t| t.is_finished()) {
+            thread
+                .join()
+                .unwrap_or(Err(AppError::Panicked("creator")))
+                .inspect_err(|_| {
+                    for s in &services {
+                        s.control.stop();
+                    }
+                })?;
         }
         let settled = progress.paid + progress.failed + progress.dead_lettered;
         if !creating.load(Ordering::SeqCst)
@@ -471,7 +476,10 @@ fn run_in(
             break;
         }
     }
-    let creator_result = creator.join().unwrap_or(Err(AppError::Panicked("creator")));
+    stop_creator.store(true, Ordering::SeqCst);
+    let creator_result = creator.map_or(Ok(()), |t| {
+        t.join().unwrap_or(Err(AppError::Panicked("creator")))
+    });
     let queues_live = report::all_queue_stats(&broker);
     stop_all(services)?;
     creator_result?;
