@@ -22,9 +22,10 @@ pub mod request_reply;
 #[path = "service.rs"]
 pub mod service;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -305,10 +306,10 @@ fn run_in(
     let seed = match orders.seed()? {
         Some(stored) => {
             if stored != config.seed {
-                tracing::info!(
+                tracing::warn!(
                     stored,
                     flag = config.seed,
-                    "resuming with the first run's seed"
+                    "--seed differs from the first run's: resuming with the first run's"
                 );
             }
             stored
@@ -351,56 +352,13 @@ fn run_in(
     ];
     let payment_control = services[2].control.clone();
 
-    let creating = Arc::new(AtomicBool::new(true));
-    let stop_creator = Arc::new(AtomicBool::new(false));
-    let republished_count = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut creator = Some({
-        let (orders, tally, creating) = (orders.clone(), tally.clone(), creating.clone());
-        let (stop, republished) = (stop_creator.clone(), republished_count.clone());
-        let (mode, resume, total, rate, crash_after) = (
-            config.mode,
-            config.resume,
-            config.orders,
-            config.rate,
-            config.crash_after,
-        );
-        let conn = broker.connect();
-        std::thread::Builder::new()
-            .name("shop-creator".into())
-            .spawn(move || {
-                let pace =
-                    |create: &mut dyn FnMut(std::ops::Range<u64>) -> Result<(), AppError>| {
-                        create_orders(&orders, total, rate, crash_after, create)
-                    };
-                let r = match mode {
-                    Mode::FireAndForget => (|| {
-                        let channel = conn.channel()?;
-                        channel.confirm_select(ConfirmSelectOptions::default())?;
-                        if resume {
-                            let n = order::republish_unconfirmed(&orders, &channel)?;
-                            republished.store(n, Ordering::Relaxed);
-                        }
-                        pace(&mut |ids| {
-                            order::create_and_request(&orders, &channel, seed, ids, &tally)
-                        })
-                    })(),
-                    Mode::RequestReply => {
-                        request_reply::run(&conn, &orders, &tally, seed, resume, &stop, pace)
-                            .map(|n| republished.store(n, Ordering::Relaxed))
-                    }
-                };
-                creating.store(false, Ordering::SeqCst);
-                r
-            })
-            .map_err(|source| AppError::Io {
-                what: "starting the creator".into(),
-                source,
-            })?
-    });
+    let mut creator = Creator::spawn(config, &broker, &orders, &tally, seed)?;
 
-    let to_create = config.orders - created_before;
-    let mut down: Option<Instant> = None;
-    let mut down_done = config.payment_down.is_none();
+    // The payment service goes down once a quarter of this run's orders exist.
+    let mut outage = Outage::new(
+        config.payment_down,
+        created_before + (config.orders - created_before) / 4,
+    );
     let mut peak = 0u32;
     let mut timed_out = false;
     loop {
@@ -408,22 +366,7 @@ fn run_in(
         let ready = ready_counts(&broker);
         peak = peak.max(ready[0]);
         let created_now = Tally::get(&tally.created).max(created_before);
-        // The payment service goes down once a quarter of this run's orders exist.
-        if let (Some(length), false) = (config.payment_down, down_done) {
-            match down {
-                None if created_now - created_before >= to_create / 4 => {
-                    tracing::info!(?length, "payment service going down");
-                    payment_control.set_paused(true);
-                    down = Some(Instant::now());
-                }
-                Some(since) if since.elapsed() >= length => {
-                    tracing::info!("payment service back");
-                    payment_control.set_paused(false);
-                    down_done = true;
-                }
-                _ => {}
-            }
-        }
+        outage.step(created_now, &payment_control);
         let progress = Progress {
             created: created_now,
             paid: Tally::get(&tally.paid),
@@ -431,7 +374,7 @@ fn run_in(
             dead_lettered: Tally::get(&tally.dead_lettered),
             stock_updates: Tally::get(&tally.stock_updates),
             ready,
-            payment_down: down.is_some() && !down_done,
+            payment_down: outage.is_down(),
             elapsed: started.elapsed(),
         };
         on_progress(&progress);
@@ -440,7 +383,7 @@ fn run_in(
         if let Some(index) = services.iter().position(|s| s.thread.is_finished()) {
             let failed = services.swap_remove(index);
             let _ = stop_all(services);
-            stop_creator.store(true, Ordering::SeqCst);
+            creator.stop();
             let name = failed.name;
             return Err(match failed.thread.join() {
                 Ok(Err(e)) => e,
@@ -448,19 +391,14 @@ fn run_in(
                 Err(_) => AppError::Panicked(name),
             });
         }
-        if let Some(thread) = creator.take_if(|t| t.is_finished()) {
-            thread
-                .join()
-                .unwrap_or(Err(AppError::Panicked("creator")))
-                .inspect_err(|_| {
-                    for s in &services {
-                        s.control.stop();
-                    }
-                })?;
-        }
+        creator.check().inspect_err(|_| {
+            for s in &services {
+                s.control.stop();
+            }
+        })?;
         let settled = progress.paid + progress.failed + progress.dead_lettered;
-        if !creating.load(Ordering::SeqCst)
-            && down_done
+        if creator.is_done()
+            && outage.is_over()
             && progress.created == config.orders
             && settled == config.orders
             && progress.stock_updates == progress.paid
@@ -472,14 +410,11 @@ fn run_in(
         if started.elapsed() > config.deadline {
             tracing::error!(?config.deadline, "deadline passed before every order settled");
             timed_out = true;
-            stop_creator.store(true, Ordering::SeqCst);
             break;
         }
     }
-    stop_creator.store(true, Ordering::SeqCst);
-    let creator_result = creator.map_or(Ok(()), |t| {
-        t.join().unwrap_or(Err(AppError::Panicked("creator")))
-    });
+    creator.stop();
+    let creator_result = creator.join();
     let queues_live = report::all_queue_stats(&broker);
     stop_all(services)?;
     creator_result?;
@@ -520,7 +455,7 @@ fn run_in(
         resumed: config.resume,
         orders_asked: config.orders,
         created_this_run: audit.orders.saturating_sub(created_before),
-        republished: republished_count.load(Ordering::Relaxed),
+        republished: creator.republished(),
         elapsed_s: elapsed.as_secs_f64(),
         orders_per_s: settled_here.saturating_sub(settled_before(&tally)) as f64
             / report::secs(elapsed),
@@ -539,6 +474,168 @@ fn run_in(
         audit,
         timed_out,
     })
+}
+
+/// The thread that creates the orders and asks for their payments, as the mode says.
+struct Creator {
+    thread: Option<JoinHandle<Result<(), AppError>>>,
+    /// Cleared once every order is created and (request-reply) has an outcome.
+    creating: Arc<AtomicBool>,
+    /// Tells it to give up (request-reply: stop calling again).
+    stop: Arc<AtomicBool>,
+    /// Payment requests a resumed run sent again.
+    republished: Arc<AtomicU64>,
+}
+
+impl Creator {
+    fn spawn(
+        config: &Config,
+        broker: &Broker,
+        orders: &OrderStore,
+        tally: &SharedTally,
+        seed: u64,
+    ) -> Result<Creator, AppError> {
+        let creating = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let republished = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (orders, tally, conn) = (orders.clone(), tally.clone(), broker.connect());
+            let (creating, stop, republished) =
+                (creating.clone(), stop.clone(), republished.clone());
+            let config = config.clone();
+            std::thread::Builder::new()
+                .name("shop-creator".into())
+                .spawn(move || {
+                    let r = create_and_ask(&config, &conn, &orders, &tally, seed, &stop)
+                        .map(|n| republished.store(n, Ordering::Relaxed));
+                    creating.store(false, Ordering::SeqCst);
+                    r
+                })
+                .map_err(|source| AppError::Io {
+                    what: "starting the creator".into(),
+                    source,
+                })?
+        };
+        Ok(Creator {
+            thread: Some(thread),
+            creating,
+            stop,
+            republished,
+        })
+    }
+
+    /// Whether it is done.
+    fn is_done(&self) -> bool {
+        !self.creating.load(Ordering::SeqCst)
+    }
+
+    /// The error it stopped on, once it has stopped.
+    fn check(&mut self) -> Result<(), AppError> {
+        match self.thread.take_if(|t| t.is_finished()) {
+            Some(thread) => thread.join().unwrap_or(Err(AppError::Panicked("creator"))),
+            None => Ok(()),
+        }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn join(&mut self) -> Result<(), AppError> {
+        match self.thread.take() {
+            Some(thread) => thread.join().unwrap_or(Err(AppError::Panicked("creator"))),
+            None => Ok(()),
+        }
+    }
+
+    fn republished(&self) -> u64 {
+        self.republished.load(Ordering::Relaxed)
+    }
+}
+
+/// The creator's work: on a resume, first asks again for what the first run may have left
+/// unasked; then creates the orders (paced by `--rate`) and asks for their payments. Returns
+/// how many requests it sent again.
+fn create_and_ask(
+    config: &Config,
+    conn: &coney::Connection,
+    orders: &OrderStore,
+    tally: &SharedTally,
+    seed: u64,
+    stop: &AtomicBool,
+) -> Result<u64, AppError> {
+    let pace = |create: &mut dyn FnMut(Range<u64>) -> Result<(), AppError>| {
+        create_orders(
+            orders,
+            config.orders,
+            config.rate,
+            config.crash_after,
+            create,
+        )
+    };
+    match config.mode {
+        Mode::FireAndForget => {
+            let channel = conn.channel()?;
+            channel.confirm_select(ConfirmSelectOptions::default())?;
+            let republished = if config.resume {
+                order::republish_unconfirmed(orders, &channel)?
+            } else {
+                0
+            };
+            pace(&mut |ids| order::create_and_request(orders, &channel, seed, ids, tally))?;
+            Ok(republished)
+        }
+        Mode::RequestReply => {
+            request_reply::run(conn, orders, tally, seed, config.resume, stop, pace)
+        }
+    }
+}
+
+/// The payment service's planned outage (`--payment-down-secs`): it starts once `from`
+/// orders exist and lasts `length`.
+struct Outage {
+    length: Option<Duration>,
+    from: u64,
+    since: Option<Instant>,
+    over: bool,
+}
+
+impl Outage {
+    fn new(length: Option<Duration>, from: u64) -> Self {
+        Outage {
+            length,
+            from,
+            since: None,
+            over: length.is_none(),
+        }
+    }
+
+    /// Starts or ends the outage, as `created` and the time say.
+    fn step(&mut self, created: u64, payment: &Control) {
+        let Some(length) = self.length else { return };
+        match self.since {
+            None if created >= self.from => {
+                tracing::info!(?length, "payment service going down");
+                payment.set_paused(true);
+                self.since = Some(Instant::now());
+            }
+            Some(since) if !self.over && since.elapsed() >= length => {
+                tracing::info!("payment service back");
+                payment.set_paused(false);
+                self.over = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        self.since.is_some() && !self.over
+    }
+
+    /// Whether there is none, or it is over.
+    fn is_over(&self) -> bool {
+        self.over
+    }
 }
 
 /// Orders settled before this run started (a resume): kept aside so the rate is this run's.
@@ -581,7 +678,7 @@ fn create_orders(
     total: u64,
     rate: Option<f64>,
     crash_after: Option<u64>,
-    create: &mut dyn FnMut(std::ops::Range<u64>) -> Result<(), AppError>,
+    create: &mut dyn FnMut(Range<u64>) -> Result<(), AppError>,
 ) -> Result<(), AppError> {
     let start = Instant::now();
     let first = orders.created()?;
