@@ -317,9 +317,18 @@ fn run_in(
         None => {
             inventory.stock_up()?;
             orders.set_seed(config.seed)?;
+            orders.set_mode(config.mode.name())?;
             config.seed
         }
     };
+    if let Some(first) = orders.mode()?
+        && first != config.mode.name()
+    {
+        return Err(AppError::Usage(format!(
+            "the run in {} used --mode {first}: resume it with the same mode",
+            dir.display()
+        )));
+    }
     let tally: SharedTally = Arc::new(Tally::default());
     count_settled(&orders, &inventory, &tally)?;
     let created_before = orders.created()?;

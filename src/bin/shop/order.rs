@@ -109,6 +109,7 @@ impl Order {
 const META_SEED: &[u8] = b"seed";
 const META_CREATED: &[u8] = b"created";
 const META_CONFIRMED: &[u8] = b"confirmed";
+const META_MODE: &[u8] = b"mode";
 
 /// The order service's store: `orders` (id -> [`Order`]), `meta` (the seed, how many orders
 /// exist, below which id every request is confirmed in `payment_queue`) and `conflicts`
@@ -154,6 +155,21 @@ impl OrderStore {
     /// Records the run's seed (a new store).
     pub fn set_seed(&self, seed: u64) -> Result<(), AppError> {
         self.meta.insert(META_SEED, &seed.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The mode the store's first run used, if it was recorded.
+    pub fn mode(&self) -> Result<Option<String>, AppError> {
+        Ok(self
+            .meta
+            .get(META_MODE)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records the run's mode (a new store): a resumed run must use the same, since each
+    /// mode recovers what it left in its own way.
+    pub fn set_mode(&self, mode: &str) -> Result<(), AppError> {
+        self.meta.insert(META_MODE, mode.as_bytes())?;
         Ok(())
     }
 
