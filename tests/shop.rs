@@ -127,6 +127,57 @@ fn payment_service_down_then_back_drains_the_backlog() {
     );
 }
 
+/// The check is not vacuous: a second charge for a paid order and a unit of stock gone
+/// astray are each reported, and the invariant fails.
+#[test]
+fn invariant_check_catches_a_double_charge_and_stock_drift() {
+    let dir = TempDir::new("tamper");
+    let config = Config {
+        orders: 200,
+        data: Some(dir.0.clone()),
+        ..Config::default()
+    };
+    let report = run(&config);
+    assert_settled(&report, 200);
+    let db = sled::open(dir.0.join("shop")).expect("the shop store reopens");
+    let orders = app::order::OrderStore::open(&db).unwrap();
+    let payments = app::payment::PaymentStore::open(&db).unwrap();
+    let inventory = app::inventory::InventoryStore::open(&db).unwrap();
+    let clean = app::invariant::check(&orders, &payments, &inventory, 200).unwrap();
+    assert!(clean.holds, "{:?}", clean.violations);
+
+    let paid = orders
+        .all()
+        .map(Result::unwrap)
+        .find(|o| o.status == app::order::OrderStatus::Paid)
+        .expect("a paid order");
+    let charges = db.open_tree("charges").unwrap();
+    charges
+        .insert(u64::MAX.to_be_bytes(), &paid.id.to_be_bytes())
+        .unwrap();
+    let stock = db.open_tree("stock").unwrap();
+    let item = 0u32.to_be_bytes();
+    let units = i64::from_be_bytes(
+        stock
+            .get(item)
+            .unwrap()
+            .unwrap()
+            .as_ref()
+            .try_into()
+            .unwrap(),
+    );
+    stock.insert(item, &(units - 1).to_be_bytes()).unwrap();
+    let tampered = app::invariant::check(&orders, &payments, &inventory, 200).unwrap();
+    assert!(!tampered.holds);
+    let text = tampered.violations.join("\n");
+    assert!(
+        text.contains(&format!("paid order {} charged 2 times", paid.id)),
+        "{text}"
+    );
+    assert!(text.contains("item 0:"), "{text}");
+    assert_eq!(tampered.violation_count, 2, "{text}");
+}
+
 fn shop() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shop"));
     cmd.env_remove("RUST_LOG");
