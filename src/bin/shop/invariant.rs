@@ -129,7 +129,11 @@ pub fn check(
                     None => audit.violate(format!("paid order {} has no stock update", order.id)),
                 }
                 for item in &order.items {
-                    sold[item.id as usize] += i64::from(item.quantity);
+                    match sold.get_mut(item.id as usize) {
+                        Some(units) => *units += i64::from(item.quantity),
+                        None => audit
+                            .violate(format!("order {} names unknown item {}", order.id, item.id)),
+                    }
                 }
             }
             OrderStatus::Failed => {
