@@ -358,6 +358,37 @@ fn binary_json_report_says_the_invariant_holds() {
     assert_eq!(report["queues"].as_array().map(Vec::len), Some(4));
 }
 
+/// A run that cannot settle before its deadline says so, lists what is missing, and exits 1.
+#[test]
+fn deadline_reports_what_is_missing_and_fails() {
+    let output = shop()
+        .args([
+            "--quiet",
+            "--json",
+            "--orders",
+            "2000",
+            "--deadline-secs",
+            "0",
+        ])
+        .output()
+        .expect("shop runs");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    assert_eq!(report["timed_out"], true);
+    assert_eq!(report["audit"]["holds"], false);
+    assert!(report["audit"]["pending"].as_u64().unwrap() > 0);
+    let violations = report["audit"]["violations"].to_string();
+    assert!(
+        violations.contains("never reached a final state"),
+        "{violations}"
+    );
+}
+
 /// Bad flags are refused with a message and exit code 2, never a panic.
 #[test]
 fn bad_flags_are_refused_clearly() {

@@ -451,10 +451,10 @@ fn run_in(
         audit.holds = false;
         audit.violation_count += 1;
         audit.violations.push(format!(
-            "messages left in queues: {:?}",
+            "messages left in queues (ready, unacked): {:?}",
             queues
                 .iter()
-                .map(|q| (q.name.as_str(), q.ready))
+                .map(|q| (q.name.as_str(), q.ready, q.unacked))
                 .collect::<Vec<_>>()
         ));
     }
@@ -574,13 +574,7 @@ fn create_and_ask(
     stop: &AtomicBool,
 ) -> Result<u64, AppError> {
     let pace = |create: &mut dyn FnMut(Range<u64>) -> Result<(), AppError>| {
-        create_orders(
-            orders,
-            config.orders,
-            config.rate,
-            config.crash_after,
-            create,
-        )
+        create_orders(orders, config, stop, create)
     };
     match config.mode {
         Mode::FireAndForget => {
@@ -680,19 +674,19 @@ fn count_settled(
     Ok(())
 }
 
-/// Creates orders up to `total`, in batches, at `rate` if given; aborts the process after
-/// `crash_after` orders created by this call.
+/// Creates orders up to `--orders`, in batches, at `--rate` if given, until `stop`; aborts the
+/// process after `--crash-after` orders created by this call.
 fn create_orders(
     orders: &OrderStore,
-    total: u64,
-    rate: Option<f64>,
-    crash_after: Option<u64>,
+    config: &Config,
+    stop: &AtomicBool,
     create: &mut dyn FnMut(Range<u64>) -> Result<(), AppError>,
 ) -> Result<(), AppError> {
+    let (total, rate, crash_after) = (config.orders, config.rate, config.crash_after);
     let start = Instant::now();
     let first = orders.created()?;
     let mut next = first;
-    while next < total {
+    while next < total && !stop.load(Ordering::SeqCst) {
         let mut batch = CREATE_BATCH.min(total - next);
         if let Some(rate) = rate {
             let due = (rate * start.elapsed().as_secs_f64()) as u64;

@@ -23,6 +23,8 @@ use super::payment::{PaymentRecord, PaymentStore};
 
 /// Violations listed in full; beyond, only counted.
 const VIOLATIONS_SHOWN_MAX: usize = 20;
+/// Ids of orders without a final state listed.
+const PENDING_SHOWN_MAX: usize = 10;
 
 /// What the check found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -86,6 +88,7 @@ pub fn check(
     audit.stock_updates = applied.len() as u64;
     let mut sold = vec![0i64; ITEM_KINDS as usize];
     let mut next_id = 0u64;
+    let mut pending_ids = Vec::new();
     for order in orders.all() {
         let order = order?;
         audit.orders += 1;
@@ -100,7 +103,9 @@ pub fn check(
         match order.status {
             OrderStatus::Created => {
                 audit.pending += 1;
-                audit.violate(format!("order {} never reached a final state", order.id));
+                if pending_ids.len() < PENDING_SHOWN_MAX {
+                    pending_ids.push(order.id);
+                }
             }
             OrderStatus::Paid => {
                 audit.paid += 1;
@@ -166,7 +171,12 @@ pub fn check(
             }
         }
         if order.status != OrderStatus::Paid {
-            if charged > 0 {
+            if charged > 0 && order.status == OrderStatus::Created {
+                audit.violate(format!(
+                    "order {} charged {charged} times, its payment result not applied",
+                    order.id
+                ));
+            } else if charged > 0 {
                 audit.violate(format!(
                     "{:?} order {} charged {charged} times",
                     order.status, order.id
@@ -182,6 +192,18 @@ pub fn check(
     }
     if next_id != created {
         audit.violate(format!("orders {next_id}..{created} missing"));
+    }
+    if audit.pending > 0 {
+        // First in the list: what a run cut short by its deadline is missing.
+        audit.violation_count += audit.pending;
+        audit.violations.insert(
+            0,
+            format!(
+                "{} orders never reached a final state (the first: {pending_ids:?})",
+                audit.pending
+            ),
+        );
+        audit.violations.truncate(VIOLATIONS_SHOWN_MAX);
     }
     for order_id in charges.keys().filter(|id| **id >= next_id) {
         audit.violate(format!("charge for unknown order {order_id}"));
