@@ -95,6 +95,23 @@ fn full_flow_with_payment_failures_dead_letters_some_and_loses_none() {
     );
 }
 
+/// Without durability (an in-memory broker and unflushed stores) the flow is the same,
+/// failures and dead letters included.
+#[test]
+fn in_memory_run_keeps_the_invariant() {
+    let config = Config {
+        orders: 500,
+        payment_failure_rate: 0.2,
+        seed: 7,
+        in_memory: true,
+        ..Config::default()
+    };
+    let report = run(&config);
+    assert_settled(&report, 500);
+    assert!(report.audit.dead_lettered > 0, "some orders dead-letter");
+    assert_eq!(report.queues[0].dead_lettered, report.audit.dead_lettered);
+}
+
 /// The payment service leaves its queue for a while: requests pile up in `payment_queue`,
 /// then drain once it is back, and the invariant holds.
 #[test]
@@ -140,6 +157,7 @@ fn invariant_check_catches_a_double_charge_and_stock_drift() {
     let report = run(&config);
     assert_settled(&report, 200);
     let db = sled::open(dir.0.join("shop")).expect("the shop store reopens");
+    let db = app::model::ShopDb::new(db, true);
     let orders = app::order::OrderStore::open(&db).unwrap();
     let payments = app::payment::PaymentStore::open(&db).unwrap();
     let inventory = app::inventory::InventoryStore::open(&db).unwrap();
@@ -400,6 +418,7 @@ fn bad_flags_are_refused_clearly() {
         (&["--orders", "many"][..], "--orders"),
         (&["--rate", "0"][..], "--rate"),
         (&["--resume"][..], "--data"),
+        (&["--in-memory", "--crash-after", "5"][..], "--in-memory"),
         (&["--payment-down-secs=-1"][..], "--payment-down-secs"),
     ] {
         let output = shop().args(args).output().expect("shop runs");

@@ -35,7 +35,7 @@ pub use error::AppError;
 use inventory::{InventoryService, InventoryStore};
 use model::{
     DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, INVENTORY_QUEUE, ORDER_QUEUE, PAYMENT_DELIVERY_LIMIT,
-    PAYMENT_QUEUE, QUEUES,
+    PAYMENT_QUEUE, QUEUES, ShopDb,
 };
 use order::{DeadLetterService, OrderService, OrderStatus, OrderStore};
 use payment::{PaymentService, PaymentStore};
@@ -85,6 +85,9 @@ pub struct Config {
     pub resume: bool,
     /// Gives up (and reports what is missing) after this long.
     pub deadline: Duration,
+    /// Runs without durability: an in-memory broker, and service stores never flushed (to
+    /// measure what durability costs; a crash loses everything).
+    pub in_memory: bool,
 }
 
 impl Default for Config {
@@ -98,6 +101,7 @@ impl Default for Config {
             data: None,
             payment_down: None,
             crash_after: None,
+            in_memory: false,
             resume: false,
             deadline: Duration::from_secs(300),
         }
@@ -152,6 +156,12 @@ fn validate(config: &Config) -> Result<(), AppError> {
         return Err(AppError::Usage(format!(
             "--rate must be a positive number, not {rate}"
         )));
+    }
+    if config.in_memory && (config.resume || config.crash_after.is_some() || config.data.is_some())
+    {
+        return Err(AppError::Usage(
+            "--in-memory keeps nothing to resume from: it goes with neither --data, --crash-after nor --resume".into(),
+        ));
     }
     if config.resume && config.data.is_none() {
         return Err(AppError::Usage(
@@ -294,8 +304,18 @@ fn run_in(
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, AppError> {
     let started = Instant::now();
-    let broker = Broker::open(dir.join("broker"))?;
-    let db = sled::Config::new().path(dir.join("shop")).open()?;
+    let (broker, db) = if config.in_memory {
+        // A temporary sled database skips the sync of each log write; nothing flushes it.
+        let db = sled::Config::new()
+            .path(dir.join("shop"))
+            .temporary(true)
+            .flush_every_ms(None)
+            .open()?;
+        (Broker::in_memory(), ShopDb::new(db, false))
+    } else {
+        let db = sled::Config::new().path(dir.join("shop")).open()?;
+        (Broker::open(dir.join("broker"))?, ShopDb::new(db, true))
+    };
     let orders = OrderStore::open(&db)?;
     let payments = PaymentStore::open(&db)?;
     let inventory = InventoryStore::open(&db)?;

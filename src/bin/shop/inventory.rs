@@ -25,14 +25,14 @@ pub struct Applied {
 /// (order id -> [`Applied`]).
 #[derive(Clone)]
 pub struct InventoryStore {
-    db: sled::Db,
+    db: super::model::ShopDb,
     stock: sled::Tree,
     applied: sled::Tree,
 }
 
 impl InventoryStore {
     /// The inventory trees of `db`.
-    pub fn open(db: &sled::Db) -> Result<InventoryStore, AppError> {
+    pub fn open(db: &super::model::ShopDb) -> Result<InventoryStore, AppError> {
         Ok(InventoryStore {
             db: db.clone(),
             stock: db.open_tree("stock")?,

@@ -57,6 +57,10 @@ struct Flags {
     /// Gives up after this many seconds, reporting what is missing.
     #[arg(long, default_value_t = 300)]
     deadline_secs: u64,
+    /// Runs without durability (an in-memory broker, service stores never flushed), to see
+    /// what durability costs
+    #[arg(long)]
+    in_memory: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -128,6 +132,7 @@ fn config(flags: &Flags) -> Result<Config, String> {
         crash_after: flags.crash_after,
         resume: flags.resume,
         deadline: Duration::from_secs(flags.deadline_secs),
+        in_memory: flags.in_memory,
     })
 }
 

@@ -194,3 +194,37 @@ pub fn now_ms() -> u64 {
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+/// The services' sled database, and whether the run is durable: a durable run flushes it
+/// where a crash must not lose a write ([`ShopDb::flush`]); an in-memory run (`--in-memory`)
+/// never does, as its broker keeps nothing either.
+#[derive(Clone)]
+pub struct ShopDb {
+    db: sled::Db,
+    durable: bool,
+}
+
+impl ShopDb {
+    /// `db`, flushed at each commit if `durable`.
+    pub fn new(db: sled::Db, durable: bool) -> Self {
+        Self { db, durable }
+    }
+
+    /// Flushes everything written so far to the file system (a durable run only). sled's
+    /// flush hands the writes to the kernel, which keeps them through a crash of the process
+    /// (what `--crash-after` and a SIGKILL do); it does not fsync them against a power cut.
+    pub fn flush(&self) -> Result<(), super::error::AppError> {
+        if self.durable {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for ShopDb {
+    type Target = sled::Db;
+
+    fn deref(&self) -> &sled::Db {
+        &self.db
+    }
+}

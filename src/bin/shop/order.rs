@@ -116,7 +116,7 @@ const META_MODE: &[u8] = b"mode";
 /// (outcomes that contradict each other; the invariant wants none).
 #[derive(Clone)]
 pub struct OrderStore {
-    db: sled::Db,
+    db: super::model::ShopDb,
     orders: sled::Tree,
     meta: sled::Tree,
     conflicts: sled::Tree,
@@ -138,7 +138,7 @@ enum Transition {
 
 impl OrderStore {
     /// The order trees of `db`.
-    pub fn open(db: &sled::Db) -> Result<OrderStore, AppError> {
+    pub fn open(db: &super::model::ShopDb) -> Result<OrderStore, AppError> {
         Ok(OrderStore {
             db: db.clone(),
             orders: db.open_tree("orders")?,

@@ -45,14 +45,14 @@ pub enum PaymentRecord {
 /// (charge number -> order id: one entry per charge ever made).
 #[derive(Clone)]
 pub struct PaymentStore {
-    db: sled::Db,
+    db: super::model::ShopDb,
     payments: sled::Tree,
     charges: sled::Tree,
 }
 
 impl PaymentStore {
     /// The payment trees of `db`.
-    pub fn open(db: &sled::Db) -> Result<PaymentStore, AppError> {
+    pub fn open(db: &super::model::ShopDb) -> Result<PaymentStore, AppError> {
         Ok(PaymentStore {
             db: db.clone(),
             payments: db.open_tree("payments")?,
