@@ -98,6 +98,14 @@
 //! # Ok::<(), coney::Error>(())
 //! ```
 //!
+//! # Request-reply and monitoring
+//! [`RpcClient`] publishes a request with `reply_to` and a fresh `correlation_id` and waits
+//! for the matching reply with a timeout (late, duplicate and unknown replies are counted and
+//! dropped); [`RpcServer`] answers a queue's requests, publishing each reply before it acks the
+//! request. [`Broker::stats`] reads every queue's counters without taking a lock that
+//! publishing, delivering or settling take; [`stats::BrokerStats::to_prometheus`] renders them
+//! with RabbitMQ's metric names. The [`rpc`] and [`stats`] modules show both at work.
+//!
 //! # Layout
 //! - [`core`]: the broker as pure state machines (topology and routing, queues, channels):
 //!   commands in through `handle_*`, output through `poll_*`, time passed in. No threads,
@@ -112,6 +120,8 @@
 //! - [`retry`]: a retry topology with back-off delays.
 //! - [`rpc`]: request-reply: a client that waits for replies (direct reply-to or a reply
 //!   queue) and a server that answers a request queue.
+//! - [`stats`]: monitoring: [`Broker::stats`] snapshots (per-queue counts, counters, rates,
+//!   error rate, processing-time histograms, broker totals) and their Prometheus text.
 
 pub mod clock;
 pub mod core;

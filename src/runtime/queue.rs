@@ -901,8 +901,9 @@ impl QueueCell {
     /// Hands every possible delivery to its consumer. Called with the queue locked; locks the
     /// receiving channels (queue -> channel order), each once per batch of deliveries.
     pub(crate) fn dispatch(&self, s: &mut QueueShared) {
-        if s.core.consumer_count() > 0 && s.core.ready_len() > 0 {
-            // Deliveries of this pass are stamped with one reading of the clock.
+        if s.core.ready_len() > 0 && s.core.has_acking_consumer() {
+            // Deliveries of this pass are stamped with one reading of the clock (no-ack
+            // deliveries are never settled, so they need none).
             s.core.handle_time_us(self.now_us());
         }
         let mut now = if s.core.is_timed() { self.now_ms() } else { 0 };
@@ -999,7 +1000,9 @@ impl QueueCell {
         }
         self.touch();
         let now = if s.core.is_timed() { self.now_ms() } else { 0 };
-        s.core.handle_time_us(self.now_us());
+        if !no_ack {
+            s.core.handle_time_us(self.now_us());
+        }
         let Some(d) = s.core.handle_get(now, no_ack) else {
             self.metrics.get_empty();
             self.dispatch(&mut s); // carries out what expired at the head

@@ -158,6 +158,11 @@ impl Consumers {
         }
     }
 
+    /// Whether any consumer settles its deliveries (is not no-ack).
+    pub(super) fn any_acking(&self) -> bool {
+        self.order.iter().any(|s| !s.spec.no_ack)
+    }
+
     pub(super) fn len(&self) -> u32 {
         u32::try_from(self.order.len()).unwrap_or(u32::MAX)
     }

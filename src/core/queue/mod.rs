@@ -617,6 +617,12 @@ impl Queue {
         self.consumers.len()
     }
 
+    /// Whether a consumer that settles its deliveries (not no-ack) is registered: only their
+    /// deliveries are stamped with [`Queue::handle_time_us`]'s time.
+    pub fn has_acking_consumer(&self) -> bool {
+        self.consumers.any_acking()
+    }
+
     /// The consumer that receives on a single-active-consumer queue (`None` on other queues
     /// and when there is no consumer).
     pub fn active_consumer(&self) -> Option<ConsumerId> {
