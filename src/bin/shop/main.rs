@@ -16,7 +16,12 @@ use app::{Config, Mode, Progress};
 
 /// Orders through payment and inventory services on an embedded coney broker.
 #[derive(Debug, Parser)]
-#[command(name = "shop", version, about)]
+#[command(
+    name = "shop",
+    version,
+    about = "Orders through payment and inventory services on an embedded coney broker, \
+             with a report that checks none was lost or processed twice"
+)]
 struct Flags {
     /// Orders in all (a resumed run creates the missing ones).
     #[arg(long, default_value_t = 20_000)]
