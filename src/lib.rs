@@ -131,6 +131,8 @@ pub mod fuzzing;
 pub mod retry;
 pub mod rpc;
 pub mod runtime;
+pub mod service;
+pub mod sim;
 pub mod stats;
 pub mod store;
 pub mod types;

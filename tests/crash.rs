@@ -139,10 +139,16 @@ fn run_child(dir: &Path, ledger: &mut Ledger, run_ms: u64) {
             line.clear();
         }
     });
-    // Start the clock once the child is publishing, so every run does some work.
-    let first = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the child starts publishing");
+    // Start the clock once the child is publishing, so every run does some work: the test
+    // harness's own lines ("running 1 test", blank lines) come before the broker is open.
+    let first = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the child starts publishing");
+        if ["P ", "K "].iter().any(|p| line.starts_with(p)) {
+            break line;
+        }
+    };
     thread::sleep(Duration::from_millis(run_ms));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();

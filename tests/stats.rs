@@ -458,3 +458,27 @@ mod http {
         assert_eq!(get(server.local_addr(), "/metrics").0, 503);
     }
 }
+
+/// A settle at virtual time 0 is counted like any other (0 is not "unmeasured").
+#[test]
+fn settles_at_time_zero_are_counted() {
+    let clock = ManualClock::new(0);
+    let broker = Broker::builder().clock(clock).in_memory();
+    let ch = broker.connect().channel().unwrap();
+    ch.queue_declare("q", QueueDeclareOptions::default(), FieldTable::new())
+        .unwrap();
+    ch.basic_publish(
+        "",
+        "q",
+        Default::default(),
+        b"m".to_vec(),
+        Default::default(),
+    )
+    .unwrap();
+    let mut c = ch
+        .basic_consume("q", "", BasicConsumeOptions::default(), FieldTable::new())
+        .unwrap();
+    recv(&mut c).ack(BasicAckOptions::default()).unwrap();
+    let q = broker.stats().queue("q").cloned().unwrap();
+    assert_eq!((q.counters.acked, q.processing.count()), (1, 1));
+}

@@ -30,6 +30,7 @@ use crate::core::queue::expiration::parse_expiration;
 use crate::core::queue::{ConsumerId, ConsumerSpec};
 use crate::core::topology::{DestinationName, Targets, no_queue};
 use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
+use crate::sim::trace::{Event, Trace};
 use crate::types::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicProperties, BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
@@ -125,8 +126,10 @@ impl Channel {
     pub(crate) fn open(connection: Arc<ConnectionHandle>) -> Self {
         let conn = connection.inner().clone();
         let broker = conn.broker.clone();
+        let id = broker.next_id();
+        let trace = broker.trace.clone();
         let inner = Arc::new(ChannelInner {
-            id: broker.next_id(),
+            id,
             conn,
             broker,
             state: CachePadded::new(Mutex::new(ChannelState::new())),
@@ -136,7 +139,7 @@ impl Channel {
             last_queue: Mutex::new(None),
             reply_address: Mutex::new(None),
             returns: Mutex::new(None),
-            confirms: Arc::default(),
+            confirms: Arc::new(ConfirmCell::new(trace, id)),
         });
         inner
             .broker
@@ -483,6 +486,10 @@ impl Channel {
             return Err(Error::InvalidInput(
                 "the channel is not in confirm mode".into(),
             ));
+        }
+        if let Some(p) = &inner.broker.persistence {
+            // Without a flusher thread (a simulation), whoever waits writes what is pending.
+            p.run_pending();
         }
         match inner.confirms.wait(timeout) {
             Waited::Done(all_acked) => Ok(all_acked),
@@ -1036,6 +1043,10 @@ impl ChannelInner {
     fn wait_for_flow_slow(&self, deadline: Option<std::time::Instant>) -> Result<()> {
         let flow = &self.broker.flow;
         self.check_open()?;
+        if let Some(p) = &self.broker.persistence {
+            // Without a flusher thread, the store's backlog drains only when someone writes it.
+            p.run_pending();
+        }
         if flow.wait(deadline) {
             Ok(())
         } else {
@@ -1113,6 +1124,9 @@ impl ChannelInner {
             .route(ex, &keys, properties.headers.as_ref(), &mut targets);
         let cells: SmallVec<[&Arc<QueueCell>; 4]> =
             targets.iter().filter_map(|q| snap.queues.get(q)).collect();
+        if let Some(trace) = &self.broker.trace {
+            self.trace_publish(trace, &exchange, routing_key, &properties, &cells);
+        }
         let recorded = properties.is_persistent() && cells.iter().any(|c| c.has_store());
         if recorded && let Some(p) = &self.broker.persistence {
             p.check()?; // nothing is enqueued if its record cannot be written
@@ -1193,6 +1207,10 @@ impl ChannelInner {
             }
         }
         for (i, (cell, s)) in placed.iter().enumerate() {
+            cell.trace(|queue| Event::Enqueue {
+                queue: queue.into(),
+                seq: *s,
+            });
             let entry = cell.entry(*s, message.clone(), now, message_ttl);
             match deciding.iter_mut().find(|(at, _, _)| *at == i) {
                 Some((_, g, _)) if !g.deleted => {
@@ -1215,6 +1233,32 @@ impl ChannelInner {
             }
         }
         Ok(())
+    }
+
+    /// Records a publish and where it was routed.
+    #[cold]
+    fn trace_publish(
+        &self,
+        trace: &Trace,
+        exchange: &str,
+        routing_key: &str,
+        properties: &BasicProperties,
+        cells: &[&Arc<QueueCell>],
+    ) {
+        let message = properties
+            .message_id
+            .as_deref()
+            .or(properties.correlation_id.as_deref())
+            .unwrap_or_default();
+        trace.record(Event::Publish {
+            channel: self.id,
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            message: message.into(),
+        });
+        trace.record(Event::Route {
+            queues: cells.iter().map(|c| c.meta.name.to_string()).collect(),
+        });
     }
 
     /// Delivers a message published to the default exchange to every direct reply-to address

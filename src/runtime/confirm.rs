@@ -8,12 +8,15 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use crate::core::confirm::{ConfirmEvent, Confirms};
+use crate::sim::trace::{Event, Trace};
 
 #[derive(Default)]
 pub(crate) struct ConfirmCell {
     enabled: AtomicBool,
     state: Mutex<ConfirmState>,
     answered: Condvar,
+    /// The broker's trace and the channel's number, if the broker keeps a trace.
+    trace: Option<(Trace, u64)>,
 }
 
 #[derive(Default)]
@@ -35,6 +38,14 @@ pub(crate) enum Waited {
 }
 
 impl ConfirmCell {
+    /// The confirms of channel `channel`, recorded in `trace` if there is one.
+    pub(crate) fn new(trace: Option<Trace>, channel: u64) -> Self {
+        Self {
+            trace: trace.map(|t| (t, channel)),
+            ..Self::default()
+        }
+    }
+
     /// `confirm.select`: numbering starts at 1; selecting again changes nothing.
     pub(crate) fn select(&self) {
         self.enabled.store(true, Ordering::SeqCst);
@@ -59,6 +70,16 @@ impl ConfirmCell {
     pub(crate) fn answer(&self, acks: &[u64], nacks: &[u64]) {
         let mut st = self.state.lock();
         let events = st.core.handle_outcomes(acks, nacks);
+        if let Some((trace, channel)) = &self.trace {
+            for e in &events {
+                trace.record(Event::Confirm {
+                    channel: *channel,
+                    tag: e.delivery_tag,
+                    multiple: e.multiple,
+                    ack: e.ack,
+                });
+            }
+        }
         st.nacked |= events.iter().any(|e| !e.ack);
         if let Some(tx) = &st.listener {
             for e in events {

@@ -198,6 +198,12 @@ impl Consumer {
         &self.tag
     }
 
+    /// Whether a delivery is waiting to be taken (or the consumer has ended: then
+    /// [`Consumer::try_recv`] says so without waiting).
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.rx.is_empty() || self.channel.inner.is_closed()
+    }
+
     /// Waits for the next delivery; `None` once the consumer has ended.
     pub fn recv(&mut self) -> Option<Delivery> {
         let d = self.rx.recv().ok()?;

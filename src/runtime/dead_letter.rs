@@ -21,6 +21,7 @@ use super::persist::Job;
 use super::queue::{DeadLetter, QueueCell, QueueGuard};
 use crate::core::queue::dead_letter::{DeadLetterTarget, dead_letter, is_cycle};
 use crate::core::topology::Targets;
+use crate::sim::trace::Event;
 
 /// A target that takes the dead letter: its cell, the sequence number reserved there, and its
 /// lock when it decided under it.
@@ -132,8 +133,20 @@ impl BrokerInner {
                 });
             }
         }
+        if let Some(trace) = &self.trace {
+            trace.record(Event::Route {
+                queues: placed
+                    .iter()
+                    .map(|(c, _, _)| c.meta.name.to_string())
+                    .collect(),
+            });
+        }
         // The expiration property is gone: only the target's own TTL applies.
         for (cell, seq, guard) in placed {
+            cell.trace(|queue| Event::Enqueue {
+                queue: queue.into(),
+                seq,
+            });
             dead.delivered.push(cell.meta.id);
             let entry = cell.entry(seq, message.clone(), now, None);
             match guard {

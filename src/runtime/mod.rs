@@ -44,6 +44,7 @@ use crate::core::channel::QueueId;
 use crate::core::shared::Map;
 use crate::core::topology::Topology;
 use crate::error::{CloseCause, Error, Result};
+use crate::sim::Trace;
 use crate::stats::BrokerStats;
 use crate::store::{CompactStats, SledOptions, SledStore, Store};
 pub(crate) use metrics::new_histogram;
@@ -132,6 +133,13 @@ pub struct ReasonCounts {
     pub delivery_limit: u64,
 }
 
+impl ReasonCounts {
+    /// Every reason added up.
+    pub fn total(&self) -> u64 {
+        self.rejected + self.expired + self.maxlen + self.delivery_limit
+    }
+}
+
 /// What became of the messages a queue removed without an ack: republished through its
 /// dead-letter exchange to at least one queue, or dropped (no dead-letter exchange, no route,
 /// a cycle, or a refused publish). Each event is also logged through `tracing` with the queue,
@@ -217,6 +225,9 @@ pub struct BrokerBuilder {
     /// sled's page cache for [`BrokerBuilder::open`]; `None`: [`SledOptions`]' default.
     store_cache_bytes: Option<u64>,
     auto_compact: bool,
+    trace: Option<Trace>,
+    /// No flusher thread: the store is written when a simulation says so.
+    stepped: bool,
 }
 
 impl Default for BrokerBuilder {
@@ -229,6 +240,8 @@ impl Default for BrokerBuilder {
             durability: Durability::default(),
             store_cache_bytes: None,
             auto_compact: true,
+            trace: None,
+            stepped: false,
         }
     }
 }
@@ -275,6 +288,23 @@ impl BrokerBuilder {
         self
     }
 
+    /// Records what the broker does in `trace` ([`Trace`]): every publish, route, enqueue,
+    /// delivery, settle, expiry, dead letter, drop and confirm, stamped with the broker's
+    /// clock. Meant for tests (a [`Simulation`](crate::sim::Simulation) attaches one by
+    /// itself): the trace grows without bound.
+    pub fn trace(mut self, trace: &Trace) -> Self {
+        self.trace = Some(trace.attachment());
+        self
+    }
+
+    /// Runs without a flusher thread (for a [`Simulation`](crate::sim::Simulation)): records
+    /// wait until [`Broker::run_pending_writes`] writes them, or until someone waits for
+    /// durability (a confirm wait, a sync, a definition change, the close).
+    pub(crate) fn stepped_store(mut self) -> Self {
+        self.stepped = true;
+        self
+    }
+
     /// An in-memory broker: nothing touches disk.
     pub fn in_memory(self) -> Broker {
         let snapshot = Snapshot {
@@ -318,8 +348,11 @@ impl BrokerBuilder {
     pub fn open_store(self, store: impl Store) -> Result<Broker> {
         let store: Arc<dyn Store> = Arc::new(store);
         let flow = self.flow_control();
-        let persistence =
-            Persistence::start(store, self.durability, self.auto_compact, flow.clone());
+        let persistence = if self.stepped {
+            Persistence::start_stepped(store, self.durability, flow.clone())
+        } else {
+            Persistence::start(store, self.durability, self.auto_compact, flow.clone())
+        };
         let (snapshot, policies) = recover::rebuild(&persistence, self.clock.now_ms())?;
         Ok(self.build(snapshot, policies, Some(persistence), flow))
     }
@@ -339,6 +372,9 @@ impl BrokerBuilder {
         flow: Arc<flow::FlowControl>,
     ) -> Broker {
         let timers = Timers::start(self.clock.clone());
+        if let Some(trace) = &self.trace {
+            trace.set_clock(self.clock.clone());
+        }
         let inner = Arc::new_cyclic(|me| {
             for cell in snapshot.queues.values() {
                 cell.attach(QueueEnv {
@@ -346,6 +382,7 @@ impl BrokerBuilder {
                     clock: self.clock.clone(),
                     timers: timers.clone(),
                     flow: flow.clone(),
+                    trace: self.trace.clone(),
                 });
             }
             BrokerInner {
@@ -367,6 +404,7 @@ impl BrokerBuilder {
                 flow,
                 replies: reply_to::ReplyRoutes::default(),
                 rates: Mutex::default(),
+                trace: self.trace,
             }
         });
         Broker {
@@ -541,6 +579,36 @@ impl Broker {
         })
     }
 
+    /// The earliest time a timer of the broker is due (message or queue expiry, a held dead
+    /// letter's retry).
+    pub(crate) fn next_timer_ms(&self) -> Option<u64> {
+        self.inner.timers.next_due()
+    }
+
+    /// Writes the store's pending records (a broker built with `stepped_store`); returns the
+    /// jobs written.
+    pub(crate) fn run_pending_writes(&self) -> usize {
+        self.inner
+            .persistence
+            .as_ref()
+            .map_or(0, |p| p.run_pending())
+    }
+
+    /// The broker's own handle of its trace, if it keeps one.
+    pub(crate) fn trace_handle(&self) -> Option<Trace> {
+        self.inner.trace.clone()
+    }
+
+    /// Records waiting to be written (a broker built with `stepped_store`).
+    pub(crate) fn pending_writes(&self) -> usize {
+        self.inner.persistence.as_ref().map_or(0, |p| p.pending())
+    }
+
+    /// Runs the timers due now (a manual clock runs them only when it moves).
+    pub(crate) fn run_due_timers(&self) {
+        self.inner.timers.run_due(self.inner.clock.now_ms());
+    }
+
     /// A builder for a broker with a chosen clock, limits or seed.
     pub fn builder() -> BrokerBuilder {
         BrokerBuilder::default()
@@ -651,6 +719,8 @@ pub(crate) struct BrokerInner {
     replies: reply_to::ReplyRoutes,
     /// Earlier `stats()` snapshots, for rates.
     rates: Mutex<monitor::RateSamples>,
+    /// Where to record what happens, if anywhere.
+    pub(crate) trace: Option<Trace>,
 }
 
 impl BrokerInner {
@@ -665,6 +735,7 @@ impl BrokerInner {
             clock: self.clock.clone(),
             timers: self.timers.clone(),
             flow: self.flow.clone(),
+            trace: self.trace.clone(),
         }
     }
 }

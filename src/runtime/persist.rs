@@ -167,11 +167,88 @@ pub(crate) struct Persistence {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Counts the bytes waiting for the flusher (flow control's store backlog).
     flow: Arc<FlowControl>,
+    /// Set when there is no flusher thread ([`Persistence::start_stepped`]): jobs wait in the
+    /// channel until [`Persistence::run_pending`] carries them out on the caller's thread.
+    stepped: Option<Stepped>,
+}
+
+/// The flusher's part when it runs on the caller's thread.
+struct Stepped {
+    rx: Mutex<Receiver<Job>>,
+    mode: Durability,
 }
 
 impl Persistence {
     /// Starts the flusher thread.
     /// Starts the flusher thread; `auto_compact`: whether it compacts the store by itself.
+    /// Without a flusher thread, for deterministic simulation: publishes, acks and moves wait
+    /// until [`Persistence::run_pending`] writes them (a simulation decides when); a job that
+    /// someone waits for (definitions, a sync, a compaction, the close) writes everything sent
+    /// before it at once, on the caller's thread. Nothing compacts by itself.
+    pub(crate) fn start_stepped(
+        store: Arc<dyn Store>,
+        mode: Durability,
+        flow: Arc<FlowControl>,
+    ) -> Arc<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Arc::new(Self {
+            store: Mutex::new(Some(store)),
+            tx,
+            poisoned: Arc::new(OnceLock::new()),
+            thread: Mutex::new(None),
+            flow,
+            stepped: Some(Stepped {
+                rx: Mutex::new(rx),
+                mode,
+            }),
+        })
+    }
+
+    /// Jobs waiting to be written (stepped mode; 0 with a flusher thread).
+    pub(crate) fn pending(&self) -> usize {
+        self.stepped.as_ref().map_or(0, |s| s.rx.lock().len())
+    }
+
+    /// In stepped mode, writes and flushes every job waiting, as one group (as the flusher
+    /// thread would), answering their confirms and waiters. Returns the jobs carried out.
+    pub(crate) fn run_pending(&self) -> usize {
+        let Some(stepped) = &self.stepped else {
+            return 0;
+        };
+        let Some(store) = self.store.lock().clone() else {
+            return 0;
+        };
+        let rx = stepped.rx.lock();
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut done = 0;
+        loop {
+            let Ok(first) = rx.try_recv() else {
+                return done;
+            };
+            let mut bytes = first.written_bytes();
+            jobs.push(first);
+            if stepped.mode != Durability::PerMessage {
+                while jobs.len() < GROUP_MAX && bytes < GROUP_BYTES_MAX {
+                    let Ok(job) = rx.try_recv() else { break };
+                    bytes += job.written_bytes();
+                    jobs.push(job);
+                }
+            }
+            done += jobs.len();
+            let (_, stop) = run_group(&*store, stepped.mode, &mut jobs, &self.poisoned, &self.flow);
+            if stop {
+                return done;
+            }
+        }
+    }
+
+    /// Sends a job someone waits for: in stepped mode, carried out at once with everything
+    /// before it.
+    fn send_waited(&self, job: Job) {
+        self.send(job);
+        self.run_pending();
+    }
+
     pub(crate) fn start(
         store: Arc<dyn Store>,
         mode: Durability,
@@ -203,6 +280,7 @@ impl Persistence {
             poisoned,
             thread: Mutex::new(Some(thread)),
             flow,
+            stepped: None,
         })
     }
 
@@ -232,14 +310,14 @@ impl Persistence {
     /// Queues definition changes; the returned handle waits until they are durable.
     pub(crate) fn write_definitions(&self, ops: Batch) -> Written {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Job::Definitions(ops, tx));
+        self.send_waited(Job::Definitions(ops, tx));
         Written(rx)
     }
 
     /// Waits until everything sent so far is durable.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Job::Sync(tx));
+        self.send_waited(Job::Sync(tx));
         rx.recv()
             .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())))
     }
@@ -248,7 +326,7 @@ impl Persistence {
     /// store says a compaction is due); waits for it.
     pub(crate) fn compact(&self, if_due: bool) -> Result<Option<CompactStats>, StoreError> {
         let (reply, rx) = crossbeam_channel::bounded(1);
-        self.send(Job::Compact { if_due, reply });
+        self.send_waited(Job::Compact { if_due, reply });
         rx.recv()
             .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())))
     }
@@ -260,7 +338,7 @@ impl Persistence {
     /// Jobs sent afterwards are dropped (their waiters hear that the flusher stopped).
     pub(crate) fn close(&self) -> Result<(), StoreError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Job::Stop(tx));
+        self.send_waited(Job::Stop(tx));
         let result = rx
             .recv()
             .unwrap_or_else(|_| Err(StoreError::Storage("the flusher stopped".into())));
@@ -324,41 +402,7 @@ fn run(
                 jobs.push(job);
             }
         }
-        let (result, refused) = if let Some(first) = poisoned.get() {
-            // Once a write failed nothing more is written, and every waiter hears why.
-            (Err(StoreError::Poisoned(first.to_string())), Vec::new())
-        } else {
-            apply_group(store, &jobs)
-        };
-        // Periodic mode leaves flushing to sled's timer, except where a caller asked for
-        // durability outright (`Broker::sync`, definitions).
-        let explicit = jobs
-            .iter()
-            .any(|j| matches!(j, Job::Sync(_) | Job::Definitions(..) | Job::Stop(_)));
-        let stop = jobs.iter().any(|j| matches!(j, Job::Stop(_)));
-        let wrote = result.as_ref().is_ok_and(|wrote| *wrote);
-        let result = result.and_then(|_| match mode {
-            Durability::Periodic { .. } if !explicit => Ok(()),
-            _ if !wrote && !explicit => Ok(()),
-            _ => store.flush(),
-        });
-        if let Err(e) = &result {
-            let _ = poisoned.set(e.clone());
-        }
-        let backlog: u64 = jobs.iter().map(Job::backlog_bytes).sum();
-        let compactions: Vec<_> = jobs
-            .iter()
-            .filter_map(|job| match job {
-                Job::Compact { if_due, reply } => Some((*if_due, reply.clone())),
-                _ => None,
-            })
-            .collect();
-        answer(jobs.drain(..), &result, &refused);
-        flow.add_backlog(-i64::try_from(backlog).unwrap_or(i64::MAX));
-        // After the group's answers: its confirms do not wait for the compaction.
-        for (if_due, reply) in compactions {
-            let _ = reply.send(compact(store, if_due, poisoned));
-        }
+        let (wrote, stop) = run_group(store, mode, &mut jobs, poisoned, flow);
         if stop {
             break;
         }
@@ -366,6 +410,54 @@ fn run(
             auto.after_group(Instant::now(), wrote);
         }
     }
+}
+
+/// Writes a group of jobs as one batch, flushes (as the mode says), answers the jobs' waiters
+/// and confirms, then runs the compactions asked for. Empties `jobs`; returns whether it
+/// wrote anything and whether the group held the broker's close.
+fn run_group(
+    store: &dyn Store,
+    mode: Durability,
+    jobs: &mut Vec<Job>,
+    poisoned: &OnceLock<StoreError>,
+    flow: &FlowControl,
+) -> (bool, bool) {
+    let (result, refused) = if let Some(first) = poisoned.get() {
+        // Once a write failed nothing more is written, and every waiter hears why.
+        (Err(StoreError::Poisoned(first.to_string())), Vec::new())
+    } else {
+        apply_group(store, jobs)
+    };
+    // Periodic mode leaves flushing to sled's timer, except where a caller asked for
+    // durability outright (`Broker::sync`, definitions).
+    let explicit = jobs
+        .iter()
+        .any(|j| matches!(j, Job::Sync(_) | Job::Definitions(..) | Job::Stop(_)));
+    let stop = jobs.iter().any(|j| matches!(j, Job::Stop(_)));
+    let wrote = result.as_ref().is_ok_and(|wrote| *wrote);
+    let result = result.and_then(|_| match mode {
+        Durability::Periodic { .. } if !explicit => Ok(()),
+        _ if !wrote && !explicit => Ok(()),
+        _ => store.flush(),
+    });
+    if let Err(e) = &result {
+        let _ = poisoned.set(e.clone());
+    }
+    let backlog: u64 = jobs.iter().map(Job::backlog_bytes).sum();
+    let compactions: Vec<_> = jobs
+        .iter()
+        .filter_map(|job| match job {
+            Job::Compact { if_due, reply } => Some((*if_due, reply.clone())),
+            _ => None,
+        })
+        .collect();
+    answer(jobs.drain(..), &result, &refused);
+    flow.add_backlog(-i64::try_from(backlog).unwrap_or(i64::MAX));
+    // After the group's answers: its confirms do not wait for the compaction.
+    for (if_due, reply) in compactions {
+        let _ = reply.send(compact(store, if_due, poisoned));
+    }
+    (wrote, stop)
 }
 
 /// How long the flusher must have been idle before it compacts by itself (at least).

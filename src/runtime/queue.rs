@@ -41,6 +41,7 @@ use crate::core::queue::{
     Removal, Requeue, RequeueTo,
 };
 use crate::core::topology::QueueMeta;
+use crate::sim::trace::{Event, Trace};
 use crate::types::Message;
 
 /// What settles a set of unacked messages.
@@ -149,6 +150,7 @@ pub(crate) struct QueueEnv {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) timers: Arc<Timers>,
     pub(crate) flow: Arc<FlowControl>,
+    pub(crate) trace: Option<Trace>,
 }
 
 /// How many messages a queue dead-lettered and dropped, per reason (SEMANTICS.md §5.2).
@@ -471,6 +473,11 @@ impl QueueCell {
     /// is lost), its record gone.
     pub(crate) fn dropped(&self, entry: &Entry, reason: DeathReason, why: &'static str) {
         self.deaths.count(reason, false);
+        self.trace(|queue| Event::Drop {
+            queue: queue.into(),
+            seq: entry.seq,
+            reason: reason.as_str().into(),
+        });
         tracing::warn!(
             queue = &*self.meta.name,
             reason = reason.as_str(),
@@ -481,15 +488,29 @@ impl QueueCell {
         self.forget(entry);
     }
 
+    /// Whether the broker keeps a trace.
+    #[inline]
+    pub(crate) fn tracing(&self) -> bool {
+        self.env.get().is_some_and(|e| e.trace.is_some())
+    }
+
+    /// Records the event `event` makes, if the broker keeps a trace.
+    #[inline]
+    pub(crate) fn trace(&self, event: impl FnOnce(&str) -> Event) {
+        if let Some(trace) = self.env.get().and_then(|e| e.trace.as_ref()) {
+            trace.record(event(&self.meta.name));
+        }
+    }
+
     /// The broker's time (0 before the queue is attached).
     pub(crate) fn now_ms(&self) -> u64 {
         self.env.get().map_or(0, |e| e.clock.now_ms())
     }
 
-    /// The broker's clock in microseconds, for processing times (0 before the queue is
-    /// attached: not measured).
+    /// The broker's clock in microseconds, for processing times: at least 1, as 0 means "not
+    /// measured" (and is what it returns before the queue is attached).
     fn now_us(&self) -> u64 {
-        self.env.get().map_or(0, |e| e.clock.now_us())
+        self.env.get().map_or(0, |e| e.clock.now_us().max(1))
     }
 
     /// The queue was used (declared, consumed from, fetched from): its `x-expires` lease starts
@@ -806,6 +827,25 @@ impl QueueCell {
         how: Settle,
         at_us: u64,
     ) -> Option<Entry> {
+        if self.tracing() && s.core.holds_unacked(seq) {
+            self.trace(|queue| {
+                let queue = queue.into();
+                match how {
+                    Settle::Ack => Event::Ack { queue, seq },
+                    Settle::Requeue => Event::Nack {
+                        queue,
+                        seq,
+                        requeue: true,
+                    },
+                    Settle::Reject => Event::Nack {
+                        queue,
+                        seq,
+                        requeue: false,
+                    },
+                    Settle::Return => Event::Requeue { queue, seq },
+                }
+            });
+        }
         if at_us != 0
             && let Some(delivered_us) = s.core.delivered_at_us(seq)
         {
@@ -929,10 +969,21 @@ impl QueueCell {
         s.core.handle_housekeeping(now);
         while let Some(Effect::Removed { entry, reason }) = s.core.poll_effect() {
             let death = reason.death_reason();
+            if death == DeathReason::Expired {
+                self.trace(|queue| Event::Expire {
+                    queue: queue.into(),
+                    seq: entry.seq,
+                });
+            }
             let dead_letters = self.dead_letter.load().is_some()
                 && (reason != Removal::Refused
                     || s.core.config().overflow == Overflow::RejectPublishDlx);
             if dead_letters {
+                self.trace(|queue| Event::DeadLetter {
+                    queue: queue.into(),
+                    seq: entry.seq,
+                    reason: death.as_str().into(),
+                });
                 // Routed once the lock is released; its record goes with the move.
                 self.in_flight.fetch_add(1, Ordering::SeqCst);
                 self.dead.push(DeadLetter::new(entry, death));
@@ -985,6 +1036,12 @@ impl QueueCell {
             }
             self.metrics
                 .delivered(Delivered::Consume { no_ack: d.no_ack }, d.entry.delivered);
+            self.trace(|queue| Event::Deliver {
+                queue: queue.into(),
+                seq: d.entry.seq,
+                consumer: sink.tag.to_string(),
+                redelivered: d.entry.delivered,
+            });
             if d.no_ack {
                 self.forget(&d.entry);
             }
@@ -1021,6 +1078,11 @@ impl QueueCell {
         };
         self.metrics
             .delivered(Delivered::Get { no_ack }, d.entry.delivered);
+        self.trace(|queue| Event::Get {
+            queue: queue.into(),
+            seq: d.entry.seq,
+            redelivered: d.entry.delivered,
+        });
         if no_ack {
             self.forget(&d.entry);
         }

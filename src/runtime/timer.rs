@@ -114,6 +114,11 @@ impl Timers {
         }
     }
 
+    /// The earliest due time of a pending timer.
+    pub(crate) fn next_due(&self) -> Option<u64> {
+        self.due.lock().keys().next().map(|&(at, _)| at)
+    }
+
     /// Ends the timer thread (the broker is going away).
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);

@@ -45,6 +45,19 @@ impl MemoryStore {
         state.pending.clear();
     }
 
+    /// A new store holding what a process crash would leave of this one now: only what was
+    /// flushed. This store is left as it is (its broker may go on writing to it, harmlessly).
+    pub fn crash_image(&self) -> MemoryStore {
+        let durable = self.state.lock().durable.clone();
+        MemoryStore {
+            state: Arc::new(Mutex::new(State {
+                applied: durable.clone(),
+                durable,
+                pending: Vec::new(),
+            })),
+        }
+    }
+
     /// Flips every bit of the first byte (the format version) of the value stored under `key`,
     /// applied and durable alike, so decoding it fails. Returns whether the key was present.
     pub fn corrupt_key(&self, key: &[u8]) -> bool {
