@@ -474,6 +474,18 @@ impl Broker {
         }
     }
 
+    /// Copies of queue `name`'s waiting messages in delivery order, without taking them;
+    /// `None` if there is no such queue.
+    pub(crate) fn peek(&self, name: &str) -> Option<Vec<crate::core::queue::Entry>> {
+        let cell = {
+            let snapshot = self.inner.snapshot.load();
+            let meta = snapshot.topology.queue(name)?;
+            snapshot.queues.get(&meta.id)?.clone()
+        };
+        let guard = cell.lock();
+        Some(guard.core.ready_entries().cloned().collect())
+    }
+
     /// Runs `f` while holding queue `name`'s lock, as a long purge or delivery would; `None`
     /// if there is no such queue. For tests of what happens meanwhile.
     #[doc(hidden)]

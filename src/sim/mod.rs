@@ -139,6 +139,78 @@ struct SimStore {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceId(usize);
 
+/// A waiting message, as [`Simulation::peek`] shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Peeked {
+    /// Its number in the queue.
+    pub seq: u64,
+    /// The exchange it was published (or dead-lettered) to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its properties (with `x-death` headers if it was dead-lettered).
+    pub properties: crate::types::BasicProperties,
+    /// Its body.
+    pub body: bytes::Bytes,
+    /// Whether its next delivery will be flagged redelivered.
+    pub redelivered: bool,
+    /// How many times it came back to the queue.
+    pub delivery_count: u32,
+}
+
+impl Peeked {
+    /// The reason of its latest dead-lettering (`rejected`, `expired`, `maxlen`,
+    /// `delivery_limit`), from its `x-last-death-reason` header (RabbitMQ 3.13+ sets it).
+    pub fn death_reason(&self) -> Option<&str> {
+        self.properties
+            .headers
+            .as_ref()?
+            .get("x-last-death-reason")?
+            .as_str()
+    }
+
+    /// The queue it was last dead-lettered from (`x-last-death-queue`).
+    pub fn death_queue(&self) -> Option<&str> {
+        self.properties
+            .headers
+            .as_ref()?
+            .get("x-last-death-queue")?
+            .as_str()
+    }
+}
+
+/// Runs `check` for every seed in `seeds` (or only for `CONEY_SIM_SEED` if that is set;
+/// `CONEY_SIM_SEEDS=N` runs seeds `0..N` instead), and panics at the first seed whose check
+/// fails or panics, with the seed and the command line that replays it alone. `test` is the
+/// test's name, for that command line.
+pub fn check_seeds(
+    test: &str,
+    seeds: std::ops::Range<u64>,
+    check: impl Fn(u64) -> std::result::Result<(), String>,
+) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let seeds = match (var("CONEY_SIM_SEED"), var("CONEY_SIM_SEEDS")) {
+        (Some(seed), _) => seed..seed + 1,
+        (None, Some(n)) => 0..n,
+        (None, None) => seeds,
+    };
+    for seed in seeds {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(seed)));
+        let failure = match outcome {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(panic) => panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panicked".into()),
+        };
+        panic!(
+            "seed {seed} failed: {failure}\nreplay it alone: CONEY_SIM_SEED={seed} cargo test {test} -- --nocapture"
+        );
+    }
+}
+
 /// What a simulated service did so far.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
@@ -675,6 +747,69 @@ impl Simulation {
             }
         }
         Ok(())
+    }
+
+    /// The messages waiting in `queue`, in the order they would be delivered, without taking
+    /// them (unacked ones are not shown: [`QueueCounts::unacked`] counts them).
+    pub fn peek(&self, queue: &str) -> Result<Vec<Peeked>> {
+        let entries = self
+            .broker
+            .peek(queue)
+            .ok_or_else(|| Error::InvalidInput(format!("no queue '{queue}' in vhost '/'")))?;
+        Ok(entries
+            .into_iter()
+            .map(|e| Peeked {
+                seq: e.seq,
+                exchange: e.message.exchange.to_string(),
+                routing_key: e.message.routing_key.to_string(),
+                properties: e.message.properties.clone(),
+                body: e.message.body.clone(),
+                redelivered: e.delivered,
+                delivery_count: e.delivery_count,
+            })
+            .collect())
+    }
+
+    /// Panics, naming the seed, unless `queue` holds exactly `ready` waiting and `unacked`
+    /// delivered-but-unsettled messages now.
+    #[track_caller]
+    pub fn assert_counts(&self, queue: &str, ready: u64, unacked: u64) {
+        match self.queue_counts(queue) {
+            Ok(c) if (c.ready, c.unacked) == (ready, unacked) => {}
+            Ok(c) => panic!(
+                "seed {}: queue '{queue}' holds {} ready and {} unacked, not {ready} and {unacked}",
+                self.seed, c.ready, c.unacked
+            ),
+            Err(e) => panic!("seed {}: {e}", self.seed),
+        }
+    }
+
+    /// Panics, naming the seed, unless `queue` is empty (nothing ready, nothing unacked).
+    #[track_caller]
+    pub fn assert_empty(&self, queue: &str) {
+        self.assert_counts(queue, 0, 0);
+    }
+
+    /// Panics, naming the seed, unless `queue` dead-lettered exactly `n` messages so far.
+    #[track_caller]
+    pub fn assert_dead_lettered(&self, queue: &str, n: u64) {
+        match self.queue_counts(queue) {
+            Ok(c) if c.dead_lettered == n => {}
+            Ok(c) => panic!(
+                "seed {}: queue '{queue}' dead-lettered {}, not {n}",
+                self.seed, c.dead_lettered
+            ),
+            Err(e) => panic!("seed {}: {e}", self.seed),
+        }
+    }
+
+    /// Panics, naming the seed, unless the broker's internal invariants hold (every queue's
+    /// and channel's bookkeeping agrees).
+    #[track_caller]
+    pub fn assert_invariants(&self) {
+        if let Err(e) = self.broker.check_invariants() {
+            panic!("seed {}: broker invariant broken: {e}", self.seed);
+        }
     }
 
     /// A queue's messages by state, without consuming any.

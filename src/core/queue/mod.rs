@@ -577,6 +577,12 @@ impl Queue {
 
     // ---- queries --------------------------------------------------------------------------
 
+    /// The waiting messages in the order they would be delivered (a quorum queue's returns
+    /// first, then by priority, FIFO within one), without taking them.
+    pub fn ready_entries(&self) -> impl Iterator<Item = &Entry> {
+        self.returns.iter().chain(self.ready.iter())
+    }
+
     /// Ready messages (the `message_count` of declare-ok and get-ok); expired messages not yet
     /// at the head still count (§7.1).
     pub fn ready_len(&self) -> u64 {
