@@ -19,6 +19,9 @@ const COMMANDS: usize = 300;
 
 const QUEUES: [&str; 3] = ["classic", "quorum", "timed"];
 
+/// The quorum queue's `x-delivery-limit`.
+const DELIVERY_LIMIT: u32 = 2;
+
 /// What the model knows about the messages.
 #[derive(Default)]
 struct Model {
@@ -28,8 +31,19 @@ struct Model {
 }
 
 impl Model {
-    /// A delivery of message `id`, flagged `redelivered`.
-    fn delivered(&mut self, id: &str, redelivered: bool, queue: &str) -> Result<(), String> {
+    /// A delivery of message `id`, flagged `redelivered`, returned `count` times before.
+    fn delivered(
+        &mut self,
+        id: &str,
+        redelivered: bool,
+        count: u32,
+        queue: &str,
+    ) -> Result<(), String> {
+        if queue == "quorum" && count > DELIVERY_LIMIT {
+            return Err(format!(
+                "{id} delivered from {queue} after {count} returns; the limit is {DELIVERY_LIMIT}"
+            ));
+        }
         if self.acked.contains_key(id) {
             return Err(format!("{id} was acked and came back from {queue}"));
         }
@@ -73,7 +87,7 @@ fn declare_all(ch: &Channel) -> Result<(), Error> {
         durable,
         dlx()
             .with("x-queue-type", "quorum")
-            .with("x-delivery-limit", 2i64),
+            .with("x-delivery-limit", i64::from(DELIVERY_LIMIT)),
     )?;
     ch.queue_declare("timed", durable, dlx().with("x-message-ttl", 40i64))?;
     Ok(())
@@ -129,7 +143,12 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 let queue = QUEUES[rng.below(3) as usize];
                 let ch = channels[c].as_ref().expect("open");
                 if let Some(g) = ch.basic_get(queue, BasicGetOptions::default()).map_err(e)? {
-                    model.delivered(&id_of(&g.delivery), g.delivery.redelivered(), queue)?;
+                    model.delivered(
+                        &id_of(&g.delivery),
+                        g.delivery.redelivered(),
+                        g.delivery.delivery_count(),
+                        queue,
+                    )?;
                     held.push(Held {
                         delivery: g.delivery,
                         channel: c,
@@ -141,7 +160,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 let (c, consumer) = &mut consumers[k];
                 if let Ok(d) = consumer.try_recv() {
                     let queue = d.routing_key().to_owned();
-                    model.delivered(&id_of(&d), d.redelivered(), &queue)?;
+                    model.delivered(&id_of(&d), d.redelivered(), d.delivery_count(), &queue)?;
                     held.push(Held {
                         delivery: d,
                         channel: *c,
@@ -196,7 +215,12 @@ fn run_seed(seed: u64) -> Result<(), String> {
             .basic_get(queue, BasicGetOptions::default())
             .map_err(e)?
         {
-            model.delivered(&id_of(&g.delivery), g.delivery.redelivered(), queue)?;
+            model.delivered(
+                &id_of(&g.delivery),
+                g.delivery.redelivered(),
+                g.delivery.delivery_count(),
+                queue,
+            )?;
             model.acked(&id_of(&g.delivery));
             g.delivery.ack(BasicAckOptions::default()).map_err(e)?;
         }
