@@ -303,3 +303,36 @@ impl Tally {
 
 /// A tally shared by the services and the run.
 pub type SharedTally = Arc<Tally>;
+
+/// `service` as a handler of one delivery at a time for `coney::service` runners and the
+/// deterministic simulation (`coney::sim`): handle, commit, publish with confirms, settle,
+/// the order [`run`] keeps for a batch. An error other than a bad message is returned to the
+/// runner (which, with `OnError::Crash`, crashes the service: its deliveries come back).
+/// The binary runs its services with [`run`]; the simulation tests run them with this.
+#[allow(dead_code)]
+pub fn handler(
+    mut service: impl Service,
+) -> impl FnMut(&Delivery, &Channel) -> coney::service::HandlerResult + Send + 'static {
+    let mut outbox = Outbox::default();
+    move |delivery: &Delivery, channel: &Channel| {
+        outbox.drain().for_each(drop);
+        // A service's channel may be new (a restart): selecting again changes nothing.
+        channel.confirm_select(ConfirmSelectOptions::default())?;
+        let settle = match service.handle(delivery, &mut outbox) {
+            Ok(settle) => settle,
+            Err(AppError::BadMessage(_)) => Settle::Reject,
+            Err(e) => return Err(e.into()),
+        };
+        service.commit()?;
+        publish_confirmed(channel, &mut outbox, service.name())?;
+        match settle {
+            Settle::Ack => delivery.ack(BasicAckOptions::default())?,
+            Settle::Requeue => delivery.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })?,
+            Settle::Reject => delivery.reject(BasicRejectOptions { requeue: false })?,
+        }
+        Ok(())
+    }
+}
