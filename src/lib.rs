@@ -120,6 +120,8 @@
 //! - [`retry`]: a retry topology with back-off delays.
 //! - [`rpc`]: request-reply: a client that waits for replies (direct reply-to or a reply
 //!   queue) and a server that answers a request queue.
+//! - [`sim`]: the deterministic simulation (seeded steps, virtual time, faults, traces);
+//!   [`service`]: services as handlers, on threads or in a simulation.
 //! - [`stats`]: monitoring: [`Broker::stats`] snapshots (per-queue counts, counters, rates,
 //!   error rate, processing-time histograms, broker totals) and their Prometheus text.
 

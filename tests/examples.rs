@@ -9,6 +9,8 @@ mod quickstart;
 mod retry;
 #[path = "../examples/rpc.rs"]
 mod rpc;
+#[path = "../examples/simulation.rs"]
+mod simulation;
 
 #[test]
 fn quickstart_runs() {
@@ -28,4 +30,9 @@ fn retry_runs() {
 #[test]
 fn rpc_runs() {
     rpc::main().unwrap();
+}
+
+#[test]
+fn simulation_runs() {
+    simulation::main().unwrap();
 }

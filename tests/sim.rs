@@ -675,3 +675,53 @@ fn seeded_process_crashes_replay_exactly() {
     }
     assert!(crashes >= 3, "{crashes} process crashes over 10 seeds");
 }
+
+/// Request-reply in a simulation: the client sends without blocking and takes the reply with
+/// `try_reply`; it gives up by the virtual clock, and the reply that comes after is late.
+#[test]
+fn rpc_calls_in_virtual_time() {
+    use coney::rpc::{ReplyMode, Response, RpcClient};
+    let mut sim = Simulation::new(31);
+    let conn = sim.connect();
+    let ch = conn.channel().unwrap();
+    declare(&ch, "pricing", FieldTable::new());
+    sim.add_service(
+        "pricing",
+        "pricing",
+        ServiceOptions {
+            processing_time: Duration::from_millis(300),
+            ..ServiceOptions::default()
+        },
+        |request: &Delivery, ch: &Channel| {
+            let price = format!("{} costs 42", String::from_utf8_lossy(request.body()));
+            coney::rpc::reply(ch, request, Response::new(price))?;
+            request.ack(BasicAckOptions::default())?;
+            Ok(())
+        },
+    )
+    .unwrap();
+    for mode in [ReplyMode::DirectReplyTo, ReplyMode::ReplyQueue] {
+        let client = RpcClient::new(&conn, mode).unwrap();
+        let mut first = client
+            .send("", "pricing", "apple", BasicProperties::default())
+            .unwrap();
+        let second = client
+            .send("", "pricing", "pear", BasicProperties::default())
+            .unwrap();
+        assert!(first.try_reply().is_none(), "nothing ran yet");
+        sim.run_until_idle().unwrap();
+        let reply = first.try_reply().expect("answered").unwrap();
+        assert_eq!(&reply.body()[..], b"apple costs 42");
+        // The second waits behind the first's 300 ms: the caller gives up at 100 ms.
+        sim.run_for(Duration::from_millis(100)).unwrap();
+        drop(second);
+        sim.run_for(Duration::from_secs(1)).unwrap();
+        let mut third = client
+            .send("", "pricing", "fig", BasicProperties::default())
+            .unwrap();
+        sim.run_for(Duration::from_secs(1)).unwrap();
+        assert!(third.try_reply().expect("answered").is_ok());
+        let stats = client.stats();
+        assert_eq!((stats.replies, stats.late), (2, 1), "{mode:?}: {stats:?}");
+    }
+}

@@ -32,7 +32,9 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::RpcError;
 use crate::error::{CloseCause, Error};
-use crate::runtime::{Channel, Connection, Consumer, Delivery, RecvTimeoutError, Returned};
+use crate::runtime::{
+    Channel, Connection, Consumer, Delivery, RecvTimeoutError, Returned, TryRecvError,
+};
 use crate::types::{
     BasicConsumeOptions, BasicProperties, BasicPublishOptions, FieldTable, IntoBody,
     QueueDeclareOptions,
@@ -473,6 +475,59 @@ impl PendingReply<'_> {
     /// The request's correlation id.
     pub fn correlation_id(&self) -> &str {
         &self.correlation_id
+    }
+
+    /// The reply if it has come, without waiting: `None` while it has not (and after the
+    /// outcome was taken). Replies already received for other calls are filed for them. For
+    /// callers that cannot block, such as a test driving a
+    /// [`Simulation`](crate::sim::Simulation): they decide when to give up (by the simulation's
+    /// clock) by dropping the pending reply, which makes a later reply count as
+    /// [`late`](RpcStats::late).
+    pub fn try_reply(&mut self) -> Option<Result<Reply, RpcError>> {
+        if self.done {
+            return None;
+        }
+        let client = self.client;
+        let mut shared = client.state.shared.lock();
+        if !shared.leader
+            && let Some(mut consumer) = client.consumer.try_lock()
+        {
+            // Nobody is receiving: take what has arrived, without waiting.
+            loop {
+                match consumer.try_recv() {
+                    Ok(delivery) => shared.file(&client.state.prefix, delivery),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        shared.end(client.channel.close_cause());
+                        break;
+                    }
+                }
+            }
+        }
+        let outcome = shared.outcome(self.seq, None)?;
+        self.done = true;
+        Some(match outcome {
+            Outcome::Replied(delivery) => {
+                shared.finished.insert(self.seq, Finish::Answered);
+                shared.stats.replies += 1;
+                Ok(Reply { delivery })
+            }
+            Outcome::Ended(cause) => {
+                shared.calls.remove(&self.seq);
+                shared.finished.insert(self.seq, Finish::Abandoned);
+                Err(RpcError::Closed { cause })
+            }
+            Outcome::TimedOut => {
+                // No deadline was given: never reached.
+                shared.calls.remove(&self.seq);
+                shared.finished.insert(self.seq, Finish::Abandoned);
+                shared.stats.timeouts += 1;
+                Err(RpcError::Timeout {
+                    correlation_id: self.correlation_id.clone(),
+                    waited: Duration::ZERO,
+                })
+            }
+        })
     }
 
     /// Waits up to `timeout` (from now) for the reply.

@@ -53,7 +53,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::{FINISHED_IDS_MAX, PendingReply, Reply, ReplyMode, RpcClient, RpcStats};
-pub use server::{Handled, Response, RpcServer, RpcServerOptions, RpcServerStats};
+pub use server::{Handled, Response, RpcServer, RpcServerOptions, RpcServerStats, reply};
 
 use crate::error::{CloseCause, Error};
 

@@ -69,6 +69,28 @@ impl Response {
     }
 }
 
+/// Publishes `response` as the reply to `request` on `channel`: through the default exchange
+/// to the request's `reply_to`, with its `correlation_id` (replacing any in the response's
+/// properties). Returns `false`, publishing nothing, if the request has no `reply_to`. It
+/// neither acks nor rejects the request. For handlers that answer requests themselves, in a
+/// [`Simulation`](crate::sim::Simulation) for instance.
+pub fn reply(channel: &Channel, request: &Delivery, response: Response) -> Result<bool> {
+    let request = request.properties();
+    let Some(reply_to) = request.reply_to.as_deref() else {
+        return Ok(false);
+    };
+    let mut properties = response.properties;
+    properties.correlation_id = request.correlation_id.clone();
+    channel.basic_publish(
+        "",
+        reply_to,
+        BasicPublishOptions::default(),
+        response.body,
+        properties,
+    )?;
+    Ok(true)
+}
+
 /// What [`RpcServer::handle`] did with a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Handled {
@@ -166,16 +188,8 @@ impl RpcServer {
                 return Ok(Handled::Failed);
             }
         };
-        let mut properties = response.properties;
-        properties.correlation_id = request.correlation_id.clone();
-        let published = self.channel.basic_publish(
-            "",
-            reply_to,
-            BasicPublishOptions::default(),
-            response.body,
-            properties,
-        );
-        if let Err(e) = published {
+        let _ = reply_to;
+        if let Err(e) = reply(&self.channel, delivery, response) {
             self.stats.lock().failed += 1;
             if !self.channel.is_closed() {
                 // Refused alone (invalid properties): the request would stay unacked.
