@@ -95,6 +95,10 @@ pub struct FaultRates {
     /// The whole process crashes ([`Simulation::crash`]): only what the store flushed
     /// survives; the broker is reopened from it at once. Needs [`SimOptions::durable`].
     pub process_crash: f64,
+    /// The store's next flush fails, as a failing disk would; the broker then refuses durable
+    /// work, and the simulation restarts the process at its next step (as a supervisor
+    /// would), which loses what was not flushed. Needs [`SimOptions::durable`].
+    pub store_failure: f64,
     /// How long a faulted service stays down (virtual time; 0: it comes back at the next
     /// step that finds nothing else to do).
     pub restart_after: Duration,
@@ -530,6 +534,16 @@ impl Simulation {
     /// an earlier one), and the store's flush if records wait to be written, the seed picks
     /// one. Returns whether anything ran.
     pub fn step(&mut self) -> std::result::Result<bool, SimError> {
+        if self.store.is_some() && !self.broker.health().is_healthy() {
+            // A storage failure poisoned the store: the process restarts, as a supervisor
+            // would restart it.
+            self.trace.record(Event::Note {
+                text: "restarting after a storage failure".into(),
+            });
+            self.crash()?;
+            self.steps += 1;
+            return Ok(true);
+        }
         self.broker.run_due_timers();
         let now = self.now_ms();
         let mut choices: Vec<Choice> = self
@@ -614,9 +628,14 @@ impl Simulation {
     /// A fault the seed injects instead of the step's choice; `true` if one was.
     fn inject_fault(&mut self, choice: Choice) -> std::result::Result<bool, SimError> {
         let faults = self.options.faults;
-        if self.store.is_some() && self.rng.chance(faults.process_crash) {
-            self.crash()?;
-            return Ok(true);
+        if self.store.is_some() {
+            if self.rng.chance(faults.process_crash) {
+                self.crash()?;
+                return Ok(true);
+            }
+            if self.rng.chance(faults.store_failure) {
+                self.fail_next_flush()?;
+            }
         }
         let Choice::Service(picked) = choice else {
             return Ok(false);
