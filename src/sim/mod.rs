@@ -4,7 +4,7 @@
 //! A [`Simulation`] owns an in-memory broker on a [`ManualClock`] with a [`Trace`] attached.
 //! Code under test uses it through the usual API ([`Simulation::connect`] gives a
 //! [`Connection`]); services are registered as handlers ([`Simulation::add_service`], the
-//! same functions [`service::spawn`](crate::service::spawn) runs on threads). Nothing runs by
+//! same functions [`service::spawn`](crate::service::spawn()) runs on threads). Nothing runs by
 //! itself: [`Simulation::step`] runs one handler on one delivery, chosen by the seed among the
 //! services that have one waiting; [`Simulation::run_until_idle`] steps until none has;
 //! [`Simulation::run_for`] also moves virtual time, firing TTLs, queue expiries and held dead
