@@ -131,6 +131,7 @@ fn run_seed(seed: u64, exercised: &Exercised) -> Result<(), String> {
         faults: FaultRates {
             service_crash: 0.02,
             channel_close: 0.01,
+            connection_close: 0.005,
             process_crash: 0.005,
             store_failure: 0.005,
             restart_after: Duration::from_millis(100),
@@ -264,8 +265,9 @@ fn run_seed(seed: u64, exercised: &Exercised) -> Result<(), String> {
     );
     add(
         &exercised.service_faults,
-        (text.matches("FAULT service_crash").count() + text.matches("FAULT channel_closed").count())
-            as u64,
+        (text.matches("FAULT service_crash").count()
+            + text.matches("FAULT channel_closed").count()
+            + text.matches("FAULT connection_closed").count()) as u64,
     );
     add(&exercised.dead_lettered, audit.dead_lettered);
     add(&exercised.declined, audit.failed);

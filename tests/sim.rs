@@ -294,6 +294,26 @@ fn a_channel_closed_by_the_broker_ends_the_consumer_until_restarted() {
 }
 
 #[test]
+fn a_connection_closed_by_the_broker_takes_every_service_down_for_a_while() {
+    let mut sim = pipeline(4, SimOptions::default());
+    let ch = sim.connect().channel().unwrap();
+    publish(&ch, "a", "late");
+    sim.close_connection(Some(Duration::from_millis(500)));
+    assert!(!ch.is_closed(), "the test's own connection stays open");
+    assert_eq!(sim.run_until_idle().unwrap(), 0, "every service is down");
+    assert_eq!(sim.queue_counts("a").unwrap().consumers, 0);
+    sim.run_for(Duration::from_millis(500)).unwrap();
+    sim.assert_empty("a");
+    sim.assert_empty("sink");
+    let text = sim.trace().to_text();
+    assert!(text.contains("FAULT connection_closed"), "{text}");
+    assert!(
+        text.contains("     0.500 note svc-sink restarted"),
+        "{text}"
+    );
+}
+
+#[test]
 fn processing_time_paces_a_service_in_virtual_time() {
     let mut sim = Simulation::new(13);
     let ch = sim.connect().channel().unwrap();
@@ -336,6 +356,7 @@ fn seeded_faults_lose_nothing() {
         faults: FaultRates {
             service_crash: 0.1,
             channel_close: 0.05,
+            connection_close: 0.02,
             restart_after: Duration::from_millis(50),
             ..FaultRates::default()
         },

@@ -131,6 +131,11 @@ impl Connection {
     pub fn close_cause(&self) -> Option<Arc<CloseCause>> {
         self.inner.closed()
     }
+
+    /// Closes the connection as the broker would, with `cause`.
+    pub(crate) fn close_with(&self, cause: Arc<CloseCause>) {
+        self.inner.close(cause);
+    }
 }
 
 impl ConnectionHandle {

@@ -92,6 +92,10 @@ pub struct FaultRates {
     /// The broker closes a service's channel (as RabbitMQ does on an internal error); the
     /// service comes back after [`FaultRates::restart_after`].
     pub channel_close: f64,
+    /// The broker closes the services' connection (320 `CONNECTION_FORCED`, as when a node
+    /// is shut down): every service loses its channel and comes back after
+    /// [`FaultRates::restart_after`] on a new connection.
+    pub connection_close: f64,
     /// The whole process crashes ([`Simulation::crash`]): only what the store flushed
     /// survives; the broker is reopened from it at once. Needs [`SimOptions::durable`].
     pub process_crash: f64,
@@ -503,6 +507,32 @@ impl Simulation {
         Ok(())
     }
 
+    /// The broker closes the connection the services share (320 `CONNECTION_FORCED`): every
+    /// service loses its channel (what they held goes back) and stays down until
+    /// [`Simulation::restart_service`], or for `down_for` if given; they come back on a new
+    /// connection. Connections the test opened itself are not touched.
+    pub fn close_connection(&mut self, down_for: Option<Duration>) {
+        self.trace.record(Event::Fault {
+            kind: "connection_closed".into(),
+            detail: "the services' connection".into(),
+        });
+        self.connection
+            .close_with(std::sync::Arc::new(crate::error::CloseCause::Error(
+                crate::error::AmqpError::new(
+                    crate::error::ReplyCode::ConnectionForced,
+                    "broker forced connection closure with reason 'shutdown'",
+                ),
+            )));
+        let back = down_for.map(|d| self.now_ms().saturating_add(duration_ms(d)));
+        for slot in &mut self.services {
+            if slot.running.take().is_some() {
+                slot.stats.crashes += 1;
+            }
+            slot.restart_at_ms = back;
+        }
+        self.connection = self.broker.connect();
+    }
+
     /// Brings a service that is down back: a new channel and consumer.
     pub fn restart_service(&mut self, id: ServiceId) -> std::result::Result<(), SimError> {
         let slot = self
@@ -641,6 +671,10 @@ impl Simulation {
             return Ok(false);
         };
         let down_for = Some(faults.restart_after);
+        if self.rng.chance(faults.connection_close) {
+            self.close_connection(down_for);
+            return Ok(true);
+        }
         if self.rng.chance(faults.service_crash) {
             self.crash_service(ServiceId(picked), down_for)?;
             return Ok(true);
