@@ -15,6 +15,12 @@
 //! The same seed gives the same run, and the same trace byte for byte
 //! ([`Trace::to_text`]): a failing seed replays exactly.
 //!
+//! Nothing may block: there is no other thread to unblock it. Handlers and the test use
+//! non-waiting calls (`try_recv`, `basic_get`, [`PendingReply::try_reply`](crate::rpc::PendingReply::try_reply)
+//! instead of `RpcClient::call`); waiting for confirms is fine, as it writes what is pending
+//! first. A publish held by flow control would wait for ever: keep the limits of
+//! [`SimOptions::limits`] above what the scenario queues.
+//!
 //! ```
 //! use std::time::Duration;
 //! use coney::*;
