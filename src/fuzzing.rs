@@ -639,3 +639,1256 @@ fn build_properties(program: &[u8]) -> crate::BasicProperties {
     }
     properties
 }
+
+/// Reads a fuzz input a byte at a time; past the end every read is 0, so any input makes a
+/// complete (if short) case.
+struct Cursor<'a> {
+    data: &'a [u8],
+}
+
+impl Cursor<'_> {
+    fn byte(&mut self) -> u8 {
+        match self.data.split_first() {
+            Some((&b, rest)) => {
+                self.data = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    /// One of `items`, picked by the next byte.
+    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+        items[usize::from(self.byte()) % items.len()].clone()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// Keys of `headers_match` tables: plain ones, `x-` ones (compared only by the `*-with-x`
+/// modes), `x-match` itself (never compared), and near misses (`X-a` does not start with `x-`).
+const FIELD_KEYS: [&str; 8] = ["a", "b", "c", "x-a", "x-b", "x-match", "X-a", ""];
+
+/// Integers the generated fields hold, in every width that fits them (else their low bytes):
+/// the same value appears under several types, and next to floats and timestamps of that value.
+const FIELD_INTS: [i64; 16] = [
+    0,
+    1,
+    -1,
+    5,
+    127,
+    -128,
+    255,
+    5000,
+    65535,
+    -32768,
+    2_147_483_647,
+    4_294_967_295,
+    9_007_199_254_740_992,
+    9_007_199_254_740_993,
+    i64::MAX,
+    i64::MIN,
+];
+
+/// Doubles of the generated fields: integral ones equal to `FIELD_INTS` entries, -0.0, NaN,
+/// infinities, and values a `float` does not hold exactly.
+const FIELD_DOUBLES: [f64; 14] = [
+    0.0,
+    -0.0,
+    1.0,
+    5.0,
+    5.5,
+    0.1,
+    -1.0,
+    5000.0,
+    9_007_199_254_740_992.0,
+    9_223_372_036_854_775_807.0,
+    f64::NAN,
+    f64::INFINITY,
+    f64::NEG_INFINITY,
+    255.0,
+];
+
+/// Floats of the generated fields (`float 0.1` is not `double 0.1`).
+const FIELD_FLOATS: [f32; 10] = [
+    0.0,
+    -0.0,
+    1.0,
+    5.0,
+    5.5,
+    0.1,
+    5000.0,
+    f32::NAN,
+    f32::INFINITY,
+    4_294_967_296.0,
+];
+
+/// Strings and byte arrays of the generated fields: numbers as text, `x-match` modes, bytes that
+/// are not UTF-8, and one long value.
+fn field_bytes(cursor: &mut Cursor) -> bytes::Bytes {
+    const SHORT: [&[u8]; 9] = [
+        b"",
+        b"5",
+        b"5000",
+        b"bar",
+        b"all",
+        b"any",
+        b"any-with-x",
+        b"\xff\x00",
+        b"true",
+    ];
+    match cursor.byte() % 10 {
+        9 => bytes::Bytes::from(vec![b'z'; 300]),
+        i => bytes::Bytes::from_static(SHORT[usize::from(i) % SHORT.len()]),
+    }
+}
+
+/// Builds a field value from the input: every `FieldValue` kind, numbers from the pools above,
+/// arrays and tables of up to 3 elements while `depth` is below `depth_max`.
+fn field_value(cursor: &mut Cursor, depth: u32, depth_max: u32) -> crate::types::FieldValue {
+    use crate::types::FieldValue as V;
+    let int = |cursor: &mut Cursor| cursor.pick(&FIELD_INTS);
+    // The value if it fits the width, else its low bytes.
+    macro_rules! narrow {
+        ($t:ty, $v:expr) => {{
+            let v: i64 = $v;
+            <$t>::try_from(v).unwrap_or_else(|_| {
+                let low = v.to_le_bytes();
+                <$t>::from_le_bytes(
+                    low[..std::mem::size_of::<$t>()]
+                        .try_into()
+                        .expect("a prefix of the width's size"),
+                )
+            })
+        }};
+    }
+    let nested = depth < depth_max;
+    match cursor.byte() % 17 {
+        0 => V::Bool(cursor.byte() % 2 == 1),
+        1 => V::I8(narrow!(i8, int(cursor))),
+        2 => V::U8(narrow!(u8, int(cursor))),
+        3 => V::I16(narrow!(i16, int(cursor))),
+        4 => V::U16(narrow!(u16, int(cursor))),
+        5 => V::I32(narrow!(i32, int(cursor))),
+        6 => V::U32(narrow!(u32, int(cursor))),
+        7 => V::I64(int(cursor)),
+        8 => V::F32(cursor.pick(&FIELD_FLOATS)),
+        9 => V::F64(cursor.pick(&FIELD_DOUBLES)),
+        10 => {
+            let (scale, value) = cursor.pick(&[(0, 5), (0, 0), (1, 50), (2, 500), (0, u32::MAX)]);
+            V::Decimal { scale, value }
+        }
+        11 => V::LongString(field_bytes(cursor)),
+        12 => V::ByteArray(field_bytes(cursor)),
+        13 => V::Timestamp(cursor.pick(&[0, 5, 1, 5000, 1_700_000_000, u64::MAX])),
+        14 if nested => {
+            let len = cursor.byte() % 4;
+            V::Array(
+                (0..len)
+                    .map(|_| field_value(cursor, depth + 1, depth_max))
+                    .collect(),
+            )
+        }
+        15 if nested => V::Table(field_table(cursor, depth + 1, depth_max, 3)),
+        _ => V::Void,
+    }
+}
+
+/// Builds a table of up to `len_max` entries with keys from `FIELD_KEYS` (a later entry under
+/// the same key replaces the earlier one).
+fn field_table(
+    cursor: &mut Cursor,
+    depth: u32,
+    depth_max: u32,
+    len_max: u8,
+) -> crate::types::FieldTable {
+    let len = cursor.byte() % (len_max + 1);
+    let mut table = crate::types::FieldTable::new();
+    for _ in 0..len {
+        let key = cursor.pick(&FIELD_KEYS);
+        let value = field_value(cursor, depth, depth_max);
+        table.insert(key, value);
+    }
+    table
+}
+
+/// Deepest nesting `headers_match` builds: deep enough for tables in arrays in tables.
+const HEADERS_DEPTH_MAX: u32 = 3;
+
+/// Fuzz target `headers_match`: [`headers_match`] and [`parse_x_match`] against
+/// `reference_headers_match`, a plain restatement of the rules written apart from them.
+///
+/// Input: byte 0 picks the binding's `x-match` (absent, each of the four modes, a wrong string,
+/// a wrong type, or a generated value); then the binding's other arguments (up to 6), a byte
+/// whose low bit says whether the message has headers, and the headers (up to 6). Keys come
+/// from `FIELD_KEYS`, values from [`field_value`]. Checks: `parse_x_match` reads exactly the
+/// four modes and refuses everything else; `headers_match` under each of the four modes (the
+/// parsed one and the others) agrees with the reference.
+///
+/// [`headers_match`]: crate::core::exchange::headers::headers_match
+/// [`parse_x_match`]: crate::core::exchange::headers::parse_x_match
+pub fn headers_match(data: &[u8]) {
+    use crate::core::exchange::headers::{XMatch, headers_match, parse_x_match};
+    use crate::types::FieldValue;
+
+    let mut cursor = Cursor { data };
+    let x_match = match cursor.byte() % 9 {
+        0 => None,
+        1 => Some(FieldValue::from("all")),
+        2 => Some(FieldValue::from("any")),
+        3 => Some(FieldValue::from("all-with-x")),
+        4 => Some(FieldValue::from("any-with-x")),
+        5 => Some(FieldValue::from(cursor.pick(&[
+            "ALL",
+            "all ",
+            "",
+            "x-all",
+            "any-with-x\0",
+        ]))),
+        6 => Some(FieldValue::ByteArray(bytes::Bytes::from_static(b"all"))),
+        _ => Some(field_value(&mut cursor, 1, HEADERS_DEPTH_MAX)),
+    };
+    let mut args = field_table(&mut cursor, 1, HEADERS_DEPTH_MAX, 6);
+    args.remove("x-match");
+    if let Some(value) = x_match {
+        args.insert("x-match", value);
+    }
+    let headers =
+        (cursor.byte() % 2 == 1).then(|| field_table(&mut cursor, 1, HEADERS_DEPTH_MAX, 6));
+
+    let modes = [
+        (XMatch::All, "all"),
+        (XMatch::Any, "any"),
+        (XMatch::AllWithX, "all-with-x"),
+        (XMatch::AnyWithX, "any-with-x"),
+    ];
+    let expected_mode = match args.get("x-match") {
+        None => Some(XMatch::All),
+        Some(FieldValue::LongString(text)) => modes
+            .iter()
+            .find(|(_, name)| name.as_bytes() == &text[..])
+            .map(|&(mode, _)| mode),
+        Some(_) => None,
+    };
+    match (parse_x_match(&args), expected_mode) {
+        (Ok(parsed), Some(expected)) => assert_eq!(parsed, expected, "args {args:?}"),
+        (Err(_), None) => {}
+        (parsed, expected) => {
+            panic!("parse_x_match gave {parsed:?}, expected {expected:?}; args {args:?}")
+        }
+    }
+    for (mode, name) in modes {
+        let got = headers_match(mode, &args, headers.as_ref());
+        let want = reference_headers_match(name, &args, headers.as_ref());
+        assert_eq!(
+            got, want,
+            "mode {name}: headers_match says {got}, the reference {want}; args {args:?}, headers {headers:?}"
+        );
+    }
+}
+
+/// The headers-exchange rules (SEMANTICS.md §2.5 and the decisions documented on
+/// `headers_match`), stated as plainly as possible for the engine's matcher to be checked
+/// against: `mode` is `all`, `any`, `all-with-x` or `any-with-x`.
+///
+/// Each compared argument is matched, and the results combined: `all` modes need every one
+/// (none: true), `any` modes at least one (none: false). Values are compared as the Erlang terms
+/// RabbitMQ holds once it drops the type tags of top-level values ([`ErlTerm`]), with Erlang's
+/// `==`.
+fn reference_headers_match(
+    mode: &str,
+    args: &crate::types::FieldTable,
+    headers: Option<&crate::types::FieldTable>,
+) -> bool {
+    use crate::types::FieldValue;
+
+    let with_x = mode.ends_with("-with-x");
+    let mut results = Vec::new();
+    for (key, arg) in args.iter() {
+        if key == "x-match" {
+            continue;
+        }
+        if key.starts_with("x-") && !with_x {
+            continue;
+        }
+        let header = headers.and_then(|h| h.get(key));
+        let matched = match (arg, header) {
+            (_, None) => false,
+            (FieldValue::Void, Some(_)) => true,
+            // Both timestamps: seconds against seconds (the documented decision).
+            (FieldValue::Timestamp(a), Some(FieldValue::Timestamp(h))) => a == h,
+            (arg, Some(header)) => {
+                let arg = ErlTerm::of(arg);
+                let header = match header {
+                    // RabbitMQ 4.x turns a message's timestamp header into milliseconds.
+                    FieldValue::Timestamp(seconds) => ErlTerm::Int(i128::from(*seconds) * 1000),
+                    other => ErlTerm::of(other),
+                };
+                arg.erlang_eq(&header)
+            }
+        };
+        results.push(matched);
+    }
+    if mode.starts_with("all") {
+        results.iter().all(|&m| m)
+    } else {
+        results.iter().any(|&m| m)
+    }
+}
+
+/// A field value as the Erlang term RabbitMQ holds for it once the type tag is dropped:
+/// integers of every width are one integer type, `float` and `double` are doubles, strings and
+/// byte arrays are binaries, booleans and void are atoms, a decimal is `{Scale, Value}`. Arrays
+/// and tables keep their elements' tags: `[{Type, Value}]` and `[{Key, Type, Value}]` (key
+/// order: our tables are sorted).
+///
+/// One departure from Erlang, to follow the engine's documented decision: RabbitMQ holds a
+/// table as a list too, so an empty table is the empty array `[]` and the two match there;
+/// `headers_match` (and its unit test `nested_values_compare_structurally_with_type_tags`)
+/// never lets an array equal a table, so tables are a kind of their own here.
+#[derive(Debug)]
+enum ErlTerm {
+    Int(i128),
+    Float(f64),
+    Binary(Vec<u8>),
+    Atom(&'static str),
+    Tuple(Vec<ErlTerm>),
+    List(Vec<ErlTerm>),
+    /// A table's entries, `[{Key, Type, Value}]` (see above).
+    Table(Vec<ErlTerm>),
+}
+
+impl ErlTerm {
+    fn of(value: &crate::types::FieldValue) -> ErlTerm {
+        use crate::types::FieldValue as V;
+        match value {
+            V::Bool(true) => ErlTerm::Atom("true"),
+            V::Bool(false) => ErlTerm::Atom("false"),
+            V::I8(v) => ErlTerm::Int(i128::from(*v)),
+            V::U8(v) => ErlTerm::Int(i128::from(*v)),
+            V::I16(v) => ErlTerm::Int(i128::from(*v)),
+            V::U16(v) => ErlTerm::Int(i128::from(*v)),
+            V::I32(v) => ErlTerm::Int(i128::from(*v)),
+            V::U32(v) => ErlTerm::Int(i128::from(*v)),
+            V::I64(v) => ErlTerm::Int(i128::from(*v)),
+            V::F32(v) => ErlTerm::Float(f64::from(*v)),
+            V::F64(v) => ErlTerm::Float(*v),
+            V::Decimal { scale, value } => ErlTerm::Tuple(vec![
+                ErlTerm::Int(i128::from(*scale)),
+                ErlTerm::Int(i128::from(*value)),
+            ]),
+            V::LongString(b) | V::ByteArray(b) => ErlTerm::Binary(b.to_vec()),
+            V::Timestamp(seconds) => ErlTerm::Int(i128::from(*seconds)),
+            V::Void => ErlTerm::Atom("undefined"),
+            V::Array(items) => ErlTerm::List(
+                items
+                    .iter()
+                    .map(|v| ErlTerm::Tuple(vec![ErlTerm::Atom(v.type_name()), ErlTerm::of(v)]))
+                    .collect(),
+            ),
+            V::Table(table) => ErlTerm::Table(
+                table
+                    .iter()
+                    .map(|(k, v)| {
+                        ErlTerm::Tuple(vec![
+                            ErlTerm::Binary(k.as_bytes().to_vec()),
+                            ErlTerm::Atom(v.type_name()),
+                            ErlTerm::of(v),
+                        ])
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Erlang's `==`: numbers by value (an integer equals a float exactly when the float is
+    /// that integer; NaN equals nothing), everything else by kind and contents.
+    fn erlang_eq(&self, other: &ErlTerm) -> bool {
+        match (self, other) {
+            (ErlTerm::Int(a), ErlTerm::Int(b)) => a == b,
+            (ErlTerm::Float(a), ErlTerm::Float(b)) => a == b,
+            (ErlTerm::Int(i), ErlTerm::Float(f)) | (ErlTerm::Float(f), ErlTerm::Int(i)) => {
+                int_is_float(*i, *f)
+            }
+            (ErlTerm::Binary(a), ErlTerm::Binary(b)) => a == b,
+            (ErlTerm::Atom(a), ErlTerm::Atom(b)) => a == b,
+            (ErlTerm::Tuple(a), ErlTerm::Tuple(b))
+            | (ErlTerm::List(a), ErlTerm::List(b))
+            | (ErlTerm::Table(a), ErlTerm::Table(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.erlang_eq(y))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether the double `f` is exactly the integer `i`: the nearest double to `i` must be `f`,
+/// and converting `f` back must give `i` (so `i` was not rounded on the way).
+fn int_is_float(i: i128, f: f64) -> bool {
+    // `as` rounds to the nearest double, and saturates going back: both are what is wanted.
+    let nearest = i as f64;
+    nearest == f && f.is_finite() && f as i128 == i
+}
+
+/// Deepest wrapping `field_table_codec` adds around a built table: past
+/// [`FIELD_DEPTH_MAX`](crate::types::field::FIELD_DEPTH_MAX), so both sides of the limit are
+/// reached.
+const CODEC_WRAP_MAX: u8 = 40;
+
+/// Fuzz target `field_table_codec`: the AMQP field-table codec
+/// ([`crate::types::field_codec`]).
+///
+/// Checks, on the input as wire bytes: decoding never panics; a table that decodes took at
+/// most the input, and re-encodes to as many bytes as it took (every value has one encoded
+/// size), which is its `wire_size()`, and which decode to a bitwise-equal table (floats by
+/// bits: NaN) and encode again to the same bytes; every shorter prefix of the encoding is
+/// `Truncated`; bytes after it are left alone. On a table built from the input (values from
+/// [`field_value`], keys up to 256 bytes, nested up to 40 levels deep): encoding refuses
+/// exactly what `wire_size()` refuses, with the same error and nothing appended, and whatever
+/// encodes round-trips as above.
+pub fn field_table_codec(data: &[u8]) {
+    use crate::types::field_codec::{decode_table, encode_table};
+
+    match decode_table(data) {
+        Ok((table, used)) => {
+            assert!(
+                used <= data.len(),
+                "decode took {used} of {} bytes",
+                data.len()
+            );
+            let encoded = check_codec_round_trip(&table);
+            assert_eq!(
+                encoded.len(),
+                used,
+                "re-encoding {table:?} changed its length"
+            );
+        }
+        Err(e) => drop(e.to_string()),
+    }
+
+    let mut cursor = Cursor { data };
+    let table = codec_table(&mut cursor);
+    match table.wire_size() {
+        Ok(_) => drop(check_codec_round_trip(&table)),
+        Err(e) => {
+            let mut out = vec![0xAB];
+            assert_eq!(encode_table(&table, &mut out), Err(e));
+            assert_eq!(out, [0xAB], "a refused table appended bytes");
+        }
+    }
+}
+
+/// Encodes a table that `wire_size()` accepts and checks the round trip (see
+/// [`field_table_codec`]); returns the encoding.
+fn check_codec_round_trip(table: &crate::types::FieldTable) -> Vec<u8> {
+    use crate::types::field_codec::{DecodeError, decode_table, encode_table};
+
+    let size = table.wire_size().expect("the caller checked wire_size");
+    let mut encoded = Vec::new();
+    encode_table(table, &mut encoded).expect("a table wire_size accepts encodes");
+    assert_eq!(
+        u64::try_from(encoded.len()).ok(),
+        Some(size),
+        "encoded length is not wire_size() for {table:?}"
+    );
+    let (back, used) = decode_table(&encoded).expect("an encoded table decodes");
+    assert_eq!(
+        used,
+        encoded.len(),
+        "decode did not take the whole encoding"
+    );
+    assert!(
+        same_table(table, &back),
+        "round trip changed {table:?} into {back:?}"
+    );
+    let mut again = Vec::new();
+    encode_table(&back, &mut again).expect("a decoded table encodes");
+    assert_eq!(
+        again, encoded,
+        "encode(decode(encode(t))) changed the bytes"
+    );
+    for cut in [0, encoded.len() / 2, encoded.len() - 1] {
+        assert!(
+            matches!(
+                decode_table(&encoded[..cut]),
+                Err(DecodeError::Truncated { .. })
+            ),
+            "a {cut}-byte prefix of a {}-byte table did not fail as truncated",
+            encoded.len()
+        );
+    }
+    let mut longer = encoded.clone();
+    longer.extend_from_slice(b"\x00\xFF");
+    assert_eq!(
+        decode_table(&longer).map(|(_, used)| used),
+        Ok(encoded.len()),
+        "trailing bytes were read"
+    );
+    encoded
+}
+
+/// Equal tables, floats compared by their bits (so NaN equals itself, and -0.0 is not 0.0).
+fn same_table(a: &crate::types::FieldTable, b: &crate::types::FieldTable) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b.iter())
+            .all(|((ka, va), (kb, vb))| ka == kb && same_value(va, vb))
+}
+
+fn same_value(a: &crate::types::FieldValue, b: &crate::types::FieldValue) -> bool {
+    use crate::types::FieldValue as V;
+    match (a, b) {
+        (V::F32(x), V::F32(y)) => x.to_bits() == y.to_bits(),
+        (V::F64(x), V::F64(y)) => x.to_bits() == y.to_bits(),
+        (V::Array(x), V::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y))
+        }
+        (V::Table(x), V::Table(y)) => same_table(x, y),
+        (x, y) => x == y,
+    }
+}
+
+/// The table `field_table_codec` builds: up to 8 entries from [`field_value`] (nested up to 4
+/// deep), maybe a key of 255 or 256 bytes, maybe wrapped as the single entry of tables and
+/// arrays nested up to `CODEC_WRAP_MAX` deep.
+fn codec_table(cursor: &mut Cursor) -> crate::types::FieldTable {
+    use crate::types::{FieldTable, FieldValue};
+
+    let mut table = field_table(cursor, 1, 4, 8);
+    match cursor.byte() % 8 {
+        0 => drop(table.insert("k".repeat(255), FieldValue::Void)),
+        1 => drop(table.insert("k".repeat(256), FieldValue::U8(1))),
+        _ => {}
+    }
+    let wrap = cursor.byte() % (CODEC_WRAP_MAX + 1);
+    if wrap == 0 {
+        return table;
+    }
+    let mut value = FieldValue::Table(table);
+    for level in 1..wrap {
+        value = if level % 2 == 0 {
+            FieldValue::Array(vec![value])
+        } else {
+            FieldValue::Table(FieldTable::new().with("w", value))
+        };
+    }
+    FieldTable::new().with("w", value)
+}
+
+/// Most commands taken from one `queue_commands` input.
+const QUEUE_COMMANDS_MAX: usize = 256;
+
+/// Fuzz target `queue_commands`: a core [`Queue`](crate::core::queue::Queue) driven by a
+/// sequence of commands decoded from the input, through its public API only, as the runtime
+/// drives it (consumers admitted by `can_consume`, fresh numbers for re-appended requeues, a
+/// no-ack consumer's credit returned as its receiver takes deliveries, an undelivered dispatch
+/// handed back at once).
+///
+/// Input: 8 bytes of configuration (queue type, single active consumer, `x-message-ttl`,
+/// `x-max-length`, `x-max-length-bytes`, `x-overflow`, `x-delivery-limit`, `x-max-priority`),
+/// then commands (at most 256), each an opcode byte and its argument bytes: publish (with or
+/// without an `expiration`, a priority and a padded body), consume (prefetch, no-ack, priority,
+/// exclusive), cancel, one dispatch (maybe undelivered), a dispatch pass with housekeeping,
+/// ack, reject, requeue (a client's and a return), `basic.get`, purge, time passing,
+/// housekeeping, credit, and settles of numbers the queue does not hold.
+///
+/// After every command: `check_invariants()`, and a model ([`QueueModel`]) that keeps where
+/// each message is agrees with the queue: every message published is in exactly one of ready
+/// (with its redelivered flag, delivery count and deadline), unacked (under its number),
+/// removed with a reason (from the effects: a removal must come from where the reason says),
+/// delivered without ack, acked or purged. Also: an acked or removed message never comes back; a
+/// requeued one comes back flagged redelivered with its delivery count + 1 (or is removed over
+/// the delivery limit); a publish is refused exactly when a reject overflow mode's limit would
+/// be passed; nothing is handed out expired (but a TTL-0 message to a consumer at its arrival
+/// instant); after housekeeping the head has not expired and a drop-head limit holds; a dispatch
+/// pass ends only when no consumer can take a message; settles of numbers not held do nothing.
+pub fn queue_commands(data: &[u8]) {
+    let mut cursor = Cursor { data };
+    let mut model = QueueModel::new(&mut cursor);
+    for _ in 0..QUEUE_COMMANDS_MAX {
+        if cursor.is_empty() {
+            break;
+        }
+        model.step(&mut cursor);
+        model.drain_effects();
+        model.check();
+    }
+}
+
+/// Where a message of `queue_commands` is, as the model follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// Waiting for a delivery.
+    Ready {
+        delivered: bool,
+        count: u32,
+    },
+    /// Delivered, to be settled under `seq`.
+    Unacked {
+        seq: u64,
+        consumer: Option<u64>,
+        count: u32,
+    },
+    /// Delivered to a no-ack consumer or a no-ack `basic.get`.
+    NoAck,
+    Acked,
+    Purged,
+    /// The command just run must produce this removal effect.
+    Awaiting(crate::core::queue::Removal),
+    Removed(crate::core::queue::Removal),
+}
+
+/// A message of `queue_commands`: its body is its index in [`QueueModel::messages`] (8 bytes,
+/// little-endian), padded.
+#[derive(Debug)]
+struct TrackedMessage {
+    place: Place,
+    enqueued_at_ms: u64,
+    deadline_ms: Option<u64>,
+    size: u64,
+}
+
+/// A consumer of `queue_commands`.
+#[derive(Debug)]
+struct ModelConsumer {
+    id: u64,
+    no_ack: bool,
+    prefetch: u32,
+    exclusive: bool,
+    /// No-ack deliveries its receiver has not taken yet (released by `handle_credit`).
+    window: u32,
+}
+
+/// The queue under test and what the model expects of it.
+struct QueueModel {
+    queue: crate::core::queue::Queue,
+    messages: Vec<TrackedMessage>,
+    consumers: Vec<ModelConsumer>,
+    next_consumer: u64,
+    /// The queue's next sequence number: the runtime reserves numbers the same way.
+    next_seq: u64,
+    /// Numbers of messages that left the queue for good, for settles that must do nothing.
+    gone_seqs: Vec<u64>,
+    now_ms: u64,
+    /// A publish was accepted since the last housekeeping: it applies a drop-head limit.
+    published: bool,
+    /// Per message: the last check that saw it ready (each must be seen once per check).
+    seen: Vec<u64>,
+    checks: u64,
+}
+
+impl QueueModel {
+    /// A model and a queue configured by the first bytes of the input.
+    fn new(cursor: &mut Cursor) -> QueueModel {
+        use crate::core::queue::{Queue, QueueConfig};
+        use crate::types::{FieldTable, FieldValue};
+
+        let mut args = FieldTable::new();
+        if cursor.byte() % 2 == 1 {
+            args.insert("x-queue-type", "quorum");
+        }
+        if cursor.byte() % 4 == 1 {
+            args.insert("x-single-active-consumer", true);
+        }
+        let mut optional = |cursor: &mut Cursor, key: &str, values: &[Option<i64>]| {
+            if let Some(v) = cursor.pick(values) {
+                args.insert(key, FieldValue::I64(v));
+            }
+        };
+        optional(
+            cursor,
+            "x-message-ttl",
+            &[None, None, Some(0), Some(5), Some(100)],
+        );
+        optional(cursor, "x-max-length", &[None, Some(0), Some(1), Some(3)]);
+        optional(
+            cursor,
+            "x-max-length-bytes",
+            &[None, None, Some(20), Some(60)],
+        );
+        optional(
+            cursor,
+            "x-delivery-limit",
+            &[None, Some(-1), Some(0), Some(2)],
+        );
+        optional(cursor, "x-max-priority", &[None, None, Some(3)]);
+        let overflow = cursor.pick(&[
+            None,
+            Some("drop-head"),
+            Some("reject-publish"),
+            Some("reject-publish-dlx"),
+        ]);
+        if let Some(overflow) = overflow {
+            args.insert("x-overflow", overflow);
+        }
+        QueueModel {
+            queue: Queue::with_config(QueueConfig::from_arguments(&args)),
+            messages: Vec::new(),
+            consumers: Vec::new(),
+            next_consumer: 1,
+            next_seq: 0,
+            gone_seqs: Vec::new(),
+            now_ms: 1_000,
+            published: false,
+            seen: Vec::new(),
+            checks: 0,
+        }
+    }
+
+    /// Decodes one command and runs it against the queue and the model.
+    fn step(&mut self, cursor: &mut Cursor) {
+        match cursor.byte() % 16 {
+            0 => self.publish(cursor, false),
+            1 => self.publish(cursor, true),
+            2 => self.consume(cursor),
+            3 => self.cancel(cursor),
+            4 => self.dispatch_one(cursor),
+            5 => self.dispatch_pass(),
+            6 => self.ack(cursor),
+            7 => self.reject(cursor),
+            8 => self.requeue(cursor, true),
+            9 => self.requeue(cursor, false),
+            10 => self.get(cursor),
+            11 => self.purge(),
+            12 => self.now_ms += cursor.pick(&[1, 2, 5, 100, 1_000]),
+            13 => self.housekeeping(),
+            14 => self.credit(cursor),
+            _ => self.settle_gone(cursor),
+        }
+    }
+
+    fn publish(&mut self, cursor: &mut Cursor, with_expiration: bool) {
+        use crate::core::queue::{Overflow, Removal};
+        use crate::types::{BasicProperties, Message};
+
+        let index = self.messages.len();
+        let id = u64::try_from(index).expect("a message index fits in u64");
+        let mut body = id.to_le_bytes().to_vec();
+        body.resize(8 + cursor.pick(&[0, 0, 5, 20]), b'.');
+        let (expiration, ttl_ms) = if with_expiration {
+            cursor.pick(&[
+                (Some("0"), Some(0)),
+                (Some("1"), Some(1)),
+                (Some("5"), Some(5)),
+                (Some("007"), Some(7)),
+                (Some("100"), Some(100)),
+                (Some("-1"), None),
+                (Some("5ms"), None),
+                (Some(""), None),
+            ])
+        } else {
+            (None, None)
+        };
+        let properties = BasicProperties {
+            priority: cursor.pick(&[None, Some(0), Some(1), Some(3), Some(9)]),
+            expiration: expiration.map(str::to_owned),
+            ..BasicProperties::default()
+        };
+        let size = u64::try_from(body.len()).expect("a small body");
+        let message = std::sync::Arc::new(Message {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            properties,
+            body: bytes::Bytes::from(body),
+            dead_lettered: false,
+            bcc: Vec::new(),
+        });
+
+        let config = *self.queue.config();
+        let deadline_ms = match (config.message_ttl, ttl_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|ttl| self.now_ms + ttl);
+        let (ready_len, ready_bytes) = self.ready_totals();
+        let refused = config.overflow != Overflow::DropHead
+            && (config.max_length.is_some_and(|max| ready_len + 1 > max)
+                || config
+                    .max_length_bytes
+                    .is_some_and(|max| ready_bytes + size > max));
+
+        let accepted = self.queue.handle_enqueue(message, self.now_ms);
+        assert_eq!(
+            accepted, !refused,
+            "publish of message {id}: accepted {accepted}"
+        );
+        self.next_seq += 1;
+        self.published |= accepted && config.has_length_limit();
+        self.messages.push(TrackedMessage {
+            place: if accepted {
+                Place::Ready {
+                    delivered: false,
+                    count: 0,
+                }
+            } else {
+                Place::Awaiting(Removal::Refused)
+            },
+            enqueued_at_ms: self.now_ms,
+            deadline_ms,
+            size,
+        });
+        self.seen.push(0);
+    }
+
+    fn consume(&mut self, cursor: &mut Cursor) {
+        use crate::core::queue::{ConsumerId, ConsumerSpec, QueueKind};
+
+        let no_ack = cursor.byte().is_multiple_of(3);
+        let prefetch = cursor.pick(&[0, 1, 2, 3]);
+        // A no-ack consumer's window is never 0.
+        let prefetch = if no_ack { prefetch.max(1) } else { prefetch };
+        let priority = cursor.pick(&[0, 0, 1, 2]);
+        let exclusive = cursor.byte().is_multiple_of(8);
+        let config = self.queue.config();
+        let refused = self.consumers.iter().any(|c| c.exclusive)
+            || (exclusive
+                && (!self.consumers.is_empty()
+                    || (config.single_active_consumer && config.kind == QueueKind::Classic)));
+        assert_eq!(
+            self.queue.can_consume(exclusive).is_err(),
+            refused,
+            "can_consume(exclusive: {exclusive}) with consumers {:?}",
+            self.consumers
+        );
+        if refused {
+            return;
+        }
+        let id = self.next_consumer;
+        self.next_consumer += 1;
+        self.queue.handle_consume(ConsumerSpec {
+            id: ConsumerId(id),
+            prefetch,
+            no_ack,
+            exclusive,
+            priority,
+        });
+        self.consumers.push(ModelConsumer {
+            id,
+            no_ack,
+            prefetch,
+            exclusive,
+            window: 0,
+        });
+    }
+
+    fn cancel(&mut self, cursor: &mut Cursor) {
+        use crate::core::queue::ConsumerId;
+
+        let pick = usize::from(cursor.byte());
+        if self.consumers.is_empty() || pick % 8 == 7 {
+            assert!(
+                !self.queue.handle_cancel(ConsumerId(self.next_consumer)),
+                "cancelled a consumer that never was"
+            );
+            return;
+        }
+        let consumer = self.consumers.remove(pick % self.consumers.len());
+        assert!(self.queue.handle_cancel(ConsumerId(consumer.id)));
+    }
+
+    fn dispatch_one(&mut self, cursor: &mut Cursor) {
+        let undelivered = cursor.byte().is_multiple_of(4);
+        let Some(dispatch) = self.queue.poll_dispatch(self.now_ms) else {
+            return;
+        };
+        let before = self.delivered(&dispatch);
+        if undelivered {
+            let consumer = dispatch.consumer.expect("a dispatch names its consumer").0;
+            self.queue.handle_undelivered(dispatch);
+            self.messages[before.0].place = before.1;
+            self.consumers.retain(|c| c.id != consumer);
+        }
+    }
+
+    /// Delivers while the queue will, then housekeeping: the runtime's dispatch pass.
+    fn dispatch_pass(&mut self) {
+        while let Some(dispatch) = self.queue.poll_dispatch(self.now_ms) {
+            self.delivered(&dispatch);
+        }
+        if self.queue.ready_len() > 0 && !self.queue.config().single_active_consumer {
+            for c in &self.consumers {
+                let held = self.held_by(c.id);
+                let credit = if c.no_ack {
+                    c.window < c.prefetch
+                } else {
+                    c.prefetch == 0 || held < c.prefetch
+                };
+                assert!(
+                    !credit,
+                    "dispatch stopped with {} ready while consumer {} (holding {held}) has credit: {c:?}",
+                    self.queue.ready_len(),
+                    c.id
+                );
+            }
+        }
+        self.housekeeping();
+    }
+
+    /// Checks a dispatch against the model and records it; returns the message's index and
+    /// where it was before.
+    fn delivered(&mut self, dispatch: &crate::core::queue::Dispatch) -> (usize, Place) {
+        let index = self.index_of(&dispatch.entry);
+        let now_ms = self.now_ms;
+        let tracked = &self.messages[index];
+        let before = tracked.place;
+        let Place::Ready { delivered, count } = before else {
+            panic!("message {index} handed out from {before:?}");
+        };
+        assert_eq!(
+            (dispatch.entry.delivered, dispatch.entry.delivery_count),
+            (delivered, count),
+            "message {index}: redelivered flag and delivery count"
+        );
+        assert_eq!(dispatch.entry.expires_at_ms, tracked.deadline_ms);
+        if let Some(deadline) = tracked.deadline_ms {
+            let arriving = dispatch.consumer.is_some()
+                && deadline == tracked.enqueued_at_ms
+                && now_ms == deadline;
+            assert!(
+                deadline > now_ms || arriving,
+                "message {index} handed out at {now_ms} though it expired at {deadline}"
+            );
+        }
+        if let Some(consumer) = dispatch.consumer {
+            let c = self
+                .consumers
+                .iter_mut()
+                .find(|c| c.id == consumer.0)
+                .unwrap_or_else(|| panic!("dispatch to unknown consumer {consumer:?}"));
+            assert_eq!(
+                dispatch.no_ack, c.no_ack,
+                "dispatch's no-ack differs from its consumer's"
+            );
+            if c.no_ack {
+                c.window += 1;
+                assert!(
+                    c.window <= c.prefetch,
+                    "no-ack consumer {} over its window",
+                    c.id
+                );
+            }
+            if self.queue.config().single_active_consumer {
+                assert_eq!(
+                    self.queue.active_consumer(),
+                    Some(consumer),
+                    "single active consumer: a delivery to another"
+                );
+            }
+        }
+        self.messages[index].place = if dispatch.no_ack {
+            Place::NoAck
+        } else {
+            assert!(self.queue.holds_unacked(dispatch.entry.seq));
+            Place::Unacked {
+                seq: dispatch.entry.seq,
+                consumer: dispatch.consumer.map(|c| c.0),
+                count,
+            }
+        };
+        (index, before)
+    }
+
+    /// An unacked message picked by the next byte: (index, seq, delivery count).
+    fn pick_unacked(&self, cursor: &mut Cursor) -> Option<(usize, u64, u32)> {
+        let pick = usize::from(cursor.byte());
+        let unacked: Vec<(usize, u64, u32)> = self
+            .messages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| match m.place {
+                Place::Unacked { seq, count, .. } => Some((i, seq, count)),
+                _ => None,
+            })
+            .collect();
+        (!unacked.is_empty()).then(|| unacked[pick % unacked.len()])
+    }
+
+    fn ack(&mut self, cursor: &mut Cursor) {
+        let Some((index, seq, _)) = self.pick_unacked(cursor) else {
+            return;
+        };
+        let entry = self
+            .queue
+            .handle_ack(seq)
+            .unwrap_or_else(|| panic!("ack of unacked {seq} found nothing"));
+        assert_eq!(
+            self.index_of(&entry),
+            index,
+            "ack of {seq} gave another message"
+        );
+        self.messages[index].place = Place::Acked;
+        self.gone_seqs.push(seq);
+    }
+
+    fn reject(&mut self, cursor: &mut Cursor) {
+        use crate::core::queue::Removal;
+        let Some((index, seq, _)) = self.pick_unacked(cursor) else {
+            return;
+        };
+        assert!(
+            self.queue.handle_reject(seq),
+            "reject of unacked {seq} found nothing"
+        );
+        self.messages[index].place = Place::Awaiting(Removal::Rejected);
+        self.gone_seqs.push(seq);
+    }
+
+    /// A client's requeue (`client`: re-appended on a queue that does so) or a return (the
+    /// holder went away).
+    fn requeue(&mut self, cursor: &mut Cursor, client: bool) {
+        use crate::core::queue::{Removal, Requeue, RequeueTo};
+        let Some((index, seq, count)) = self.pick_unacked(cursor) else {
+            return;
+        };
+        let to = if client && self.queue.config().requeues_to_tail() {
+            RequeueTo::Tail(self.next_seq)
+        } else {
+            RequeueTo::Return
+        };
+        let count = count.saturating_add(1);
+        let over_limit = self
+            .queue
+            .config()
+            .delivery_limit
+            .is_some_and(|limit| count > limit);
+        match self.queue.handle_requeue(seq, to) {
+            Some(Requeue::Removed) => {
+                assert!(over_limit, "requeue {count} removed under the limit");
+                self.messages[index].place = Place::Awaiting(Removal::DeliveryLimit);
+                self.gone_seqs.push(seq);
+            }
+            Some(Requeue::Back {
+                seq: now_seq,
+                delivery_count,
+                message,
+                ..
+            }) => {
+                assert!(!over_limit, "requeue {count} kept over the limit");
+                assert_eq!(delivery_count, count, "delivery count after a requeue");
+                assert_eq!(self.body_index(&message.body), index);
+                match to {
+                    RequeueTo::Tail(fresh) => {
+                        assert_eq!(now_seq, fresh);
+                        self.next_seq += 1;
+                        self.gone_seqs.push(seq);
+                    }
+                    RequeueTo::Return => assert_eq!(now_seq, seq),
+                }
+                self.messages[index].place = Place::Ready {
+                    delivered: true,
+                    count,
+                };
+            }
+            None => panic!("requeue of unacked {seq} found nothing"),
+        }
+    }
+
+    fn get(&mut self, cursor: &mut Cursor) {
+        let no_ack = cursor.byte().is_multiple_of(2);
+        match self.queue.handle_get(self.now_ms, no_ack) {
+            Some(dispatch) => {
+                assert!(dispatch.consumer.is_none() && dispatch.no_ack == no_ack);
+                self.delivered(&dispatch);
+            }
+            None => assert_eq!(self.queue.ready_len(), 0, "basic.get found nothing"),
+        }
+    }
+
+    fn purge(&mut self) {
+        let (ready_len, _) = self.ready_totals();
+        let purged = self.queue.handle_purge();
+        assert_eq!(purged.len() as u64, ready_len, "purge took another count");
+        for entry in &purged {
+            let index = self.index_of(entry);
+            let place = &mut self.messages[index].place;
+            assert!(
+                matches!(place, Place::Ready { .. }),
+                "purged from {place:?}"
+            );
+            *place = Place::Purged;
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        use crate::core::queue::Overflow;
+        self.queue.handle_housekeeping(self.now_ms);
+        self.drain_effects();
+        if let Some(deadline) = self.queue.next_deadline() {
+            assert!(
+                deadline > self.now_ms,
+                "the head expired at {deadline}, now {}",
+                self.now_ms
+            );
+        }
+        let config = *self.queue.config();
+        if std::mem::take(&mut self.published) && config.overflow == Overflow::DropHead {
+            let (len, bytes) = self.ready_totals();
+            assert!(
+                config.max_length.is_none_or(|max| len <= max)
+                    && config.max_length_bytes.is_none_or(|max| bytes <= max),
+                "drop-head left {len} messages of {bytes} bytes under {config:?}"
+            );
+        }
+    }
+
+    fn credit(&mut self, cursor: &mut Cursor) {
+        use crate::core::queue::ConsumerId;
+        let pick = usize::from(cursor.byte());
+        let taken = self
+            .consumers
+            .iter_mut()
+            .filter(|c| c.window > 0)
+            .nth(pick % 4)
+            .map(|c| {
+                let count = u32::from(cursor.byte()) % c.window + 1;
+                c.window -= count;
+                (c.id, count)
+            });
+        if let Some((id, count)) = taken {
+            self.queue.handle_credit(ConsumerId(id), count);
+        }
+    }
+
+    /// An ack, reject or requeue of a number the queue does not hold: nothing happens.
+    fn settle_gone(&mut self, cursor: &mut Cursor) {
+        use crate::core::queue::RequeueTo;
+        let op = cursor.byte();
+        let pick = usize::from(cursor.byte());
+        let seq = match self.gone_seqs.len() {
+            0 => self.next_seq + 1,
+            n => self.gone_seqs[pick % n],
+        };
+        assert!(
+            !self
+                .messages
+                .iter()
+                .any(|m| matches!(m.place, Place::Unacked { seq: s, .. } if s == seq)),
+            "a gone number {seq} is unacked again"
+        );
+        match op % 3 {
+            0 => assert!(self.queue.handle_ack(seq).is_none(), "ack of gone {seq}"),
+            1 => assert!(!self.queue.handle_reject(seq), "reject of gone {seq}"),
+            _ => assert!(
+                self.queue.handle_requeue(seq, RequeueTo::Return).is_none(),
+                "requeue of gone {seq}"
+            ),
+        }
+    }
+
+    /// Applies the queue's removal effects to the model, checking each comes from where its
+    /// reason says, and that every removal the last command owed came.
+    fn drain_effects(&mut self) {
+        use crate::core::queue::{Effect, Overflow, Removal};
+        let config = *self.queue.config();
+        while let Some(Effect::Removed { entry, reason }) = self.queue.poll_effect() {
+            let index = self.index_of(&entry);
+            let tracked = &mut self.messages[index];
+            let allowed = match (tracked.place, reason) {
+                (Place::Awaiting(owed), reason) => owed == reason,
+                (Place::Ready { .. }, Removal::Expired) => {
+                    tracked.deadline_ms.is_some_and(|d| self.now_ms >= d)
+                }
+                (Place::Ready { .. }, Removal::MaxLen) => {
+                    config.overflow == Overflow::DropHead && config.has_length_limit()
+                }
+                _ => false,
+            };
+            assert!(
+                allowed,
+                "message {index} removed as {reason:?} from {:?} at {}",
+                tracked.place, self.now_ms
+            );
+            tracked.place = Place::Removed(reason);
+        }
+        if let Some(owed) = self
+            .messages
+            .iter()
+            .position(|m| matches!(m.place, Place::Awaiting(_)))
+        {
+            panic!(
+                "message {owed}: no removal effect for {:?}",
+                self.messages[owed].place
+            );
+        }
+    }
+
+    /// The queue agrees with the model: see [`queue_commands`].
+    fn check(&mut self) {
+        if let Err(broken) = self.queue.check_invariants() {
+            panic!("queue invariant broken: {broken}");
+        }
+        self.checks += 1;
+        let mut ready = 0;
+        for entry in self.queue.ready() {
+            let index = self.index_of(entry);
+            assert_ne!(self.seen[index], self.checks, "message {index} ready twice");
+            self.seen[index] = self.checks;
+            ready += 1;
+            let tracked = &self.messages[index];
+            let Place::Ready { delivered, count } = tracked.place else {
+                panic!("message {index} is ready, but {:?}", tracked.place);
+            };
+            assert_eq!(
+                (entry.delivered, entry.delivery_count, entry.expires_at_ms),
+                (delivered, count, tracked.deadline_ms),
+                "message {index}: redelivered, delivery count, deadline"
+            );
+        }
+        let (ready_len, ready_bytes) = self.ready_totals();
+        assert_eq!(ready, ready_len, "ready messages the queue lost");
+        assert_eq!(self.queue.ready_len(), ready_len);
+        assert_eq!(self.queue.ready_bytes(), ready_bytes);
+        let mut unacked = 0;
+        for m in &self.messages {
+            if let Place::Unacked { seq, .. } = m.place {
+                unacked += 1;
+                assert!(self.queue.holds_unacked(seq), "unacked {seq} lost");
+            }
+        }
+        assert_eq!(self.queue.unacked_len(), unacked, "unacked count");
+        assert_eq!(
+            u64::from(self.queue.consumer_count()),
+            self.consumers.len() as u64
+        );
+        if self.queue.config().single_active_consumer {
+            let active = self.queue.active_consumer().map(|c| c.0);
+            assert_eq!(
+                active.is_some(),
+                !self.consumers.is_empty(),
+                "single active consumer"
+            );
+            assert!(active.is_none_or(|a| self.consumers.iter().any(|c| c.id == a)));
+        }
+    }
+
+    /// Ready messages and their body bytes, by the model.
+    fn ready_totals(&self) -> (u64, u64) {
+        self.messages
+            .iter()
+            .filter(|m| matches!(m.place, Place::Ready { .. }))
+            .fold((0, 0), |(len, bytes), m| (len + 1, bytes + m.size))
+    }
+
+    /// Unacked messages held by consumer `id`.
+    fn held_by(&self, id: u64) -> u32 {
+        let held = self
+            .messages
+            .iter()
+            .filter(|m| matches!(m.place, Place::Unacked { consumer: Some(c), .. } if c == id))
+            .count();
+        u32::try_from(held).expect("at most 256 messages")
+    }
+
+    fn index_of(&self, entry: &crate::core::queue::Entry) -> usize {
+        self.body_index(&entry.message.body)
+    }
+
+    fn body_index(&self, body: &[u8]) -> usize {
+        let id = u64::from_le_bytes(body[..8].try_into().expect("bodies start with their id"));
+        let index = usize::try_from(id).expect("an index");
+        assert!(index < self.messages.len(), "a message never published");
+        index
+    }
+}

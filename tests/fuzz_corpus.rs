@@ -104,3 +104,57 @@ fn publish_properties_corpus_and_regressions_pass() {
         files.len()
     );
 }
+
+#[test]
+fn headers_match_corpus_and_regressions_pass() {
+    let corpus = inputs("corpus", "headers_match");
+    assert!(
+        !corpus.is_empty(),
+        "fuzz/corpus/headers_match is empty or missing: nothing would be checked"
+    );
+    let mut files = corpus;
+    files.extend(inputs("regressions", "headers_match"));
+    let failed = panicking(&files, coney::fuzzing::headers_match);
+    assert!(
+        failed.is_empty(),
+        "headers_match panicked on {} of {} inputs: {failed:#?}",
+        failed.len(),
+        files.len()
+    );
+}
+
+#[test]
+fn field_table_codec_corpus_and_regressions_pass() {
+    let corpus = inputs("corpus", "field_table_codec");
+    assert!(
+        !corpus.is_empty(),
+        "fuzz/corpus/field_table_codec is empty or missing: nothing would be checked"
+    );
+    let mut files = corpus;
+    files.extend(inputs("regressions", "field_table_codec"));
+    let failed = panicking(&files, coney::fuzzing::field_table_codec);
+    assert!(
+        failed.is_empty(),
+        "field_table_codec panicked on {} of {} inputs: {failed:#?}",
+        failed.len(),
+        files.len()
+    );
+}
+
+#[test]
+fn queue_commands_corpus_and_regressions_pass() {
+    let corpus = inputs("corpus", "queue_commands");
+    assert!(
+        !corpus.is_empty(),
+        "fuzz/corpus/queue_commands is empty or missing: nothing would be checked"
+    );
+    let mut files = corpus;
+    files.extend(inputs("regressions", "queue_commands"));
+    let failed = panicking(&files, coney::fuzzing::queue_commands);
+    assert!(
+        failed.is_empty(),
+        "queue_commands panicked on {} of {} inputs: {failed:#?}",
+        failed.len(),
+        files.len()
+    );
+}

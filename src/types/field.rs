@@ -86,11 +86,14 @@ pub const FIELD_DEPTH_MAX: u32 = 32;
 
 /// Why a field table cannot be carried.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum TableError {
+pub enum TableError {
     /// Nested deeper than [`FIELD_DEPTH_MAX`].
     TooDeep,
     /// A key over 255 bytes (keys are AMQP short strings).
     KeyTooLong(usize),
+    /// Encoded, it would take this many bytes after its 4-byte length, more than that `u32`
+    /// length can say.
+    TooLarge(u64),
 }
 
 impl std::fmt::Display for TableError {
@@ -99,6 +102,9 @@ impl std::fmt::Display for TableError {
             TableError::TooDeep => write!(f, "nests deeper than {FIELD_DEPTH_MAX} levels"),
             TableError::KeyTooLong(len) => {
                 write!(f, "has a key of {len} bytes; at most 255 allowed")
+            }
+            TableError::TooLarge(size) => {
+                write!(f, "encodes to {size} bytes; at most {} allowed", u32::MAX)
             }
         }
     }

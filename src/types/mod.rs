@@ -3,6 +3,7 @@
 pub mod body;
 pub mod exchange_kind;
 pub mod field;
+pub mod field_codec;
 pub mod message;
 pub mod options;
 pub mod properties;

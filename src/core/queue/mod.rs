@@ -310,7 +310,9 @@ impl Queue {
             });
             return false;
         }
-        if self.config.has_length_limit() {
+        // Only drop-head drops from the head: under reject-publish(-dlx) a queue taken over its
+        // limit by requeues stays there until consumed (RabbitMQ's `maybe_drop_head` skips both).
+        if self.config.has_length_limit() && self.config.overflow == Overflow::DropHead {
             self.limit_check = true;
         }
         if entry.zero_ttl() {

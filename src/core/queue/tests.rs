@@ -271,3 +271,39 @@ fn quorum_unlimited_requeue_goes_to_the_tail() {
     q.check_invariants().unwrap();
     assert_eq!(drain_get(&mut q), ["b", "c", "a"]);
 }
+
+/// Under reject-publish(-dlx) nothing is dropped from the head: a queue that requeues took over
+/// its limit keeps every message, even when a publish accepted before the requeue is followed
+/// by housekeeping only after it (the runtime applies a batch of publishes and settles, then
+/// dispatches once). Found by the `queue_commands` fuzz target.
+#[test]
+fn reject_publish_never_drops_from_the_head() {
+    for overflow in ["reject-publish", "reject-publish-dlx"] {
+        let mut q = with_args(
+            crate::types::FieldTable::new()
+                .with("x-max-length", 2i32)
+                .with("x-overflow", overflow),
+        );
+        q.handle_enqueue(msg("a"), 0);
+        let a = q.handle_get(0, false).unwrap();
+        q.handle_housekeeping(0);
+        assert!(q.handle_enqueue(msg("b"), 0));
+        assert!(q.handle_enqueue(msg("c"), 0));
+        q.handle_requeue(a.entry.seq, RequeueTo::Return);
+        assert!(!q.handle_enqueue(msg("d"), 0), "over the limit: refused");
+        q.handle_housekeeping(0);
+        assert!(matches!(
+            q.poll_effect(),
+            Some(Effect::Removed {
+                reason: Removal::Refused,
+                ..
+            })
+        ));
+        assert!(
+            q.poll_effect().is_none(),
+            "{overflow}: nothing else removed"
+        );
+        assert_eq!(bodies(&q), ["a", "b", "c"]);
+        q.check_invariants().unwrap();
+    }
+}
