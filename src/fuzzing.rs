@@ -944,10 +944,8 @@ fn reference_headers_match(
 /// and tables keep their elements' tags: `[{Type, Value}]` and `[{Key, Type, Value}]` (key
 /// order: our tables are sorted).
 ///
-/// One departure from Erlang, to follow the engine's documented decision: RabbitMQ holds a
-/// table as a list too, so an empty table is the empty array `[]` and the two match there;
-/// `headers_match` (and its unit test `nested_values_compare_structurally_with_type_tags`)
-/// never lets an array equal a table, so tables are a kind of their own here.
+/// A table is a list as an array is, so an empty table is the empty array `[]` and the two
+/// are equal.
 #[derive(Debug)]
 enum ErlTerm {
     Int(i128),
@@ -956,8 +954,6 @@ enum ErlTerm {
     Atom(&'static str),
     Tuple(Vec<ErlTerm>),
     List(Vec<ErlTerm>),
-    /// A table's entries, `[{Key, Type, Value}]` (see above).
-    Table(Vec<ErlTerm>),
 }
 
 impl ErlTerm {
@@ -988,7 +984,7 @@ impl ErlTerm {
                     .map(|v| ErlTerm::Tuple(vec![ErlTerm::Atom(v.type_name()), ErlTerm::of(v)]))
                     .collect(),
             ),
-            V::Table(table) => ErlTerm::Table(
+            V::Table(table) => ErlTerm::List(
                 table
                     .iter()
                     .map(|(k, v)| {
@@ -1014,9 +1010,7 @@ impl ErlTerm {
             }
             (ErlTerm::Binary(a), ErlTerm::Binary(b)) => a == b,
             (ErlTerm::Atom(a), ErlTerm::Atom(b)) => a == b,
-            (ErlTerm::Tuple(a), ErlTerm::Tuple(b))
-            | (ErlTerm::List(a), ErlTerm::List(b))
-            | (ErlTerm::Table(a), ErlTerm::Table(b)) => {
+            (ErlTerm::Tuple(a), ErlTerm::Tuple(b)) | (ErlTerm::List(a), ErlTerm::List(b)) => {
                 a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.erlang_eq(y))
             }
             _ => false,

@@ -83,7 +83,8 @@ pub fn parse_x_match(args: &FieldTable) -> Result<XMatch, String> {
 /// - nested arrays and tables compare structurally *with* their elements' type tags, as
 ///   RabbitMQ does (inside an array or table it keeps `{Type, Value}` pairs): `[long 5]` is not
 ///   `[signedint 5]`. Our tables are key-sorted, so entry order never matters, where RabbitMQ
-///   compares nested tables in wire order.
+///   compares nested tables in wire order. An empty array and an empty table are equal: both
+///   are the empty Erlang list.
 ///
 /// Timestamps: RabbitMQ 4.x converts a message's top-level `timestamp` header from seconds to
 /// milliseconds before comparing, but leaves binding arguments as they are. So a `timestamp`
@@ -135,6 +136,10 @@ fn value_matches(arg: &FieldValue, header: &FieldValue) -> bool {
         // Tag-sensitive structural equality: `FieldValue`'s derived `PartialEq`.
         (Array(a), Array(h)) => a == h,
         (Table(a), Table(h)) => a == h,
+        // Both are Erlang lists once their tag is dropped (`mc_amqpl:routing_value/2` keeps
+        // the value as is), and the empty ones are the same list, `[]`.
+        (Array(a), Table(h)) => a.is_empty() && h.is_empty(),
+        (Table(a), Array(h)) => a.is_empty() && h.is_empty(),
         _ => false,
     }
 }
@@ -587,9 +592,18 @@ mod tests {
             arr(vec![FieldValue::I32(5)]),
             arr(vec![FieldValue::I64(5)])
         ));
-        assert!(!value_match(
+        // An empty array and an empty table are both the Erlang list `[]` to RabbitMQ.
+        assert!(value_match(
             arr(vec![]),
             FieldValue::Table(FieldTable::new())
+        ));
+        assert!(value_match(
+            FieldValue::Table(FieldTable::new()),
+            arr(vec![])
+        ));
+        assert!(!value_match(
+            arr(vec![FieldValue::I32(1)]),
+            FieldValue::Table(table(&[("a", 1i32.into())]))
         ));
         let inner = table(&[("x", 1i32.into()), ("y", arr(vec![true.into()]))]);
         assert!(value_match(
