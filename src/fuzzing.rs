@@ -823,7 +823,7 @@ const HEADERS_DEPTH_MAX: u32 = 3;
 /// Input: byte 0 picks the binding's `x-match` (absent, each of the four modes, a wrong string,
 /// a wrong type, or a generated value); then the binding's other arguments (up to 6), a byte
 /// whose low bit says whether the message has headers, and the headers (up to 6). Keys come
-/// from `FIELD_KEYS`, values from [`field_value`]. Checks: `parse_x_match` reads exactly the
+/// from `FIELD_KEYS`, values from `field_value`. Checks: `parse_x_match` reads exactly the
 /// four modes and refuses everything else; `headers_match` under each of the four modes (the
 /// parsed one and the others) agrees with the reference.
 ///
@@ -1039,7 +1039,7 @@ const CODEC_WRAP_MAX: u8 = 40;
 /// size), which is its `wire_size()`, and which decode to a bitwise-equal table (floats by
 /// bits: NaN) and encode again to the same bytes; every shorter prefix of the encoding is
 /// `Truncated`; bytes after it are left alone. On a table built from the input (values from
-/// [`field_value`], keys up to 256 bytes, nested up to 40 levels deep): encoding refuses
+/// `field_value`, keys up to 256 bytes, nested up to 40 levels deep): encoding refuses
 /// exactly what `wire_size()` refuses, with the same error and nothing appended, and whatever
 /// encodes round-trips as above.
 pub fn field_table_codec(data: &[u8]) {
@@ -1188,7 +1188,7 @@ const QUEUE_COMMANDS_MAX: usize = 256;
 /// ack, reject, requeue (a client's and a return), `basic.get`, purge, time passing,
 /// housekeeping, credit, and settles of numbers the queue does not hold.
 ///
-/// After every command: `check_invariants()`, and a model ([`QueueModel`]) that keeps where
+/// After every command: `check_invariants()`, and a model (`QueueModel`) that keeps where
 /// each message is agrees with the queue: every message published is in exactly one of ready
 /// (with its redelivered flag, delivery count and deadline), unacked (under its number),
 /// removed with a reason (from the effects: a removal must come from where the reason says),

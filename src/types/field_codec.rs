@@ -15,7 +15,7 @@
 //!
 //! Decoding is for bytes from the network: every failure is a [`DecodeError`], never a panic.
 //! Nesting is bounded at [`FIELD_DEPTH_MAX`] (a plain table is depth 1, as
-//! [`FieldTable::wire_size`] counts), so the recursion is too; no length prefix is trusted
+//! `FieldTable::wire_size` counts), so the recursion is too; no length prefix is trusted
 //! before the bytes it announces are there, so what is allocated is bounded by the input's
 //! length.
 //!
@@ -70,7 +70,7 @@ pub enum DecodeError {
 }
 
 /// Appends the wire encoding of `table` (its `u32` length first) to `out`. Refuses, appending
-/// nothing, a table [`FieldTable::wire_size`] refuses (too deep, a key over 255 bytes) or one
+/// nothing, a table `FieldTable::wire_size` refuses (too deep, a key over 255 bytes) or one
 /// whose encoding is too long for its `u32` length ([`TableError::TooLarge`]; every nested
 /// length is shorter, so it fits too). The bytes appended are exactly `wire_size()` many.
 pub fn encode_table(table: &FieldTable, out: &mut Vec<u8>) -> Result<(), TableError> {
