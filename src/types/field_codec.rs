@@ -1,5 +1,5 @@
-//! AMQP 0-9-1 wire codec of field tables (the `headers` property, method arguments), for the
-//! AMQP listener.
+//! AMQP 0-9-1 wire codec of field tables (the `headers` property, method arguments), as an
+//! AMQP 0-9-1 listener needs it.
 //!
 //! The encoding is RabbitMQ's (`rabbit_binary_generator.erl`, `rabbit_binary_parser.erl`),
 //! big-endian throughout:
