@@ -50,10 +50,11 @@
 
 pub mod trace;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::ManualClock;
-use crate::error::{Error, Result};
+use crate::error::{AmqpError, CloseCause, Error, ReplyCode, Result};
 use crate::runtime::Delivery;
 use crate::runtime::{Broker, Channel, Connection, Consumer, Limits, TryRecvError};
 use crate::service::{self, BoxedHandler, Handled, HandlerResult, ServiceOptions};
@@ -462,22 +463,7 @@ impl Simulation {
         id: ServiceId,
         down_for: Option<Duration>,
     ) -> std::result::Result<(), SimError> {
-        let now = self.now_ms();
-        let slot = self
-            .services
-            .get_mut(id.0)
-            .ok_or(SimError::NoService(id.0))?;
-        self.trace.record(Event::Fault {
-            kind: "service_crash".into(),
-            detail: slot.name.clone(),
-        });
-        if let Some((channel, consumer)) = slot.running.take() {
-            drop(consumer);
-            channel.close();
-            slot.stats.crashes += 1;
-        }
-        slot.restart_at_ms = down_for.map(|d| now.saturating_add(duration_ms(d)));
-        Ok(())
+        self.take_down(id, "service_crash", down_for, |channel| channel.close())
     }
 
     /// The broker closes a service's channel, as RabbitMQ does on an internal error (541);
@@ -488,25 +474,37 @@ impl Simulation {
         id: ServiceId,
         down_for: Option<Duration>,
     ) -> std::result::Result<(), SimError> {
+        self.take_down(id, "channel_closed", down_for, |channel| {
+            channel
+                .inner
+                .close_with(Arc::new(CloseCause::Error(AmqpError::new(
+                    ReplyCode::InternalError,
+                    "channel closed by a simulated fault",
+                ))));
+        })
+    }
+
+    /// Takes service `id` down with fault `kind`: its consumer goes and `close` closes its
+    /// channel (what it held goes back); it comes back after `down_for`, if given.
+    fn take_down(
+        &mut self,
+        id: ServiceId,
+        kind: &str,
+        down_for: Option<Duration>,
+        close: impl FnOnce(&Channel),
+    ) -> std::result::Result<(), SimError> {
         let now = self.now_ms();
         let slot = self
             .services
             .get_mut(id.0)
             .ok_or(SimError::NoService(id.0))?;
         self.trace.record(Event::Fault {
-            kind: "channel_closed".into(),
+            kind: kind.into(),
             detail: slot.name.clone(),
         });
         if let Some((channel, consumer)) = slot.running.take() {
-            channel
-                .inner
-                .close_with(std::sync::Arc::new(crate::error::CloseCause::Error(
-                    crate::error::AmqpError::new(
-                        crate::error::ReplyCode::InternalError,
-                        "channel closed by a simulated fault",
-                    ),
-                )));
             drop(consumer);
+            close(&channel);
             slot.stats.crashes += 1;
         }
         slot.restart_at_ms = down_for.map(|d| now.saturating_add(duration_ms(d)));
@@ -523,12 +521,10 @@ impl Simulation {
             detail: "the services' connection".into(),
         });
         self.connection
-            .close_with(std::sync::Arc::new(crate::error::CloseCause::Error(
-                crate::error::AmqpError::new(
-                    crate::error::ReplyCode::ConnectionForced,
-                    "broker forced connection closure with reason 'shutdown'",
-                ),
-            )));
+            .close_with(Arc::new(CloseCause::Error(AmqpError::new(
+                ReplyCode::ConnectionForced,
+                "broker forced connection closure with reason 'shutdown'",
+            ))));
         let back = down_for.map(|d| self.now_ms().saturating_add(duration_ms(d)));
         for slot in &mut self.services {
             if slot.running.take().is_some() {

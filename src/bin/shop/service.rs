@@ -59,6 +59,20 @@ pub enum Settle {
     Reject,
 }
 
+impl Settle {
+    /// Settles `delivery` so.
+    fn apply(self, delivery: &Delivery) -> Result<(), coney::Error> {
+        match self {
+            Settle::Ack => delivery.ack(BasicAckOptions::default()),
+            Settle::Requeue => delivery.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            }),
+            Settle::Reject => delivery.reject(BasicRejectOptions { requeue: false }),
+        }
+    }
+}
+
 /// A message a handler wants published once its batch is committed.
 #[derive(Clone, Debug)]
 pub struct Outgoing {
@@ -239,29 +253,30 @@ fn handle_batch(
 ) -> Result<(), AppError> {
     let mut settles = Vec::with_capacity(batch.len());
     for delivery in batch.iter() {
-        let settle = match service.handle(delivery, outbox) {
-            Ok(settle) => settle,
-            Err(AppError::BadMessage(why)) => {
-                tracing::error!(service = service.name(), %why, "rejecting a message that does not decode");
-                Settle::Reject
-            }
-            Err(e) => return Err(e),
-        };
-        settles.push(settle);
+        settles.push(handle_or_reject(service, delivery, outbox)?);
     }
     service.commit()?;
     publish_confirmed(channel, outbox, service.name())?;
     for (delivery, settle) in batch.drain(..).zip(settles) {
-        match settle {
-            Settle::Ack => delivery.ack(BasicAckOptions::default())?,
-            Settle::Requeue => delivery.nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })?,
-            Settle::Reject => delivery.reject(BasicRejectOptions { requeue: false })?,
-        }
+        settle.apply(&delivery)?;
     }
     Ok(())
+}
+
+/// `service.handle`, with a message that does not decode rejected (and logged) instead of
+/// failing the service.
+fn handle_or_reject(
+    service: &mut impl Service,
+    delivery: &Delivery,
+    outbox: &mut Outbox,
+) -> Result<Settle, AppError> {
+    match service.handle(delivery, outbox) {
+        Err(AppError::BadMessage(why)) => {
+            tracing::error!(service = service.name(), %why, "rejecting a message that does not decode");
+            Ok(Settle::Reject)
+        }
+        other => other,
+    }
 }
 
 /// Counts the run shows while it goes (the stores are what the final check reads).
@@ -318,21 +333,10 @@ pub fn handler(
         outbox.drain().for_each(drop);
         // A service's channel may be new (a restart): selecting again changes nothing.
         channel.confirm_select(ConfirmSelectOptions::default())?;
-        let settle = match service.handle(delivery, &mut outbox) {
-            Ok(settle) => settle,
-            Err(AppError::BadMessage(_)) => Settle::Reject,
-            Err(e) => return Err(e.into()),
-        };
+        let settle = handle_or_reject(&mut service, delivery, &mut outbox)?;
         service.commit()?;
         publish_confirmed(channel, &mut outbox, service.name())?;
-        match settle {
-            Settle::Ack => delivery.ack(BasicAckOptions::default())?,
-            Settle::Requeue => delivery.nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })?,
-            Settle::Reject => delivery.reject(BasicRejectOptions { requeue: false })?,
-        }
+        settle.apply(delivery)?;
         Ok(())
     }
 }
