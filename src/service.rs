@@ -74,7 +74,8 @@ pub struct ServiceOptions {
     /// What a failed handler's delivery gets.
     pub on_error: OnError,
     /// In a simulation: the virtual time each delivery takes to process (the service takes
-    /// no other delivery meanwhile). Ignored on threads, where time is real.
+    /// no other delivery meanwhile). On threads time is real: [`spawn`] refuses anything but
+    /// zero.
     pub processing_time: Duration,
 }
 
@@ -200,7 +201,8 @@ impl ServiceHandle {
 
 /// Runs a service on a thread of its own: a channel on `connection` with `options.prefetch`,
 /// a consumer of `queue` tagged `name`, and `handler` called on each delivery until the
-/// consumer ends.
+/// consumer ends. A non-zero [`ServiceOptions::processing_time`] is refused
+/// ([`Error::InvalidInput`]).
 pub fn spawn<F>(
     connection: &Connection,
     name: &str,
@@ -211,6 +213,12 @@ pub fn spawn<F>(
 where
     F: FnMut(&Delivery, &Channel) -> HandlerResult + Send + 'static,
 {
+    if !options.processing_time.is_zero() {
+        return Err(Error::InvalidInput(
+            "ServiceOptions::processing_time is virtual time: it applies in a simulation only"
+                .into(),
+        ));
+    }
     let (channel, mut consumer) = consume(connection, name, queue, &options)?;
     let tag = consumer.tag().to_owned();
     let thread_channel = channel.clone();

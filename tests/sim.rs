@@ -400,6 +400,20 @@ fn a_service_runs_the_same_handler_on_a_thread() {
         d.ack(BasicAckOptions::default())?;
         Ok(())
     };
+    let refused = coney::service::spawn(
+        &conn,
+        "worker",
+        "work",
+        ServiceOptions {
+            processing_time: Duration::from_millis(1),
+            ..ServiceOptions::default()
+        },
+        handler,
+    );
+    assert!(
+        matches!(refused, Err(Error::InvalidInput(_))),
+        "virtual processing time is refused on threads"
+    );
     let worker =
         coney::service::spawn(&conn, "worker", "work", ServiceOptions::default(), handler).unwrap();
     for i in 0..20 {
