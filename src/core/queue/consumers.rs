@@ -52,6 +52,8 @@ impl Slot {
 #[derive(Debug, Default)]
 pub(super) struct Consumers {
     order: Vec<Slot>,
+    /// How many of them settle their deliveries (are not no-ack).
+    acking: u32,
     /// `Some` on a single-active-consumer queue.
     single: Option<Single>,
 }
@@ -74,6 +76,7 @@ impl Consumers {
     pub(super) fn new(single_active: bool, by_priority: bool) -> Self {
         Self {
             order: Vec::new(),
+            acking: 0,
             single: single_active.then_some(Single {
                 by_priority,
                 active: None,
@@ -83,6 +86,7 @@ impl Consumers {
     }
 
     pub(super) fn add(&mut self, spec: ConsumerSpec) {
+        self.acking += u32::from(!spec.no_ack);
         self.insert(Slot { spec, in_flight: 0 });
         self.reconsider();
     }
@@ -98,7 +102,13 @@ impl Consumers {
 
     pub(super) fn remove(&mut self, id: ConsumerId) -> bool {
         let before = self.order.len();
-        self.order.retain(|s| s.spec.id != id);
+        let mut acking = 0;
+        self.order.retain(|s| {
+            let gone = s.spec.id == id;
+            acking += u32::from(gone && !s.spec.no_ack);
+            !gone
+        });
+        self.acking -= acking;
         if let Some(single) = &mut self.single
             && single.active == Some(id)
         {
@@ -160,7 +170,7 @@ impl Consumers {
 
     /// Whether any consumer settles its deliveries (is not no-ack).
     pub(super) fn any_acking(&self) -> bool {
-        self.order.iter().any(|s| !s.spec.no_ack)
+        self.acking > 0
     }
 
     pub(super) fn len(&self) -> u32 {
@@ -239,6 +249,13 @@ impl Consumers {
         let mut held: HashMap<ConsumerId, u32> = HashMap::new();
         for c in holders {
             *held.entry(c).or_default() += 1;
+        }
+        let acking = self.order.iter().filter(|s| !s.spec.no_ack).count();
+        if acking != self.acking as usize {
+            return Err(format!(
+                "{acking} acking consumers registered, {} counted",
+                self.acking
+            ));
         }
         let mut ids = std::collections::HashSet::new();
         for (i, s) in self.order.iter().enumerate() {
