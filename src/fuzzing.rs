@@ -200,7 +200,13 @@ pub fn store_open(data: &[u8]) {
     }
     let unguarded = UNGUARDED_PANICS.load(std::sync::atomic::Ordering::SeqCst);
     let guard = Guarded::enter();
-    let outcome = SledStore::open(&dir, SledOptions::default()).and_then(|store| {
+    // No flusher thread: recovery does not use it, and starting and stopping one per input
+    // took a good part of a run.
+    let options = SledOptions {
+        flush_every_ms: None,
+        ..SledOptions::default()
+    };
+    let outcome = SledStore::open(&dir, options).and_then(|store| {
         let recovered = store.recover();
         drop(store);
         recovered
@@ -482,25 +488,28 @@ const PUBLISH_STACK_BYTES: usize = 256 * 1024;
 ///
 /// Input: a program of one-byte operations (see `build_properties`), run twice to build two
 /// equal property sets: one is published, the other compared with what the store recovered.
+///
+/// One broker on a memory store serves the inputs in turn (building a broker per input, with
+/// its persistence and timer threads, took most of the time of a run): each input ends by
+/// purging the queue, so the next one starts from an empty queue on a healthy broker, as a
+/// fresh broker would; a channel the input closed (a refused `user_id`) is replaced, and an
+/// input that panicked leaves no broker behind, so the next one builds a fresh one.
 pub fn publish_properties(data: &[u8]) {
-    use crate::store::{MemoryStore, Store};
-    use crate::types::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-    use crate::{Broker, Error, FieldTable};
+    use crate::types::{BasicPublishOptions, QueuePurgeOptions};
+    use crate::{Error, store::Store};
 
-    let store = MemoryStore::new();
-    let broker = Broker::builder()
-        .open_store(store.clone())
-        .expect("an empty memory store opens");
-    let conn = broker.connect();
-    let ch = conn.channel().expect("a fresh connection opens a channel");
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
+    static RIG: std::sync::Mutex<Option<PublishRig>> = std::sync::Mutex::new(None);
+    let mut slot = RIG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut rig = match slot.take() {
+        Some(rig) => rig,
+        None => PublishRig::new(),
     };
-    ch.queue_declare("q", durable, FieldTable::new())
-        .expect("declaring a durable queue on a healthy store");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .expect("confirm mode on an open channel");
+    if rig.ch.is_closed() {
+        rig.ch = PublishRig::channel(&rig.conn);
+    }
+    let ch = &rig.ch;
     let program = data.to_vec();
     let publisher = ch.clone();
     let published = std::thread::Builder::new()
@@ -521,8 +530,14 @@ pub fn publish_properties(data: &[u8]) {
     match published {
         Ok(()) => {
             assert!(ch.wait_for_confirms().expect("confirms on an open channel"));
-            let recovered = store.recover().expect("the memory store recovers");
-            let record = &recovered.messages[0].messages[0].1;
+            let recovered = rig.store.recover().expect("the memory store recovers");
+            // The newest message of the queue: the purge that ended the previous input may
+            // still be on its way to the store.
+            let record = &recovered.messages[0]
+                .messages
+                .last()
+                .expect("a confirmed persistent message is in the store")
+                .1;
             // Accepted properties nest within the limit: building and dropping them again on
             // this thread is safe.
             assert_eq!(record.properties, build_properties(data));
@@ -531,12 +546,22 @@ pub fn publish_properties(data: &[u8]) {
         // A `user_id` other than the connection's user is RabbitMQ's 406: it closes the
         // channel and touches nothing else.
         Err(Error::Channel(e)) if e.text.contains("user_id property set to") => {
-            assert!(broker.health().is_healthy(), "{:?}", broker.health());
+            assert!(
+                rig.broker.health().is_healthy(),
+                "{:?}",
+                rig.broker.health()
+            );
+            assert!(ch.is_closed(), "a channel error left the channel open");
+            *slot = Some(rig);
             return;
         }
         Err(other) => panic!("publish failed with {other:?}, not InvalidInput"),
     }
-    assert!(broker.health().is_healthy(), "{:?}", broker.health());
+    assert!(
+        rig.broker.health().is_healthy(),
+        "{:?}",
+        rig.broker.health()
+    );
     ch.basic_publish(
         "",
         "q",
@@ -546,6 +571,53 @@ pub fn publish_properties(data: &[u8]) {
     )
     .expect("a plain publish after the fuzzed one");
     assert!(ch.wait_for_confirms().expect("confirms on an open channel"));
+    ch.queue_purge("q", QueuePurgeOptions::default())
+        .expect("purging the queue on a healthy broker");
+    *slot = Some(rig);
+}
+
+/// The broker [`publish_properties`] publishes to, kept from one input to the next.
+struct PublishRig {
+    store: crate::store::MemoryStore,
+    broker: crate::Broker,
+    conn: crate::Connection,
+    /// In confirm mode; replaced when an input closed it.
+    ch: crate::Channel,
+}
+
+impl PublishRig {
+    /// A broker on an empty memory store with the durable queue `q`.
+    fn new() -> PublishRig {
+        use crate::FieldTable;
+        use crate::types::QueueDeclareOptions;
+
+        let store = crate::store::MemoryStore::new();
+        let broker = crate::Broker::builder()
+            .open_store(store.clone())
+            .expect("an empty memory store opens");
+        let conn = broker.connect();
+        let ch = PublishRig::channel(&conn);
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare("q", durable, FieldTable::new())
+            .expect("declaring a durable queue on a healthy store");
+        PublishRig {
+            store,
+            broker,
+            conn,
+            ch,
+        }
+    }
+
+    /// A new channel in confirm mode.
+    fn channel(conn: &crate::Connection) -> crate::Channel {
+        let ch = conn.channel().expect("the connection opens a channel");
+        ch.confirm_select(crate::types::ConfirmSelectOptions::default())
+            .expect("confirm mode on an open channel");
+        ch
+    }
 }
 
 /// Builds persistent properties from a program of one-byte operations (low 3 bits; most take
