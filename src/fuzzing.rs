@@ -200,8 +200,8 @@ pub fn store_open(data: &[u8]) {
     }
     let unguarded = UNGUARDED_PANICS.load(std::sync::atomic::Ordering::SeqCst);
     let guard = Guarded::enter();
-    // No flusher thread: recovery does not use it, and starting and stopping one per input
-    // took a good part of a run.
+    // No flusher thread: recovery does not use it, and it would be a thread started and
+    // stopped per input.
     let options = SledOptions {
         flush_every_ms: None,
         ..SledOptions::default()

@@ -378,8 +378,8 @@ fn binary_json_report_says_the_invariant_holds() {
 
 /// A run that cannot settle before its deadline says so, lists what is missing, and exits 1.
 /// Payment goes down (a quarter of the way through the orders) for longer than the deadline,
-/// so orders stay pending; on a loaded machine the deadline may even come before the first order is placed, and then the
-/// report says how many were never created.
+/// so orders stay pending; on a loaded machine the deadline may even come before the first
+/// order is placed, and then the report says how many were never created.
 #[test]
 fn deadline_reports_what_is_missing_and_fails() {
     let output = shop()
